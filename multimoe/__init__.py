@@ -1,0 +1,28 @@
+"""multimoe: many fine-tunes of one Mixtral served from one shared expert pool.
+
+Importing the package registers `MultiTenantMixtralConfig` and `MultiTenantMixtralForCausalLM`
+with the transformers Auto classes, so `AutoModelForCausalLM.from_pretrained` and
+`pipeline("text-generation")` accept saved multi-tenant models.
+"""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .checkpoints import CheckpointError, IncompatibleTenantsError
+from .configuration import MultiTenantMixtralConfig
+from .memory import MemoryReport
+from .modeling import MultiTenantMixtralForCausalLM, MultiTenantMixtralModel, UnknownTenantError
+
+AutoConfig.register(MultiTenantMixtralConfig.model_type, MultiTenantMixtralConfig, exist_ok=True)
+AutoModelForCausalLM.register(MultiTenantMixtralConfig, MultiTenantMixtralForCausalLM, exist_ok=True)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "IncompatibleTenantsError",
+    "MemoryReport",
+    "MultiTenantMixtralConfig",
+    "MultiTenantMixtralForCausalLM",
+    "MultiTenantMixtralModel",
+    "UnknownTenantError",
+]

@@ -1,0 +1,100 @@
+"""`MultiTenantMixtralConfig`: one Mixtral shape shared by every tenant, plus the tenant maps.
+
+The config is the single source of shape truth: the pool size of each layer and, for every
+tenant and layer, which pool entry each of the tenant's local experts reads. Everything else is a
+plain `MixtralConfig` field and passes through untouched.
+"""
+
+from __future__ import annotations
+
+import re
+
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import MixtralConfig
+
+TENANT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+def validate_tenant_name(name: object) -> str:
+    """Tenant names become module keys and file-name parts, so they must be plain identifiers."""
+    if not isinstance(name, str) or not TENANT_NAME_PATTERN.match(name):
+        raise ValueError(
+            f"Invalid tenant name {name!r}: use letters, digits, '_' and '-', starting with a letter or digit."
+        )
+    if hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"Invalid tenant name {name!r}: it clashes with a torch.nn.ModuleDict attribute.")
+    return name
+
+
+@strict
+class MultiTenantMixtralConfig(MixtralConfig):
+    r"""
+    Configuration of a [`MultiTenantMixtralForCausalLM`]: every `MixtralConfig` field, plus
+
+    tenants (`dict[str, dict]`):
+        One entry per tenant, in a stable order. Each entry holds `expert_map`, a list with one
+        list per layer mapping the tenant's local expert index to a pool index;
+        `tie_word_embeddings`, whether this tenant's lm_head shares its embedding matrix; and
+        `source`, where the tenant came from (informational, may be `None`).
+    default_tenant (`str`):
+        The tenant a forward uses when none is named and none was activated.
+    pool_sizes (`list[int]`):
+        The number of shared experts stored in each layer.
+
+    Tying is decided per tenant; the inherited `tie_word_embeddings` field is not used.
+    """
+
+    model_type = "multitenant_mixtral"
+
+    tenants: dict | None = None
+    default_tenant: str | None = None
+    pool_sizes: list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.tenants is None:
+            self.tenants = {}
+        if self.tenants:
+            self.check_tenant_maps()
+
+    @property
+    def tenant_names(self) -> list[str]:
+        return list(self.tenants)
+
+    def expert_map(self, tenant: str, layer_idx: int) -> list[int]:
+        return self.tenants[tenant]["expert_map"][layer_idx]
+
+    def check_tenant_maps(self) -> None:
+        """Reject maps that would index past the pool, before any module is built from them."""
+        layers, experts = self.num_hidden_layers, self.num_local_experts
+        pool_sizes = self.pool_sizes
+        if not isinstance(pool_sizes, list) or len(pool_sizes) != layers:
+            raise ValueError(f"pool_sizes must list one size per layer ({layers}), got {pool_sizes!r}.")
+        for layer_idx, size in enumerate(pool_sizes):
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"pool_sizes[{layer_idx}] must be a positive int, got {size!r}.")
+        for name, spec in self.tenants.items():
+            validate_tenant_name(name)
+            expert_map = spec.get("expert_map") if isinstance(spec, dict) else None
+            if not isinstance(expert_map, list) or len(expert_map) != layers:
+                raise ValueError(f"Tenant {name!r}: expert_map must have one row per layer ({layers}).")
+            for layer_idx, row in enumerate(expert_map):
+                if not isinstance(row, list) or len(row) != experts:
+                    raise ValueError(
+                        f"Tenant {name!r}, layer {layer_idx}: expert_map row must list {experts} pool indices, "
+                        f"got {row!r}."
+                    )
+                for pool_idx in row:
+                    if not isinstance(pool_idx, int) or not 0 <= pool_idx < pool_sizes[layer_idx]:
+                        raise ValueError(
+                            f"Tenant {name!r}, layer {layer_idx}: pool index {pool_idx!r} is outside the pool "
+                            f"of {pool_sizes[layer_idx]} experts."
+                        )
+        if self.default_tenant not in self.tenants:
+            raise ValueError(
+                f"default_tenant {self.default_tenant!r} is not one of the tenants {self.tenant_names}."
+            )
+
+
+__all__ = ["MultiTenantMixtralConfig", "validate_tenant_name"]

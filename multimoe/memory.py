@@ -1,0 +1,67 @@
+"""What the shared pool saves: parameter bytes of the pool, of each tenant, and of the N sources."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+def parameter_bytes(modules: list[nn.Module]) -> int:
+    """Bytes of the distinct parameters of `modules` (a tied tensor counts once)."""
+    seen = {}
+    for module in modules:
+        for parameter in module.parameters():
+            seen[id(parameter)] = parameter.numel() * parameter.element_size()
+    return sum(seen.values())
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Parameter bytes; `source_models_bytes` is what the tenants' original checkpoints hold together."""
+
+    pool_bytes: int
+    tenant_bytes: dict[str, int]
+    total_bytes: int
+    source_models_bytes: int
+
+    @property
+    def saving(self) -> float:
+        """Fraction of the sources' bytes that the multi-tenant model does not need."""
+        return 1.0 - self.total_bytes / self.source_models_bytes
+
+    @classmethod
+    def of(cls, model: nn.Module) -> MemoryReport:
+        """Measure a `MultiTenantMixtralForCausalLM` from its registered parameters."""
+        config, decoder = model.config, model.model
+        pool_bytes = parameter_bytes([layer.experts for layer in decoder.layers])
+        tenant_bytes = {
+            name: parameter_bytes(
+                [decoder.embed_tokens[name], decoder.norm[name], model.lm_head[name]]
+                + [layer.tenants[name] for layer in decoder.layers]
+            )
+            for name in config.tenants
+        }
+        pool = decoder.layers[0].experts.gate_up_proj
+        expert_bytes = 3 * config.intermediate_size * config.hidden_size * pool.element_size()
+        one_model_experts = config.num_hidden_layers * config.num_local_experts * expert_bytes
+        return cls(
+            pool_bytes=pool_bytes,
+            tenant_bytes=tenant_bytes,
+            total_bytes=parameter_bytes([model]),
+            source_models_bytes=sum(tenant_bytes.values()) + len(tenant_bytes) * one_model_experts,
+        )
+
+    def to_markdown(self) -> str:
+        mib = 2**20
+        rows = ["| part | MiB |", "|---|---:|", f"| shared expert pool | {self.pool_bytes / mib:.2f} |"]
+        rows += [f"| tenant `{name}` (own layers) | {size / mib:.2f} |" for name, size in self.tenant_bytes.items()]
+        rows += [
+            f"| **total** | **{self.total_bytes / mib:.2f}** |",
+            f"| {len(self.tenant_bytes)} source models | {self.source_models_bytes / mib:.2f} |",
+            f"| saving | {self.saving:.1%} |",
+        ]
+        return "\n".join(rows)
+
+
+__all__ = ["MemoryReport"]
