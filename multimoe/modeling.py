@@ -41,7 +41,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .checkpoints import TenantSource
+from .checkpoints import CheckpointError, TenantSource
 from .configuration import MultiTenantMixtralConfig
 from .memory import MemoryReport
 
@@ -290,13 +290,36 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         config, state_dict = assemble_lossless(models, default_tenant=default_tenant, dtype=dtype, revision=revision)
         return cls.from_pretrained(None, config=config, state_dict=state_dict, dtype=config.dtype)
 
-    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict[str, str]:
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but a checkpoint that lacks or adds tensors is refused.
+
+        transformers would initialise a missing tensor at random with a warning; for a tenant that
+        means silently serving noise, so it is an error here.
+        """
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        for problem in ("missing_keys", "unexpected_keys"):
+            keys = sorted(loading_info[problem])
+            if keys:
+                raise CheckpointError(
+                    f"The checkpoint does not match its config: {problem.replace('_', ' ')} {keys[:5]}"
+                    f"{' and more' if len(keys) > 5 else ''}."
+                )
+        return (model, loading_info) if wants_loading_info else model
+
+    @property
+    def _tied_weights_keys(self) -> dict[str, str]:
         # Tying is a per-tenant property recorded in the config, not one class-wide switch.
         return {
             f"lm_head.{name}.weight": f"model.embed_tokens.{name}.weight"
             for name, spec in self.config.tenants.items()
             if spec.get("tie_word_embeddings", False)
         }
+
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict[str, str]:
+        # The class-wide `config.tie_word_embeddings` switch does not apply; see `_tied_weights_keys`.
+        return self._tied_weights_keys
 
     # -- tenants ------------------------------------------------------------------------------
 
@@ -314,6 +337,12 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
 
     def memory_report(self) -> MemoryReport:
         return MemoryReport.of(self)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head[self.active_model]
