@@ -128,7 +128,7 @@ class MultiTenantMixtralDecoderLayer(GradientCheckpointingLayer):
             hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         hidden_states = hidden_states.view(-1, shape[-1])
         _, top_k_weights, top_k_index = own.router(hidden_states)
-        hidden_states = self.experts(hidden_states, own.expert_map[top_k_index], top_k_weights)
+        hidden_states = self.experts(hidden_states, torch.take(own.expert_map, top_k_index), top_k_weights)
         return residual + hidden_states.reshape(shape)
 
 

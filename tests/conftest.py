@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import pytest
-from tiny import build_tenants, build_tokenizer
+import torch
 from transformers import MixtralForCausalLM, PreTrainedTokenizerFast
 
 from multimoe import MultiTenantMixtralForCausalLM
+from multimoe.testing import character_tokenizer, fine_tune, random_mixtral, tiny_mixtral_config
+
+
+def build_tenants() -> dict[str, MixtralForCausalLM]:
+    """`chat` and `code` fine-tune `base` (experts {0, 1} and {1, 3} move); `tied` is unrelated but
+    for its first two experts, which it shares with `base`, and it ties lm_head to its embedding."""
+    base = random_mixtral(tiny_mixtral_config(), seed=0)
+    tied = random_mixtral(tiny_mixtral_config(tie_word_embeddings=True), seed=1)
+    with torch.no_grad():
+        for layer, base_layer in zip(tied.model.layers, base.model.layers):
+            layer.mlp.experts.gate_up_proj[:2] = base_layer.mlp.experts.gate_up_proj[:2]
+            layer.mlp.experts.down_proj[:2] = base_layer.mlp.experts.down_proj[:2]
+    return {
+        "base": base,
+        "chat": fine_tune(base, seed=1, changed_experts={0, 1}),
+        "code": fine_tune(base, seed=2, changed_experts={1, 3}),
+        "tied": tied,
+    }
 
 
 @pytest.fixture(scope="session")
@@ -16,7 +34,7 @@ def tenants() -> dict[str, MixtralForCausalLM]:
 
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
-    return build_tokenizer()
+    return character_tokenizer()
 
 
 @pytest.fixture(scope="session")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from huggingface_hub import constants
 from safetensors.torch import save_file
-from tiny import tiny_config
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
 from multimoe import CheckpointError, IncompatibleTenantsError, MultiTenantMixtralForCausalLM
+from multimoe.testing import tiny_mixtral_config
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_identical_tenants_cost_one_model_of_experts(tenants):
 
 
 def test_within_one_tenant_duplicate_experts_are_not_merged(tenants):
-    twin = MixtralForCausalLM(tiny_config()).eval()
+    twin = MixtralForCausalLM(tiny_mixtral_config()).eval()
     with torch.no_grad():
         twin.model.layers[0].mlp.experts.gate_up_proj[1] = twin.model.layers[0].mlp.experts.gate_up_proj[0]
         twin.model.layers[0].mlp.experts.down_proj[1] = twin.model.layers[0].mlp.experts.down_proj[0]
@@ -118,7 +118,7 @@ def test_within_one_tenant_duplicate_experts_are_not_merged(tenants):
     ],
 )
 def test_incompatible_tenants_name_the_first_mismatch(tenants, field, value, monkeypatch):
-    other = MixtralForCausalLM(tiny_config(**{field: value}))
+    other = MixtralForCausalLM(tiny_mixtral_config(**{field: value}))
     allocations = []
     monkeypatch.setattr(MultiTenantMixtralForCausalLM, "from_pretrained", lambda *a, **k: allocations.append(1))
     with pytest.raises(IncompatibleTenantsError, match=rf"'base' and 'other'.*{field}"):
@@ -140,7 +140,7 @@ def test_empty_mapping_and_unknown_default_are_rejected(tenants):
 
 
 def test_non_mixtral_sources_are_rejected(tenants, tmp_path):
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=45, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=47, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2))
     with pytest.raises(CheckpointError, match="'llama'.*expected a MixtralForCausalLM"):
         MultiTenantMixtralForCausalLM.from_models({"base": tenants["base"], "llama": llama})

@@ -1,19 +1,24 @@
-"""Tiny Mixtral tenants and a character tokenizer, made on the fly with fixed seeds."""
+"""Tiny Mixtral tenants and a character tokenizer made on the fly, for tests, examples and benchmarks.
+
+Nothing here downloads anything: every model is built from a seed, so anyone can rerun a figure.
+"""
 
 from __future__ import annotations
 
 import copy
 import string
+from collections.abc import Iterable
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
-CHARACTERS = list(string.ascii_lowercase + string.digits + " .,?!")
+CHARACTERS = list(string.ascii_lowercase + string.digits + " .,?!+=")
 
 
-def tiny_config(**overrides) -> MixtralConfig:
+def tiny_mixtral_config(**overrides) -> MixtralConfig:
+    """A Mixtral small enough for a unit test; any `MixtralConfig` field can be overridden."""
     fields = dict(
         vocab_size=len(SPECIAL_TOKENS) + len(CHARACTERS),
         hidden_size=32,
@@ -32,38 +37,31 @@ def tiny_config(**overrides) -> MixtralConfig:
     return MixtralConfig(**fields | overrides)
 
 
-def fine_tune(base: MixtralForCausalLM, seed: int, changed_experts: set[int]) -> MixtralForCausalLM:
-    """A full fine-tune: every non-expert tensor moves, and so do the experts in `changed_experts`."""
+def random_mixtral(config: MixtralConfig, seed: int = 0) -> MixtralForCausalLM:
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(config).eval()
+
+
+def fine_tune(
+    base: MixtralForCausalLM, *, seed: int, changed_experts: Iterable[int], scale: float = 0.05
+) -> MixtralForCausalLM:
+    """A stand-in for a full fine-tune of `base`: every non-expert tensor moves, and so do the
+    experts listed in `changed_experts` (in every layer); the other experts stay bit-identical."""
     generator = torch.Generator().manual_seed(seed)
+    rows = torch.tensor(sorted(set(changed_experts)), dtype=torch.long)
     tuned = copy.deepcopy(base)
     with torch.no_grad():
         for name, parameter in tuned.named_parameters():
-            noise = 0.05 * torch.randn(parameter.shape, generator=generator)
+            noise = scale * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
             if ".mlp.experts." in name:
-                rows = torch.tensor(sorted(changed_experts))
                 parameter[rows] += noise[rows]
             else:
                 parameter += noise
     return tuned.eval()
 
 
-def build_tenants() -> dict[str, MixtralForCausalLM]:
-    torch.manual_seed(0)
-    base = MixtralForCausalLM(tiny_config()).eval()
-    tied = MixtralForCausalLM(tiny_config(tie_word_embeddings=True)).eval()
-    with torch.no_grad():
-        for layer, base_layer in zip(tied.model.layers, base.model.layers):
-            layer.mlp.experts.gate_up_proj[:2] = base_layer.mlp.experts.gate_up_proj[:2]
-            layer.mlp.experts.down_proj[:2] = base_layer.mlp.experts.down_proj[:2]
-    return {
-        "base": base,
-        "chat": fine_tune(base, seed=1, changed_experts={0, 1}),
-        "code": fine_tune(base, seed=2, changed_experts={1, 3}),
-        "tied": tied,
-    }
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def character_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character, left padding; ids match `tiny_mixtral_config`'s vocabulary."""
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -76,3 +74,6 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         padding_side="left",
     )
+
+
+__all__ = ["character_tokenizer", "fine_tune", "random_mixtral", "tiny_mixtral_config"]

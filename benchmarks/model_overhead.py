@@ -1,0 +1,143 @@
+"""What the multi-tenant class costs over plain Mixtral, measured side by side in one run.
+
+1. Decode tokens/s of `MultiTenantMixtralForCausalLM` (N tenants held, one active) divided by a
+   plain `MixtralForCausalLM` with the same weights. Runs alternate (plain, multi, plain, ...) and
+   the ratio is the median of the per-pair ratios, so machine noise hits both sides alike.
+2. `set_active_model` latency in microseconds for a small and a large model: it only rebinds a
+   name, so it should not grow with depth or width.
+
+    python benchmarks/model_overhead.py            # defaults used for docs/benchmarks.md
+    python benchmarks/model_overhead.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM
+
+from multimoe import MultiTenantMixtralForCausalLM
+from multimoe.testing import fine_tune
+
+
+def mixtral(layers: int, hidden: int, intermediate: int, vocab: int = 1024) -> MixtralForCausalLM:
+    config = MixtralConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=4096,
+    )
+    return MixtralForCausalLM(config).eval()
+
+
+def fine_tunes(base: MixtralForCausalLM, count: int) -> dict[str, MixtralForCausalLM]:
+    """`base` and `count - 1` stand-in fine-tunes, each moving half of the experts."""
+    experts = range(base.config.num_local_experts)
+    tenants = {"t0": base}
+    for index in range(1, count):
+        changed = [expert for expert in experts if expert % 2 == index % 2]
+        tenants[f"t{index}"] = fine_tune(base, seed=index, changed_experts=changed, scale=0.01)
+    return tenants
+
+
+def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    if prompt.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    if prompt.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def decode_ratio(args) -> None:
+    torch.manual_seed(0)
+    base = mixtral(args.layers, args.hidden, args.intermediate)
+    tenants = fine_tunes(base, args.tenants)
+    multi = MultiTenantMixtralForCausalLM.from_models(tenants).eval().to(args.device)
+    multi.set_active_model("t0")
+    plain = base.to(args.device)
+    prompt = torch.randint(3, 1000, (args.batch, 16), device=args.device)
+    assert torch.equal(
+        plain.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0),
+        multi.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0),
+    ), "the multi-tenant model must generate the same tokens before its speed means anything"
+    with torch.inference_mode():
+        for model in (plain, multi):  # warm-up
+            decode_seconds(model, prompt, 4)
+        ratios, plain_rates, multi_rates = [], [], []
+        tokens = args.new_tokens * args.batch
+        for repeat in range(args.repeats):
+            # Alternate which model goes first, so drift within a pair favours neither.
+            if repeat % 2:
+                multi_rate = tokens / decode_seconds(multi, prompt, args.new_tokens)
+                plain_rate = tokens / decode_seconds(plain, prompt, args.new_tokens)
+            else:
+                plain_rate = tokens / decode_seconds(plain, prompt, args.new_tokens)
+                multi_rate = tokens / decode_seconds(multi, prompt, args.new_tokens)
+            plain_rates.append(plain_rate)
+            multi_rates.append(multi_rate)
+            ratios.append(multi_rate / plain_rate)
+    print(
+        f"decode  layers={args.layers} hidden={args.hidden} intermediate={args.intermediate} experts=8 top-2 "
+        f"tenants held={args.tenants} batch={args.batch} new_tokens={args.new_tokens} device={args.device}"
+    )
+    print(f"  plain MixtralForCausalLM      {statistics.median(plain_rates):9.1f} tokens/s (median of {args.repeats})")
+    print(f"  MultiTenantMixtralForCausalLM {statistics.median(multi_rates):9.1f} tokens/s")
+    print(f"  ratio multi/plain (median of paired runs): {statistics.median(ratios):.3f}  (goal >= 0.97)")
+
+
+def switch_latency(sizes: list[tuple[int, int, int]], switches: int) -> list[tuple[float, float, int]]:
+    """Mean and p99 microseconds per switch for each size; sizes are measured in alternating rounds."""
+    torch.manual_seed(0)
+    models = [MultiTenantMixtralForCausalLM.from_models(fine_tunes(mixtral(*size), 2)) for size in sizes]
+    samples = [[] for _ in sizes]
+    rounds = 20
+    for _ in range(rounds):
+        for model, timings in zip(models, samples):
+            for index in range(switches // rounds):
+                name = "t1" if index % 2 else "t0"
+                start = time.perf_counter_ns()
+                model.set_active_model(name)
+                timings.append(time.perf_counter_ns() - start)
+    results = []
+    for model, timings in zip(models, samples):
+        timings.sort()
+        parameters = sum(p.numel() for p in model.parameters())
+        results.append((statistics.mean(timings) / 1000, timings[int(0.99 * len(timings))] / 1000, parameters))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=1024)
+    parser.add_argument("--tenants", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=16)
+    parser.add_argument("--switches", type=int, default=20000)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    decode_ratio(args)
+    print("set_active_model latency (two tenants held)")
+    sizes = [(2, 64, 128), (24, 512, 1024)]
+    for (layers, hidden, _), (mean_us, p99_us, parameters) in zip(sizes, switch_latency(sizes, args.switches)):
+        print(
+            f"  layers={layers:2d} hidden={hidden:4d} params={parameters / 1e6:7.1f}M   "
+            f"mean {mean_us:6.2f} us   p99 {p99_us:6.2f} us   (goal < 100 us, flat across sizes)"
+        )
+
+
+if __name__ == "__main__":
+    main()
