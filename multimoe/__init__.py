@@ -10,7 +10,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .checkpoints import CheckpointError, IncompatibleTenantsError
 from .configuration import MultiTenantMixtralConfig
 from .memory import MemoryReport
-from .modeling import MultiTenantMixtralForCausalLM, MultiTenantMixtralModel, UnknownTenantError
+from .modeling import MultiTenantMixtralForCausalLM, MultiTenantMixtralModel
+from .routing import CacheTenantMismatchError, UnknownTenantError
 
 AutoConfig.register(MultiTenantMixtralConfig.model_type, MultiTenantMixtralConfig, exist_ok=True)
 AutoModelForCausalLM.register(MultiTenantMixtralConfig, MultiTenantMixtralForCausalLM, exist_ok=True)
@@ -18,6 +19,7 @@ AutoModelForCausalLM.register(MultiTenantMixtralConfig, MultiTenantMixtralForCau
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheTenantMismatchError",
     "CheckpointError",
     "IncompatibleTenantsError",
     "MemoryReport",

@@ -15,7 +15,8 @@ re-pointed, copied or registered twice, and the cost does not depend on model si
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -27,13 +28,15 @@ from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.mixtral.modeling_mixtral import (
     MixtralAttention,
     MixtralExperts,
     MixtralRMSNorm,
     MixtralRotaryEmbedding,
     MixtralTopKRouter,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
     load_balancing_loss_func,
 )
 from transformers.utils import can_return_tuple
@@ -44,10 +47,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .checkpoints import CheckpointError, TenantSource
 from .configuration import MultiTenantMixtralConfig
 from .memory import MemoryReport
-
-
-class UnknownTenantError(ValueError):
-    """A tenant name that the model does not hold."""
+from .routing import SCOPED_TENANTS, TenantRouting, UnknownTenantError, claim_cache
 
 
 @use_experts_implementation
@@ -89,10 +89,16 @@ class TenantLayer(nn.Module):
 
 
 class MultiTenantMixtralDecoderLayer(GradientCheckpointingLayer):
-    """A Mixtral decoder layer whose attention, norms and router are chosen per call by tenant name."""
+    """A Mixtral decoder layer whose attention, norms and router are chosen per row by tenant.
+
+    Each tenant's rows go through that tenant's own modules; then all rows, whatever their tenant,
+    go through the shared expert pool in one call.
+    """
 
     def __init__(self, config: MultiTenantMixtralConfig, layer_idx: int):
         super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
         self.jitter_noise = config.router_jitter_noise
         self.experts = SharedExpertPool(config, config.pool_sizes[layer_idx])
         self.tenants = nn.ModuleDict({name: TenantLayer(config, layer_idx, name) for name in config.tenants})
@@ -101,35 +107,96 @@ class MultiTenantMixtralDecoderLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        tenant: str,
+        routing: TenantRouting,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        own = self.tenants[tenant]
         residual = hidden_states
-        hidden_states = own.input_layernorm(hidden_states)
-        hidden_states, _ = own.self_attn(
-            hidden_states=hidden_states,
+        hidden_states = routing.map_rows(lambda name, rows: self.tenants[name].input_layernorm(rows), hidden_states)
+        attention_inputs = dict(
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             **kwargs,
         )
+        if routing.is_mixed:
+            hidden_states = self.mixed_attention(hidden_states, routing, **attention_inputs)
+        else:
+            hidden_states, _ = self.tenants[routing.groups[0][0]].self_attn(hidden_states, **attention_inputs)
         hidden_states = residual + hidden_states
 
         residual = hidden_states
-        hidden_states = own.post_attention_layernorm(hidden_states)
-        shape = hidden_states.shape
+        hidden_states = routing.map_rows(
+            lambda name, rows: self.tenants[name].post_attention_layernorm(rows), hidden_states
+        )
         if self.training and self.jitter_noise > 0:
             hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        hidden_states = hidden_states.view(-1, shape[-1])
-        _, top_k_weights, top_k_index = own.router(hidden_states)
-        hidden_states = self.experts(hidden_states, torch.take(own.expert_map, top_k_index), top_k_weights)
+        top_k_weights, pool_index = routing.map_rows(self.route, hidden_states)
+        shape = hidden_states.shape
+        hidden_states = self.experts(
+            hidden_states.view(-1, shape[-1]),
+            pool_index.view(-1, pool_index.shape[-1]),
+            top_k_weights.view(-1, top_k_weights.shape[-1]),
+        )
         return residual + hidden_states.reshape(shape)
+
+    def route(self, tenant: str, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tenant's router picks among its local experts; its map turns them into pool entries."""
+        own = self.tenants[tenant]
+        _, top_k_weights, top_k_index = own.router(hidden_states)
+        leading = hidden_states.shape[:-1]
+        return top_k_weights.view(*leading, -1), torch.take(own.expert_map, top_k_index).view(*leading, -1)
+
+    def mixed_attention(
+        self,
+        hidden_states: torch.Tensor,
+        routing: TenantRouting,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """`MixtralAttention.forward` for a batch whose rows belong to different tenants.
+
+        Only the projections are per tenant; rotary embedding, the cache update and the attention
+        kernel run once for the whole batch, so the KV cache stays one batch-shaped object.
+        """
+        kwargs.pop("position_ids", None)
+        attention = next(iter(self.tenants.values())).self_attn  # shape constants, shared by all tenants
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, attention.head_dim)
+
+        def project(name: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            own = self.tenants[name].self_attn
+            return own.q_proj(rows), own.k_proj(rows), own.v_proj(rows)
+
+        query, key, value = (
+            states.view(hidden_shape).transpose(1, 2) for states in routing.map_rows(project, hidden_states)
+        )
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+        attention_function = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, _ = attention_function(
+            attention,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else attention.attention_dropout,
+            scaling=attention.scaling,
+            sliding_window=getattr(self.config, "sliding_window", None),
+            **kwargs,
+        )
+        output = output.reshape(*input_shape, -1).contiguous()
+        return routing.map_rows(lambda name, rows: self.tenants[name].self_attn.o_proj(rows), output)
 
 
 class MultiTenantMixtralPreTrainedModel(PreTrainedModel):
@@ -182,12 +249,46 @@ class MultiTenantMixtralModel(MultiTenantMixtralPreTrainedModel):
         self.active_tenant = config.default_tenant
         self.post_init()
 
+    @property
+    def tenant_names(self) -> list[str]:
+        return list(self.embed_tokens)
+
     def resolve_tenant(self, tenant: str | None) -> str:
-        """The tenant a call runs as: the one it names, else the active one."""
-        name = self.active_tenant if tenant is None else tenant
-        if name not in self.embed_tokens:
-            raise UnknownTenantError(f"Unknown tenant {name!r}; known tenants: {list(self.embed_tokens)}.")
+        """The tenant a call runs as: the one it names, else the innermost `active()` block's, else
+        the active tenant."""
+        name = tenant if tenant is not None else SCOPED_TENANTS.get().get(id(self), self.active_tenant)
+        if not isinstance(name, str) or name not in self.embed_tokens:
+            raise UnknownTenantError(f"Unknown tenant {name!r}; known tenants: {self.tenant_names}.")
         return name
+
+    def tenant_ids(self, tenant_names: list[str], device: torch.device | None = None) -> torch.LongTensor:
+        """Row tenant names as indices into `tenant_names`, the form generate() expands with beams."""
+        names = self.tenant_names
+        return torch.tensor([names.index(self.resolve_tenant(name)) for name in tenant_names], device=device)
+
+    def route(
+        self,
+        batch_size: int,
+        tenant: str | None = None,
+        tenant_names: list[str] | None = None,
+        tenant_ids: torch.LongTensor | None = None,
+    ) -> TenantRouting:
+        """Resolve, once per call, which tenant each row runs as."""
+        if sum(value is not None for value in (tenant, tenant_names, tenant_ids)) > 1:
+            raise ValueError("Name the tenant once: pass only one of tenant, tenant_names or tenant_ids.")
+        if tenant_names is not None:
+            if isinstance(tenant_names, str):
+                raise ValueError("tenant_names takes one name per row; use tenant= for a single tenant.")
+            tenant_ids = self.tenant_ids(list(tenant_names))
+        if tenant_ids is None:
+            return TenantRouting.single(self.resolve_tenant(tenant), batch_size)
+        if tenant_ids.shape != (batch_size,):
+            raise ValueError(
+                f"Give one tenant per row: {batch_size} rows, tenant ids of shape {tuple(tenant_ids.shape)}."
+            )
+        if batch_size and not 0 <= int(tenant_ids.min()) <= int(tenant_ids.max()) < len(self.tenant_names):
+            raise UnknownTenantError(f"tenant_ids must index {self.tenant_names}; got {tenant_ids.tolist()}.")
+        return TenantRouting.from_ids(tenant_ids, self.tenant_names)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens[self.active_tenant]
@@ -207,16 +308,28 @@ class MultiTenantMixtralModel(MultiTenantMixtralPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         tenant: str | None = None,
+        tenant_names: list[str] | None = None,
+        tenant_ids: torch.LongTensor | None = None,
+        routing: TenantRouting | None = None,
         **kwargs,
     ) -> MoeModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        tenant = self.resolve_tenant(tenant)
+        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        if routing is None:
+            routing = self.route(batch_size, tenant=tenant, tenant_names=tenant_names, tenant_ids=tenant_ids)
+        if routing.is_mixed and (kwargs.get("output_router_logits") or kwargs.get("output_attentions")):
+            raise ValueError(
+                "output_router_logits and output_attentions are per tenant: run a mixed-tenant batch one tenant "
+                "per call to get them."
+            )
 
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        if cache is not None:
+            claim_cache(cache, routing)
         if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens[tenant](input_ids)
+            inputs_embeds = routing.map_rows(lambda name, rows: self.embed_tokens[name](rows), input_ids)
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
@@ -235,7 +348,7 @@ class MultiTenantMixtralModel(MultiTenantMixtralPreTrainedModel):
         for decoder_layer in self.layers:
             hidden_states = decoder_layer(
                 hidden_states,
-                tenant=tenant,
+                routing=routing,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
                 cache=cache,
@@ -243,7 +356,7 @@ class MultiTenantMixtralModel(MultiTenantMixtralPreTrainedModel):
                 position_embeddings=position_embeddings,
                 **kwargs,
             )
-        hidden_states = self.norm[tenant](hidden_states)
+        hidden_states = routing.map_rows(lambda name, rows: self.norm[name](rows), hidden_states)
         return MoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
 
@@ -332,8 +445,24 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         return self.model.active_tenant
 
     def set_active_model(self, name: str) -> None:
-        """Make `name` the tenant that calls without `tenant=` run as; copies nothing."""
+        """Make `name` the tenant that calls without `tenant=` run as; copies nothing.
+
+        Generations already running keep the tenant they started with.
+        """
         self.model.active_tenant = self.model.resolve_tenant(name)
+
+    @contextmanager
+    def active(self, name: str) -> Iterator[MultiTenantMixtralForCausalLM]:
+        """Run as `name` inside the block, in this thread or asyncio task only.
+
+        Other threads keep their own tenant, so this is the safe way to switch in a server.
+        """
+        name = self.model.resolve_tenant(name)
+        token = SCOPED_TENANTS.set(SCOPED_TENANTS.get() | {id(self.model): name})
+        try:
+            yield self
+        finally:
+            SCOPED_TENANTS.reset(token)
 
     def memory_report(self) -> MemoryReport:
         return MemoryReport.of(self)
@@ -345,10 +474,32 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         self.model.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head[self.active_model]
+        return self.lm_head[self.model.resolve_tenant(None)]
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
-        self.lm_head[self.active_model] = new_embeddings
+        self.lm_head[self.model.resolve_tenant(None)] = new_embeddings
+
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        *args,
+        tenant: str | None = None,
+        tenant_names: list[str] | None = None,
+        **kwargs,
+    ):
+        """`GenerationMixin.generate`, with the tenant fixed when generation starts.
+
+        `tenant="a"` runs every row as `a`; `tenant_names=[...]` gives one tenant per row (rows
+        are expanded with their beams and return sequences). Without either, the current tenant
+        (see [`active`] and [`set_active_model`]) is pinned for the whole generation.
+        """
+        if tenant_names is not None:
+            if tenant is not None or kwargs.get("tenant_ids") is not None:
+                raise ValueError("Name the tenant once: pass only one of tenant, tenant_names or tenant_ids.")
+            kwargs["tenant_ids"] = self.model.tenant_ids(list(tenant_names), device=self.device)
+        elif kwargs.get("tenant_ids") is None:
+            kwargs["tenant"] = self.model.resolve_tenant(tenant)
+        return super().generate(inputs, *args, **kwargs)
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -366,14 +517,23 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         tenant: str | None = None,
+        tenant_names: list[str] | None = None,
+        tenant_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
         r"""
         tenant (`str`, *optional*):
-            The tenant this call runs as; defaults to [`active_model`]. Naming it per call leaves
-            the model's state untouched, so concurrent callers can serve different tenants.
+            The tenant every row runs as; defaults to the current one (see [`active`]). Naming it
+            per call leaves the model's state untouched, so concurrent callers can serve different
+            tenants.
+        tenant_names (`list[str]`, *optional*):
+            One tenant per row: a mixed-tenant batch. Each row gets its own tenant's embeddings,
+            attention, norms, router and lm_head; the shared expert pool runs once for all rows.
+        tenant_ids (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            The same as `tenant_names`, as indices into [`tenants`].
         """
-        tenant = self.model.resolve_tenant(tenant)
+        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        routing = self.model.route(batch_size, tenant=tenant, tenant_names=tenant_names, tenant_ids=tenant_ids)
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
@@ -385,11 +545,11 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
-            tenant=tenant,
+            routing=routing,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head[tenant](hidden_states)
+        logits = routing.map_rows(lambda name, rows: self.lm_head[name](rows), hidden_states)
 
         loss = None
         if labels is not None:
@@ -418,5 +578,4 @@ __all__ = [
     "MultiTenantMixtralModel",
     "MultiTenantMixtralPreTrainedModel",
     "SharedExpertPool",
-    "UnknownTenantError",
 ]
