@@ -1,8 +1,8 @@
 """What the multi-tenant class costs over plain Mixtral, measured side by side in one run.
 
 1. Decode tokens/s of `MultiTenantMixtralForCausalLM` (N tenants held, one active) divided by a
-   plain `MixtralForCausalLM` with the same weights. Runs alternate (plain, multi, plain, ...) and
-   the ratio is the median of the per-pair ratios, so machine noise hits both sides alike.
+   plain `MixtralForCausalLM` with the same weights. Single greedy decode steps (KV cache on) of
+   the two models are interleaved, so machine noise hits both alike; rates use the median step.
 2. `set_active_model` latency in microseconds for a small and a large model: it only rebinds a
    name, so it should not grow with depth or width.
 
@@ -48,14 +48,23 @@ def fine_tunes(base: MixtralForCausalLM, count: int) -> dict[str, MixtralForCaus
     return tenants
 
 
-def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    if prompt.device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    if prompt.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+class Decoder:
+    """Greedy decoding one step at a time with a KV cache, so two models can be interleaved."""
+
+    def __init__(self, model, prompt: torch.Tensor):
+        self.model = model
+        out = model(prompt, use_cache=True)
+        self.cache = out.cache
+        self.token = out.logits[:, -1:].argmax(-1)
+
+    def step_seconds(self) -> float:
+        synchronize = torch.cuda.synchronize if self.token.device.type == "cuda" else (lambda: None)
+        synchronize()
+        start = time.perf_counter()
+        out = self.model(self.token, cache=self.cache, use_cache=True)
+        self.token = out.logits[:, -1:].argmax(-1)
+        synchronize()
+        return time.perf_counter() - start
 
 
 def decode_ratio(args) -> None:
@@ -65,34 +74,35 @@ def decode_ratio(args) -> None:
     multi = MultiTenantMixtralForCausalLM.from_models(tenants).eval().to(args.device)
     multi.set_active_model("t0")
     plain = base.to(args.device)
+    del tenants
     prompt = torch.randint(3, 1000, (args.batch, 16), device=args.device)
     assert torch.equal(
         plain.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0),
         multi.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0),
     ), "the multi-tenant model must generate the same tokens before its speed means anything"
+    plain_steps, multi_steps = [], []
     with torch.inference_mode():
-        for model in (plain, multi):  # warm-up
-            decode_seconds(model, prompt, 4)
-        ratios, plain_rates, multi_rates = [], [], []
-        tokens = args.new_tokens * args.batch
-        for repeat in range(args.repeats):
-            # Alternate which model goes first, so drift within a pair favours neither.
-            if repeat % 2:
-                multi_rate = tokens / decode_seconds(multi, prompt, args.new_tokens)
-                plain_rate = tokens / decode_seconds(plain, prompt, args.new_tokens)
-            else:
-                plain_rate = tokens / decode_seconds(plain, prompt, args.new_tokens)
-                multi_rate = tokens / decode_seconds(multi, prompt, args.new_tokens)
-            plain_rates.append(plain_rate)
-            multi_rates.append(multi_rate)
-            ratios.append(multi_rate / plain_rate)
+        for _ in range(args.repeats):
+            decoders = Decoder(plain, prompt), Decoder(multi, prompt)
+            for step in range(args.new_tokens):
+                # Interleave single steps, alternating which model goes first, so machine noise
+                # hits both alike; the first steps of each sequence are warm-up.
+                first, second = decoders if step % 2 else decoders[::-1]
+                times = first.step_seconds(), second.step_seconds()
+                if step >= 4:
+                    plain_time, multi_time = times if step % 2 else times[::-1]
+                    plain_steps.append(plain_time)
+                    multi_steps.append(multi_time)
+    plain_rate = args.batch / statistics.median(plain_steps)
+    multi_rate = args.batch / statistics.median(multi_steps)
     print(
         f"decode  layers={args.layers} hidden={args.hidden} intermediate={args.intermediate} experts=8 top-2 "
-        f"tenants held={args.tenants} batch={args.batch} new_tokens={args.new_tokens} device={args.device}"
+        f"tenants held={args.tenants} pool={multi.config.pool_sizes[0]}/layer batch={args.batch} "
+        f"steps={len(plain_steps)} device={args.device}"
     )
-    print(f"  plain MixtralForCausalLM      {statistics.median(plain_rates):9.1f} tokens/s (median of {args.repeats})")
-    print(f"  MultiTenantMixtralForCausalLM {statistics.median(multi_rates):9.1f} tokens/s")
-    print(f"  ratio multi/plain (median of paired runs): {statistics.median(ratios):.3f}  (goal >= 0.97)")
+    print(f"  plain MixtralForCausalLM      {plain_rate:9.1f} tokens/s (median step)")
+    print(f"  MultiTenantMixtralForCausalLM {multi_rate:9.1f} tokens/s")
+    print(f"  ratio multi/plain: {multi_rate / plain_rate:.3f}  (goal >= 0.97)")
 
 
 def switch_latency(sizes: list[tuple[int, int, int]], switches: int) -> list[tuple[float, float, int]]:
@@ -123,8 +133,8 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=1024)
     parser.add_argument("--tenants", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--switches", type=int, default=20000)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
