@@ -35,13 +35,7 @@ class MemoryReport:
         """Measure a `MultiTenantMixtralForCausalLM` from its registered parameters."""
         config, decoder = model.config, model.model
         pool_bytes = parameter_bytes([layer.experts for layer in decoder.layers])
-        tenant_bytes = {
-            name: parameter_bytes(
-                [decoder.embed_tokens[name], decoder.norm[name], model.lm_head[name]]
-                + [layer.tenants[name] for layer in decoder.layers]
-            )
-            for name in config.tenants
-        }
+        tenant_bytes = {name: parameter_bytes(list(model.tenant_modules(name).values())) for name in config.tenants}
         pool = decoder.layers[0].experts.gate_up_proj
         expert_bytes = 3 * config.intermediate_size * config.hidden_size * pool.element_size()
         one_model_experts = config.num_hidden_layers * config.num_local_experts * expert_bytes

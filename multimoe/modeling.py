@@ -464,6 +464,19 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         finally:
             SCOPED_TENANTS.reset(token)
 
+    def tenant_modules(self, name: str) -> dict[str, nn.Module]:
+        """Every module that belongs to tenant `name` alone, keyed by qualified name, in a fixed
+        order (embedding, final norm, lm_head, then one entry per layer)."""
+        name = self.model.resolve_tenant(name)
+        modules = {
+            f"model.embed_tokens.{name}": self.model.embed_tokens[name],
+            f"model.norm.{name}": self.model.norm[name],
+            f"lm_head.{name}": self.lm_head[name],
+        }
+        for layer_idx, layer in enumerate(self.model.layers):
+            modules[f"model.layers.{layer_idx}.tenants.{name}"] = layer.tenants[name]
+        return modules
+
     def memory_report(self) -> MemoryReport:
         return MemoryReport.of(self)
 

@@ -1,0 +1,138 @@
+"""A running batch of requests: greedy prefill and decode with one KV cache, rows joining and leaving.
+
+This is the smallest engine that continuous batching needs: new requests are prefilled on their
+own, then their cache rows are left-padded to the batch's length and appended; finished rows are
+dropped. Positions follow the attention mask, so padding never shifts a row's rotary phase.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from .trace import Request
+
+# Forward keyword arguments for a batch whose rows belong to these tenants (see backends.py).
+Prepare = Callable[[Sequence[str]], dict]
+
+
+def cache_from_layers(config, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    cache = DynamicCache(config=config)
+    for layer_idx, (keys, values) in enumerate(layers):
+        cache.update(keys, values, layer_idx)
+    return cache
+
+
+def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+@dataclass
+class RunningBatch:
+    """Rows in flight: their requests, last token, attention mask, cache and tokens produced."""
+
+    requests: list[Request]
+    last_tokens: torch.Tensor  # [rows, 1]
+    attention_mask: torch.Tensor  # [rows, length]
+    cache: DynamicCache
+    tokens: list[list[int]]
+
+    @property
+    def tenants(self) -> list[str]:
+        return [request.tenant for request in self.requests]
+
+    def finished_rows(self) -> list[int]:
+        return [row for row, request in enumerate(self.requests) if len(self.tokens[row]) >= request.max_new_tokens]
+
+    def keep(self, rows: list[int], config) -> RunningBatch | None:
+        if not rows:
+            return None
+        index = torch.tensor(rows, device=self.last_tokens.device)
+        layers = [(keys.index_select(0, index), values.index_select(0, index)) for keys, values in cache_layers(self.cache)]
+        return RunningBatch(
+            [self.requests[row] for row in rows],
+            self.last_tokens.index_select(0, index),
+            self.attention_mask.index_select(0, index),
+            cache_from_layers(config, layers),
+            [self.tokens[row] for row in rows],
+        )
+
+    def merge(self, other: RunningBatch, config) -> RunningBatch:
+        """Append `other`'s rows, left-padding whichever side is shorter."""
+        length = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
+        layers = [
+            (
+                torch.cat([left_pad(k1, length, 2), left_pad(k2, length, 2)]),
+                torch.cat([left_pad(v1, length, 2), left_pad(v2, length, 2)]),
+            )
+            for (k1, v1), (k2, v2) in zip(cache_layers(self.cache), cache_layers(other.cache))
+        ]
+        return RunningBatch(
+            self.requests + other.requests,
+            torch.cat([self.last_tokens, other.last_tokens]),
+            torch.cat([left_pad(self.attention_mask, length, 1), left_pad(other.attention_mask, length, 1)]),
+            cache_from_layers(config, layers),
+            self.tokens + other.tokens,
+        )
+
+
+class Engine:
+    """Greedy generation on one model for batches of requests."""
+
+    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, prepare: Prepare):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prepare = prepare
+
+    @torch.inference_mode()
+    def prefill(self, requests: Sequence[Request]) -> RunningBatch:
+        """Run the prompts (left-padded together) and pick each row's first token."""
+        inputs = self.tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True)
+        mask = inputs["attention_mask"].to(self.model.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        routing = self.prepare([r.tenant for r in requests])
+        out = self.model(
+            input_ids=inputs["input_ids"].to(self.model.device),
+            attention_mask=mask,
+            position_ids=positions,
+            cache=DynamicCache(config=self.model.config),
+            use_cache=True,
+            logits_to_keep=1,
+            **routing,
+        )
+        first = out.logits[:, -1:].argmax(-1)
+        return RunningBatch(list(requests), first, mask, out.cache, [[token] for token in first[:, 0].tolist()])
+
+    @torch.inference_mode()
+    def decode(self, batch: RunningBatch) -> RunningBatch:
+        """One greedy step for every row."""
+        mask = torch.cat([batch.attention_mask, torch.ones_like(batch.attention_mask[:, :1])], dim=1)
+        routing = self.prepare(batch.tenants)
+        out = self.model(
+            input_ids=batch.last_tokens,
+            attention_mask=mask,
+            position_ids=mask.sum(-1, keepdim=True) - 1,
+            cache=batch.cache,
+            use_cache=True,
+            **routing,
+        )
+        batch.last_tokens = out.logits[:, -1:].argmax(-1)
+        batch.attention_mask = mask
+        batch.cache = out.cache
+        batch.tokens = [tokens + [token] for tokens, token in zip(batch.tokens, batch.last_tokens[:, 0].tolist())]
+        return batch
+
+
+__all__ = ["Engine", "RunningBatch"]

@@ -1,0 +1,66 @@
+"""Request traces: Poisson arrivals per tenant (seeded), or JSON Lines files."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request: who asks, when (seconds from the trace start), and for what."""
+
+    request_id: int
+    tenant: str
+    arrival_s: float
+    prompt: str
+    max_new_tokens: int
+
+
+def poisson_trace(
+    rates: Mapping[str, float],
+    *,
+    num_requests: int,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    seed: int = 0,
+) -> list[Request]:
+    """`num_requests` requests merged from independent Poisson processes, one per tenant, with
+    `rates[tenant]` requests per second; prompts are drawn from `prompts`."""
+    if not rates or any(rate <= 0 for rate in rates.values()):
+        raise ValueError(f"Every tenant needs a positive arrival rate, got {dict(rates)}.")
+    if not prompts:
+        raise ValueError("Give at least one prompt.")
+    generator = random.Random(seed)
+    total_rate = sum(rates.values())
+    tenants, weights = list(rates), [rates[tenant] / total_rate for tenant in rates]
+    clock, requests = 0.0, []
+    for request_id in range(num_requests):
+        # A merged Poisson process: exponential gaps at the total rate, tenant drawn by its share.
+        clock += generator.expovariate(total_rate)
+        tenant = generator.choices(tenants, weights)[0]
+        requests.append(Request(request_id, tenant, clock, generator.choice(list(prompts)), max_new_tokens))
+    return requests
+
+
+def write_jsonl(requests: Sequence[Request], path: str | Path) -> None:
+    Path(path).write_text("".join(json.dumps(asdict(request)) + "\n" for request in requests))
+
+
+def read_jsonl(path: str | Path) -> list[Request]:
+    """Requests from a JSON Lines file, one object per line with the `Request` fields."""
+    requests = []
+    for line_number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            requests.append(Request(**json.loads(line)))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}:{line_number}: not a request ({error}).") from error
+    return sorted(requests, key=lambda request: request.arrival_s)
+
+
+__all__ = ["Request", "poisson_trace", "read_jsonl", "write_jsonl"]
