@@ -8,12 +8,19 @@ each tenant. Everything is read and checked tensor by tensor, layer by layer.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from transformers import MixtralForCausalLM
 
-from .checkpoints import CheckpointError, TenantCheckpoint, TenantSource, check_compatible, is_expert_key
+from .checkpoints import (
+    CheckpointError,
+    TenantCheckpoint,
+    TenantSource,
+    check_compatible,
+    fused_expert_keys,
+    is_expert_key,
+)
 from .configuration import MultiTenantMixtralConfig, validate_tenant_name
 
 ExpertPair = tuple[torch.Tensor, torch.Tensor]
@@ -36,9 +43,14 @@ def pool_keys(layer_idx: int) -> tuple[str, str]:
 def open_checkpoints(models: Mapping[str, TenantSource], revision: str | None) -> dict[str, TenantCheckpoint]:
     if not isinstance(models, Mapping) or not models:
         raise ValueError("Give at least one tenant, as a mapping {tenant name: model, directory or Hub id}.")
-    for name in models:
+    pairs = list(models.items())
+    seen: set[str] = set()
+    for name, _ in pairs:
         validate_tenant_name(name)
-    checkpoints = {name: TenantCheckpoint.open(source, tenant=name, revision=revision) for name, source in models.items()}
+        if name in seen:  # a multi-valued Mapping (e.g. a MultiDict) would otherwise drop all but the last source
+            raise ValueError(f"Tenant name {name!r} is given more than once.")
+        seen.add(name)
+    checkpoints = {name: TenantCheckpoint.open(source, tenant=name, revision=revision) for name, source in pairs}
     check_compatible(checkpoints)
     return checkpoints
 
@@ -105,6 +117,112 @@ def resolve_dtype(checkpoint: TenantCheckpoint, dtype: torch.dtype | str | None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
+class TenantSet:
+    """Opened, mutually compatible tenant checkpoints, read layer by layer in one target dtype."""
+
+    def __init__(self, checkpoints: dict[str, TenantCheckpoint], default_tenant: str | None, dtype):
+        self.checkpoints = checkpoints
+        self.names = list(checkpoints)
+        self.default_tenant = self.names[0] if default_tenant is None else default_tenant
+        if self.default_tenant not in checkpoints:
+            raise ValueError(f"default_tenant {self.default_tenant!r} is not one of the tenants {self.names}.")
+        self.reference = checkpoints[self.names[0]].config
+        self.dtype = resolve_dtype(checkpoints[self.names[0]], dtype)
+        self.shapes = expected_shapes(checkpoints[self.names[0]])
+        for name, checkpoint in checkpoints.items():
+            unexpected = sorted(set(checkpoint.names()) - set(self.shapes))
+            if unexpected:
+                raise CheckpointError(f"Tenant {name!r}: unexpected tensors for a Mixtral checkpoint: {unexpected[:5]}.")
+
+    @classmethod
+    def open(
+        cls,
+        models: Mapping[str, TenantSource],
+        *,
+        default_tenant: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        revision: str | None = None,
+    ) -> TenantSet:
+        return cls(open_checkpoints(models, revision), default_tenant, dtype)
+
+    @property
+    def num_layers(self) -> int:
+        return self.reference.num_hidden_layers
+
+    def layer_experts(self, layer_idx: int) -> dict[str, ExpertPair]:
+        """Every tenant's experts of one layer, checked and cast: the most ever held at once."""
+        experts = {}
+        for name, checkpoint in self.checkpoints.items():
+            pair = checkpoint.experts(layer_idx)
+            experts[name] = tuple(
+                checked(tensor, tenant=name, name=key, shape=self.shapes[key], dtype=self.dtype)
+                for tensor, key in zip(pair, fused_expert_keys(layer_idx))
+            )
+        return experts
+
+    def non_expert_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """One tenant's own tensors, under their multi-tenant names (a tied lm_head is not stored)."""
+        checkpoint = self.checkpoints[name]
+        tensors = {}
+        for key, shape in self.shapes.items():
+            if is_expert_key(key) or (key == "lm_head.weight" and checkpoint.tie_word_embeddings):
+                continue
+            tensors[tenant_key(key, name)] = checked(
+                checkpoint.tensor(key), tenant=name, name=key, shape=shape, dtype=self.dtype
+            )
+        return tensors
+
+    def config(self, pool_sizes: list[int], expert_maps: dict[str, list[list[int]]]) -> MultiTenantMixtralConfig:
+        fields = self.reference.to_dict()
+        for field in ("model_type", "architectures", "transformers_version", "auto_map"):
+            fields.pop(field, None)
+        fields["max_position_embeddings"] = max(c.config.max_position_embeddings for c in self.checkpoints.values())
+        tenants = {
+            name: {
+                "expert_map": expert_maps[name],
+                "tie_word_embeddings": checkpoint.tie_word_embeddings,
+                "source": checkpoint.label,
+            }
+            for name, checkpoint in self.checkpoints.items()
+        }
+        return MultiTenantMixtralConfig(
+            **fields
+            | {
+                "dtype": self.dtype,
+                "tie_word_embeddings": False,
+                "tenants": tenants,
+                "default_tenant": self.default_tenant,
+                "pool_sizes": pool_sizes,
+            }
+        )
+
+
+PoolBuilder = Callable[[int, dict[str, ExpertPair]], tuple[list[ExpertPair], dict[str, list[int]]]]
+
+
+def assemble(tenants: TenantSet, pool_for_layer: PoolBuilder) -> tuple[MultiTenantMixtralConfig, dict[str, torch.Tensor]]:
+    """Config and state dict of a multi-tenant model whose pools `pool_for_layer` decides.
+
+    `pool_for_layer(layer_idx, experts)` gets every tenant's experts of that layer and returns
+    the pool entries and, per tenant, the local expert -> pool index map.
+    """
+    state_dict: dict[str, torch.Tensor] = {}
+    pool_sizes: list[int] = []
+    expert_maps: dict[str, list[list[int]]] = {name: [] for name in tenants.names}
+    for layer_idx in range(tenants.num_layers):
+        pool, maps = pool_for_layer(layer_idx, tenants.layer_experts(layer_idx))
+        gate_up_key, down_key = pool_keys(layer_idx)
+        state_dict[gate_up_key] = torch.stack([gate_up for gate_up, _ in pool])
+        state_dict[down_key] = torch.stack([down for _, down in pool])
+        pool_sizes.append(len(pool))
+        for name in tenants.names:
+            expert_maps[name].append(maps[name])
+        del pool
+    for name in tenants.names:
+        state_dict.update(tenants.non_expert_tensors(name))
+    return tenants.config(pool_sizes, expert_maps), state_dict
+
+
 def assemble_lossless(
     models: Mapping[str, TenantSource],
     *,
@@ -112,70 +230,9 @@ def assemble_lossless(
     dtype: torch.dtype | str | None = None,
     revision: str | None = None,
 ) -> tuple[MultiTenantMixtralConfig, dict[str, torch.Tensor]]:
-    checkpoints = open_checkpoints(models, revision)
-    names = list(checkpoints)
-    default_tenant = names[0] if default_tenant is None else default_tenant
-    if default_tenant not in checkpoints:
-        raise ValueError(f"default_tenant {default_tenant!r} is not one of the tenants {names}.")
-    reference = checkpoints[names[0]]
-    dtype = resolve_dtype(reference, dtype)
-    shapes = expected_shapes(reference)
-    non_expert = [key for key in shapes if not is_expert_key(key)]
-    for name, checkpoint in checkpoints.items():
-        unexpected = sorted(set(checkpoint.names()) - set(shapes))
-        if unexpected:
-            raise CheckpointError(f"Tenant {name!r}: unexpected tensors for a Mixtral checkpoint: {unexpected[:5]}.")
-
-    state_dict: dict[str, torch.Tensor] = {}
-    pool_sizes: list[int] = []
-    expert_maps: dict[str, list[list[int]]] = {name: [] for name in names}
-    for layer_idx in range(reference.config.num_hidden_layers):
-        gate_up_key, down_key = pool_keys(layer_idx)
-        mixtral_gate_up, mixtral_down = (f"model.layers.{layer_idx}.mlp.experts.{p}" for p in ("gate_up_proj", "down_proj"))
-        layer_experts = {}
-        for name, checkpoint in checkpoints.items():
-            gate_up, down = checkpoint.experts(layer_idx)
-            layer_experts[name] = (
-                checked(gate_up, tenant=name, name=mixtral_gate_up, shape=shapes[mixtral_gate_up], dtype=dtype),
-                checked(down, tenant=name, name=mixtral_down, shape=shapes[mixtral_down], dtype=dtype),
-            )
-        pool, maps = identical_expert_pool(layer_experts)
-        state_dict[gate_up_key] = torch.stack([gate_up for gate_up, _ in pool])
-        state_dict[down_key] = torch.stack([down for _, down in pool])
-        pool_sizes.append(len(pool))
-        for name, row in maps.items():
-            expert_maps[name].append(row)
-        del layer_experts, pool
-
-    for name, checkpoint in checkpoints.items():
-        for key in non_expert:
-            if key == "lm_head.weight" and checkpoint.tie_word_embeddings:
-                continue
-            tensor = checkpoint.tensor(key)
-            state_dict[tenant_key(key, name)] = checked(tensor, tenant=name, name=key, shape=shapes[key], dtype=dtype)
-
-    config_fields = reference.config.to_dict()
-    for field in ("model_type", "architectures", "transformers_version", "auto_map"):
-        config_fields.pop(field, None)
-    config_fields["max_position_embeddings"] = max(c.config.max_position_embeddings for c in checkpoints.values())
-    config = MultiTenantMixtralConfig(
-        **config_fields
-        | {
-            "dtype": dtype,
-            "tie_word_embeddings": False,
-            "tenants": {
-                name: {
-                    "expert_map": expert_maps[name],
-                    "tie_word_embeddings": checkpoint.tie_word_embeddings,
-                    "source": checkpoint.label,
-                }
-                for name, checkpoint in checkpoints.items()
-            },
-            "default_tenant": default_tenant,
-            "pool_sizes": pool_sizes,
-        }
-    )
-    return config, state_dict
+    """Share only experts that are bit-identical across tenants; keep everything else."""
+    tenants = TenantSet.open(models, default_tenant=default_tenant, dtype=dtype, revision=revision)
+    return assemble(tenants, lambda layer_idx, experts: identical_expert_pool(experts))
 
 
-__all__ = ["assemble_lossless", "identical_expert_pool", "tenant_key"]
+__all__ = ["TenantSet", "assemble", "assemble_lossless", "identical_expert_pool", "tenant_key"]

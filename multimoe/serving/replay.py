@@ -148,7 +148,12 @@ class Replay:
         return sorted(records, key=lambda record: record.request.request_id)
 
 
+WARM_UP_REQUESTS = 2
+
+
 def replay(backend: Backend, trace: Sequence[Request], tokenizer, *, scheduler: str, max_batch_size: int = 8) -> ReplaySummary:
+    """Replay `trace` once to warm up (first calls allocate and pick kernels), then for real."""
+    Replay(backend, tokenizer, scheduler=scheduler, max_batch_size=max_batch_size).run(trace[:WARM_UP_REQUESTS])
     records = Replay(backend, tokenizer, scheduler=scheduler, max_batch_size=max_batch_size).run(trace)
     return ReplaySummary.of(backend.name, scheduler, records, backend.memory_bytes())
 
@@ -173,8 +178,11 @@ def replay_partitioned(
         for tenant, model in models.items():
             own_trace = [request for request in trace if request.tenant == tenant]
             if own_trace:
-                server = Replay(SingleModelBackend(model), tokenizer, scheduler=scheduler,
-                                max_batch_size=max_batch_size, time_scale=time_scale)
+                backend = SingleModelBackend(model)
+                Replay(backend, tokenizer, scheduler=scheduler, max_batch_size=max_batch_size).run(
+                    own_trace[:WARM_UP_REQUESTS]
+                )
+                server = Replay(backend, tokenizer, scheduler=scheduler, max_batch_size=max_batch_size, time_scale=time_scale)
                 records += server.run(own_trace)
     finally:
         torch.set_num_threads(threads)

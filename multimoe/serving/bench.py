@@ -1,0 +1,248 @@
+"""Serving benchmark: mixed-tenant batches, and trace replay against the baselines, side by side.
+
+    python -m multimoe.serving.bench                 # full run, prints tables
+    python -m multimoe.serving.bench --write-docs    # also rewrites the serving section of
+                                                     # docs/benchmarks.md and its PNG plots
+    python -m multimoe.serving.bench --device cuda   # the same on a GPU
+
+1. Decode tokens/s of a batch whose rows belong to 4 tenants, divided by a batch of the same
+   size from one tenant (interleaved decode steps; goal >= 0.85).
+2. For 2, 4 and 8 tenants and several arrival rates, one seeded Poisson trace replayed through
+   every system: mean turnaround and TTFT (goal: >= 85% lower turnaround than the MIG-like static
+   partition, TTFT within 5% of the single-model bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..modeling import MultiTenantMixtralForCausalLM
+from ..testing import character_tokenizer, fine_tune, random_mixtral, tiny_mixtral_config
+from .backends import SharedPoolBackend, SingleModelBackend, partial_reconfiguration, whole_model_swap
+from .engine import Engine
+from .replay import ReplaySummary, replay, replay_partitioned
+from .trace import Request, poisson_trace
+
+PROMPTS = ["hello there, how are you?", "what is 12+30?", "sort these: d a c b", "reverse: abcdef", "hi"]
+DOCS_BEGIN, DOCS_END = "<!-- serving-bench:begin -->", "<!-- serving-bench:end -->"
+
+
+@dataclass(frozen=True)
+class Setup:
+    layers: int
+    hidden: int
+    intermediate: int
+    experts: int
+    new_tokens: int
+    requests: int
+    rates: tuple[float, ...]  # total requests per second, split evenly over tenants
+    tenant_counts: tuple[int, ...]
+    max_batch_size: int
+    device: str
+
+
+def build_tenants(setup: Setup, count: int) -> dict:
+    config = tiny_mixtral_config(
+        num_hidden_layers=setup.layers,
+        hidden_size=setup.hidden,
+        intermediate_size=setup.intermediate,
+        num_local_experts=setup.experts,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        initializer_range=0.05,
+        max_position_embeddings=512,
+    )
+    base = random_mixtral(config, seed=0)
+    tenants = {"t0": base}
+    for index in range(1, count):
+        changed = [e for e in range(setup.experts) if e % 2 == index % 2]
+        tenants[f"t{index}"] = fine_tune(base, seed=index, changed_experts=changed, scale=0.01)
+    return {name: model.to(setup.device) for name, model in tenants.items()}
+
+
+def mixed_batch_ratio(multi: MultiTenantMixtralForCausalLM, tokenizer, batch_size: int, steps: int) -> tuple[float, float, float]:
+    """Tokens/s of a 4-tenant mixed batch and of a one-tenant batch of the same size."""
+    tenants = multi.tenants[:4]
+    mixed = [Request(i, tenants[i % len(tenants)], 0.0, PROMPTS[i % len(PROMPTS)], steps) for i in range(batch_size)]
+    single = [Request(i, tenants[0], 0.0, PROMPTS[i % len(PROMPTS)], steps) for i in range(batch_size)]
+    engine = Engine(multi, tokenizer, SharedPoolBackend(multi).prepare)
+    batches = {"mixed": engine.prefill(mixed), "single": engine.prefill(single)}
+    times = {"mixed": [], "single": []}
+    for step in range(steps):
+        order = ["mixed", "single"] if step % 2 else ["single", "mixed"]
+        for name in order:
+            start = time.perf_counter()
+            batches[name] = engine.decode(batches[name])
+            if multi.device.type == "cuda":
+                torch.cuda.synchronize()
+            if step >= 3:
+                times[name].append(time.perf_counter() - start)
+    mixed_rate = batch_size / statistics.median(times["mixed"])
+    single_rate = batch_size / statistics.median(times["single"])
+    return mixed_rate, single_rate, mixed_rate / single_rate
+
+
+def replay_all(setup: Setup, tenants: dict, tokenizer, rate: float) -> list[ReplaySummary]:
+    names = list(tenants)
+    trace = poisson_trace(
+        {name: rate / len(names) for name in names},
+        num_requests=setup.requests,
+        prompts=PROMPTS,
+        max_new_tokens=setup.new_tokens,
+        seed=len(names),
+    )
+    multi = MultiTenantMixtralForCausalLM.from_models(tenants).eval()
+    batch = setup.max_batch_size
+    return [
+        replay(SharedPoolBackend(multi), trace, tokenizer, scheduler="continuous", max_batch_size=batch),
+        replay(SingleModelBackend(tenants[names[0]]), trace, tokenizer, scheduler="continuous", max_batch_size=batch),
+        replay_partitioned(tenants, trace, tokenizer, scheduler="continuous", max_batch_size=batch),
+        replay(whole_model_swap(tenants), trace, tokenizer, scheduler="continuous", max_batch_size=batch),
+        replay(partial_reconfiguration(multi), trace, tokenizer, scheduler="continuous", max_batch_size=batch),
+        replay(partial_reconfiguration(multi), trace, tokenizer, scheduler="fcfs"),
+    ]
+
+
+def label(summary: ReplaySummary) -> str:
+    return f"{summary.system} [{summary.scheduler}]"
+
+
+def replay_table(results: dict[tuple[int, float], list[ReplaySummary]]) -> str:
+    lines = [
+        "| tenants | rate (req/s) | system [scheduler] | mean turnaround (s) | mean TTFT (s) | tokens/s | memory (MiB) |",
+        "|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for (count, rate), summaries in results.items():
+        for s in summaries:
+            lines.append(
+                f"| {count} | {rate:g} | {label(s)} | {s.mean_turnaround_s:.3f} | {s.mean_ttft_s:.3f} | "
+                f"{s.tokens_per_s:.0f} | {s.memory_bytes / 2**20:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def goals_table(results: dict[tuple[int, float], list[ReplaySummary]]) -> str:
+    lines = [
+        "| tenants | rate (req/s) | turnaround vs static partition | TTFT vs single-model bound |",
+        "|---:|---:|---:|---:|",
+    ]
+    for (count, rate), summaries in results.items():
+        ours, single, partition = summaries[0], summaries[1], summaries[2]
+        reduction = 1 - ours.mean_turnaround_s / partition.mean_turnaround_s
+        ttft_ratio = ours.mean_ttft_s / single.mean_ttft_s
+        lines.append(
+            f"| {count} | {rate:g} | {reduction:.1%} lower ({'met' if reduction >= 0.85 else 'not met'}) | "
+            f"{ttft_ratio:.3f}x ({'met' if ttft_ratio <= 1.05 else 'not met'}) |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict[tuple[int, float], list[ReplaySummary]], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = sorted({count for count, _ in results})
+    figure, axes = plt.subplots(1, len(counts), figsize=(5 * len(counts), 4), squeeze=False)
+    for axis, count in zip(axes[0], counts):
+        rates = sorted(rate for c, rate in results if c == count)
+        for index, summary in enumerate(results[(count, rates[0])]):
+            values = [getattr(results[(count, rate)][index], metric) for rate in rates]
+            axis.plot(rates, values, marker="o", label=label(summary))
+        axis.set_title(f"{count} tenants")
+        axis.set_xlabel("total arrival rate (requests/s)")
+        axis.set_ylabel(metric.replace("_", " ").replace(" s", " (s)"))
+        axis.set_yscale("log")
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def run(setup: Setup, *, docs: Path | None = None, command: str = "") -> str:
+    torch.manual_seed(0)
+    tokenizer = character_tokenizer()
+    header = (
+        f"Model: {setup.layers} layers, H={setup.hidden}, I={setup.intermediate}, {setup.experts} experts top-2; "
+        f"tenants move half of the experts; device {setup.device}, {torch.get_num_threads()} threads; "
+        f"{setup.requests} requests per trace, {setup.new_tokens} new tokens each, max batch {setup.max_batch_size}."
+    )
+    print(header)
+    tenants = build_tenants(setup, max(4, max(setup.tenant_counts)))
+    multi = MultiTenantMixtralForCausalLM.from_models({name: tenants[name] for name in list(tenants)[:4]}).eval()
+    mixed, single, ratio = mixed_batch_ratio(multi, tokenizer, setup.max_batch_size, steps=40)
+    mixed_text = (
+        f"| batch | tokens/s |\n|---|---:|\n| {setup.max_batch_size} rows from 4 tenants | {mixed:.1f} |\n"
+        f"| {setup.max_batch_size} rows from 1 tenant | {single:.1f} |\n"
+        f"| ratio mixed / single | **{ratio:.3f}** (goal >= 0.85: {'met' if ratio >= 0.85 else 'not met'}) |"
+    )
+    print(mixed_text)
+    results = {}
+    for count in setup.tenant_counts:
+        subset = {name: tenants[name] for name in list(tenants)[:count]}
+        for rate in setup.rates:
+            results[(count, rate)] = replay_all(setup, subset, tokenizer, rate)
+            print(f"replayed {count} tenants at {rate:g} req/s")
+    table, goals = replay_table(results), goals_table(results)
+    print(table)
+    print(goals)
+    if docs is not None:
+        images = docs.parent / "img"
+        plot(results, "mean_turnaround_s", images / "serving_turnaround.png")
+        plot(results, "mean_ttft_s", images / "serving_ttft.png")
+        section = "\n\n".join(
+            [
+                DOCS_BEGIN,
+                f"Command: `{command}`",
+                header,
+                "### Mixed-tenant batch vs one-tenant batch (decode)",
+                mixed_text,
+                "### Trace replay: goals",
+                goals,
+                "### Trace replay: all systems",
+                table,
+                "![mean turnaround](img/serving_turnaround.png)\n\n![mean TTFT](img/serving_ttft.png)",
+                DOCS_END,
+            ]
+        )
+        text = docs.read_text() if docs.exists() else "# Benchmarks\n"
+        pattern = re.compile(re.escape(DOCS_BEGIN) + ".*?" + re.escape(DOCS_END), re.S)
+        text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+        docs.write_text(text)
+    return goals
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--intermediate", type=int, default=512)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--rates", type=float, nargs="+", default=[4.0, 16.0, 64.0])
+    parser.add_argument("--tenants", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--write-docs", nargs="?", const="docs/benchmarks.md", default=None,
+                        help="rewrite the serving section of this markdown file (default docs/benchmarks.md)")
+    args = parser.parse_args(argv)
+    setup = Setup(args.layers, args.hidden, args.intermediate, args.experts, args.new_tokens, args.requests,
+                  tuple(args.rates), tuple(args.tenants), args.max_batch_size, args.device)
+    command = "python -m multimoe.serving.bench" + (" " + " ".join(argv) if argv else "")
+    run(setup, docs=Path(args.write_docs) if args.write_docs else None, command=command)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
