@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .checkpoints import CheckpointError, IncompatibleTenantsError
 from .configuration import MultiTenantMixtralConfig
+from .consolidation import ConsolidationReport, consolidate
 from .memory import MemoryReport
 from .modeling import MultiTenantMixtralForCausalLM, MultiTenantMixtralModel
 from .routing import CacheTenantMismatchError, UnknownTenantError
@@ -21,10 +22,12 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheTenantMismatchError",
     "CheckpointError",
+    "ConsolidationReport",
     "IncompatibleTenantsError",
     "MemoryReport",
     "MultiTenantMixtralConfig",
     "MultiTenantMixtralForCausalLM",
     "MultiTenantMixtralModel",
     "UnknownTenantError",
+    "consolidate",
 ]

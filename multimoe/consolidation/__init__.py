@@ -1,0 +1,28 @@
+"""Similarity-based expert consolidation: `consolidate()` and its registries.
+
+    similarity.py   distance metrics (weight_l2, weight_cosine, output), registered by name
+    grouping.py     which experts are candidates to share an entry (same_index, cross_index)
+    merging.py      how a group becomes one expert (select, average, usage_weighted)
+    calibration.py  running the original tenants on calibration data
+    report.py       ConsolidationReport: markdown and heatmap
+    api.py          consolidate(): ranking, budgets, the quality guard, assembly
+"""
+
+from .api import consolidate, parse_budget
+from .grouping import GROUPINGS, register_grouping
+from .merging import MERGE_RULES, register_merge
+from .report import ConsolidationReport, LayerReport
+from .similarity import SIMILARITY_METRICS, register_metric
+
+__all__ = [
+    "ConsolidationReport",
+    "GROUPINGS",
+    "LayerReport",
+    "MERGE_RULES",
+    "SIMILARITY_METRICS",
+    "consolidate",
+    "parse_budget",
+    "register_grouping",
+    "register_merge",
+    "register_metric",
+]

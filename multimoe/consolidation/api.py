@@ -1,0 +1,258 @@
+"""`consolidate()`: N Mixtral fine-tunes -> one multi-tenant model whose close experts are shared.
+
+1. Open the tenants (lazily) and check them; run calibration if any option needs it.
+2. Per layer: distances between every tenant's experts and the first tenant's, then groups.
+3. Rank every (layer, group, tenant) candidate merge by distance, across all layers, and take the
+   closest first until the threshold, the memory budget or the quality guard says stop.
+4. Assemble the model, layer by layer, merging each group's chosen members with the merge rule.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..assembly import TenantSet, assemble
+from ..checkpoints import TenantSource, is_expert_key
+from ..modeling import MultiTenantMixtralForCausalLM
+from .calibration import CalibrationData, CalibrationStats, collect, language_model_loss
+from .grouping import ExpertGroup, get_grouping
+from .merging import NEEDS_USAGE, get_merge
+from .report import ConsolidationReport, LayerReport
+from .similarity import NEEDS_CALIBRATION, get_metric
+
+DEFAULT_THRESHOLD = 0.0  # with no limit given, only identical experts are shared: lossless
+
+
+@dataclass(frozen=True, order=True)
+class Candidate:
+    """Merging `tenant`'s member of group `group` in layer `layer` into that group's entry."""
+
+    distance: float
+    layer: int
+    group: int
+    tenant: str
+
+
+def parse_budget(memory_budget: int | float | str | None, one_model_bytes: int) -> int | None:
+    """Bytes from an int, or from a multiple of one source model such as "1.25x"."""
+    if memory_budget is None:
+        return None
+    if isinstance(memory_budget, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*x\s*", memory_budget)
+        if match:
+            return int(float(match.group(1)) * one_model_bytes)
+        if memory_budget.strip().isdigit():
+            return int(memory_budget)
+        raise ValueError(f"memory_budget {memory_budget!r}: give bytes (an int) or a multiple of one model, e.g. '1.25x'.")
+    if isinstance(memory_budget, (int, float)) and memory_budget > 0:
+        return int(memory_budget)
+    raise ValueError(f"memory_budget must be positive, got {memory_budget!r}.")
+
+
+class Planner:
+    """Everything decided before assembly: groups per layer, ranked candidates, bytes."""
+
+    def __init__(self, tenants: TenantSet, metric: str, grouping: str, stats: CalibrationStats | None, progress: bool):
+        self.tenants = tenants
+        self.anchor, *self.others = tenants.names
+        config = tenants.reference
+        self.experts = config.num_local_experts
+        itemsize = torch.empty((), dtype=tenants.dtype).element_size()
+        self.expert_bytes = 3 * config.intermediate_size * config.hidden_size * itemsize
+        self.own_bytes = {}
+        for name, checkpoint in tenants.checkpoints.items():
+            keys = [k for k in tenants.shapes if not is_expert_key(k)]
+            if checkpoint.tie_word_embeddings:
+                keys.remove("lm_head.weight")
+            self.own_bytes[name] = sum(math.prod(tenants.shapes[k]) for k in keys) * itemsize
+        self.one_model_experts_bytes = tenants.num_layers * self.experts * self.expert_bytes
+        self.one_model_bytes = self.own_bytes[self.anchor] + self.one_model_experts_bytes
+        self.sources_bytes = sum(self.own_bytes.values()) + len(tenants.names) * self.one_model_experts_bytes
+
+        measure, group = get_metric(metric), get_grouping(grouping)
+        self.groups: list[list[ExpertGroup]] = []
+        self.second_tenant_distances: list[torch.Tensor] = []
+        layers = range(tenants.num_layers)
+        for layer_idx in tqdm(layers, desc="similarity", disable=not progress):
+            experts = tenants.layer_experts(layer_idx)
+            inputs = stats.layer_inputs[layer_idx] if stats is not None else None
+            distances = {
+                name: measure(experts[name], experts[self.anchor], inputs, config.hidden_act) for name in self.others
+            }
+            self.groups.append(group(self.anchor, distances))
+            self.second_tenant_distances.append(distances[self.others[0]])
+        self.candidates = sorted(
+            Candidate(group.distances[name], layer_idx, group_idx, name)
+            for layer_idx, groups in enumerate(self.groups)
+            for group_idx, group in enumerate(groups)
+            for name in self.others
+        )
+
+    def total_bytes(self, merges: int) -> int:
+        experts = len(self.tenants.names) * self.tenants.num_layers * self.experts - merges
+        return sum(self.own_bytes.values()) + experts * self.expert_bytes
+
+    def merges_for_budget(self, budget: int) -> int:
+        return max(0, math.ceil((self.total_bytes(0) - budget) / self.expert_bytes))
+
+
+def pool_builder(planner: Planner, chosen: Sequence[Candidate], merge: str, stats: CalibrationStats | None):
+    """The pool of each layer: one entry per group (its anchor and merged members), plus one entry
+    for every member that stays on its own."""
+    rule = get_merge(merge)
+    merged = {(c.layer, c.group, c.tenant) for c in chosen}
+
+    def build(layer_idx, experts):
+        pool, maps = [], {name: [0] * planner.experts for name in planner.tenants.names}
+        for group_idx, group in enumerate(planner.groups[layer_idx]):
+            joined = [planner.anchor] + [t for t in planner.others if (layer_idx, group_idx, t) in merged]
+            members = [(experts[t][0][group.members[t]], experts[t][1][group.members[t]]) for t in joined]
+            usage = None if stats is None else [float(stats.usage[t][layer_idx, group.members[t]]) for t in joined]
+            pool.append(rule(members, usage))
+            for tenant in joined:
+                maps[tenant][group.members[tenant]] = len(pool) - 1
+            for tenant in planner.others:
+                if tenant not in joined:
+                    local = group.members[tenant]
+                    pool.append((experts[tenant][0][local], experts[tenant][1][local]))
+                    maps[tenant][local] = len(pool) - 1
+        return pool, maps
+
+    return build
+
+
+def consolidate(
+    models: Mapping[str, TenantSource],
+    *,
+    similarity: str = "weight_l2",
+    grouping: str = "cross_index",
+    threshold: float | None = None,
+    memory_budget: int | float | str | None = None,
+    merge: str = "select",
+    calibration=None,
+    tokenizer=None,
+    max_quality_loss: float | None = None,
+    default_tenant: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    revision: str | None = None,
+    max_calibration_rows: int = 512,
+    progress: bool = True,
+) -> MultiTenantMixtralForCausalLM:
+    """Build one multi-tenant model from N Mixtral fine-tunes, sharing experts that are close.
+
+    Args:
+        models: `{tenant name: loaded MixtralForCausalLM, directory or Hub id}`, at least two.
+        similarity: a registered metric: `weight_l2` (the paper's), `weight_cosine`, `output`.
+        grouping: `cross_index` (optimal assignment of each tenant's experts to the first
+            tenant's) or `same_index` (expert i with expert i, the paper's).
+        threshold: merge only candidates at most this far apart.
+        memory_budget: bytes, or a multiple of one source model (`"1.25x"`); merges closest-first
+            until the model fits.
+        merge: a registered rule: `select` (keep one member), `average`, `usage_weighted`.
+        calibration: texts (with `tokenizer`) or token ids; needed by `output`, `usage_weighted`
+            and `max_quality_loss`.
+        max_quality_loss: the largest relative increase of calibration loss any tenant may
+            suffer; sharing is undone, farthest merges first, until every tenant is within it.
+
+    With neither `threshold` nor `memory_budget`, only identical experts are shared (threshold 0):
+    the result is lossless. The returned model carries `consolidation_report`.
+    """
+    get_metric(similarity), get_grouping(grouping), get_merge(merge)
+    if not isinstance(models, Mapping) or len(models) < 2:
+        raise ValueError("consolidate needs at least two tenants; for one, use MultiTenantMixtralForCausalLM.from_models.")
+    needs_calibration = similarity in NEEDS_CALIBRATION or merge in NEEDS_USAGE or max_quality_loss is not None
+    if needs_calibration and calibration is None:
+        raise ValueError(
+            f"similarity={similarity!r}, merge={merge!r}, max_quality_loss={max_quality_loss!r} need calibration data."
+        )
+    if max_quality_loss is not None and max_quality_loss < 0:
+        raise ValueError(f"max_quality_loss must be >= 0, got {max_quality_loss}.")
+    data = CalibrationData.from_user(calibration, tokenizer) if calibration is not None else None
+    tenants = TenantSet.open(models, default_tenant=default_tenant, dtype=dtype, revision=revision)
+
+    stats = collect(tenants, data, max_calibration_rows) if data is not None else None
+    planner = Planner(tenants, similarity, grouping, stats, progress)
+    budget = parse_budget(memory_budget, planner.one_model_bytes)
+    if budget is not None and budget < planner.one_model_experts_bytes:
+        raise ValueError(
+            f"memory_budget of {budget} bytes is smaller than one model's experts ({planner.one_model_experts_bytes} "
+            "bytes): no sharing can reach it."
+        )
+    if threshold is None and budget is None:
+        threshold = DEFAULT_THRESHOLD
+    allowed = [c for c in planner.candidates if threshold is None or c.distance <= threshold]
+    if budget is not None:
+        needed = planner.merges_for_budget(budget)
+        if needed > len(allowed):
+            limit = f"within threshold {threshold}" if threshold is not None else "at all"
+            raise ValueError(
+                f"memory_budget of {budget} bytes is unreachable {limit}: sharing every allowed expert leaves "
+                f"{planner.total_bytes(len(allowed))} bytes."
+            )
+        count, deciding = needed, "memory_budget"
+    else:
+        count, deciding = len(allowed), "threshold"
+
+    def build(merges: int) -> MultiTenantMixtralForCausalLM:
+        config, state_dict = assemble(tenants, pool_builder(planner, allowed[:merges], merge, stats))
+        return MultiTenantMixtralForCausalLM.from_pretrained(None, config=config, state_dict=state_dict, dtype=tenants.dtype).eval()
+
+    def losses(model) -> dict[str, float]:
+        return {name: language_model_loss(model, data, tenant=name) for name in tenants.names}
+
+    def within_guard(after: dict[str, float]) -> bool:
+        return all(after[n] <= stats.losses[n] * (1 + max_quality_loss) for n in tenants.names)
+
+    model = build(count)
+    after = losses(model) if data is not None else None
+    if max_quality_loss is not None and not within_guard(after):
+        # Bisect the number of merges kept (closest first) for the largest that every tenant accepts.
+        low, high = 0, count - 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            if within_guard(losses(build(middle))):
+                low = middle
+            else:
+                high = middle - 1
+        if budget is not None:
+            raise ValueError(
+                f"memory_budget of {budget} bytes is below what max_quality_loss={max_quality_loss} allows: the "
+                f"smallest model within it takes {planner.total_bytes(low)} bytes."
+            )
+        count, deciding = low, "max_quality_loss"
+        model = build(count)
+        after = losses(model)
+
+    layer_reports = []
+    for layer_idx, distances in enumerate(planner.second_tenant_distances):
+        merged = [c.distance for c in allowed[:count] if c.layer == layer_idx]
+        layer_reports.append(
+            LayerReport(
+                pool_size=model.config.pool_sizes[layer_idx],
+                merged=len(merged),
+                mean_merged_distance=sum(merged) / len(merged) if merged else None,
+                max_merged_distance=max(merged) if merged else None,
+                distances=distances,
+            )
+        )
+    model.consolidation_report = ConsolidationReport(
+        settings=dict(similarity=similarity, grouping=grouping, merge=merge, threshold=threshold,
+                      memory_budget=memory_budget, max_quality_loss=max_quality_loss),
+        tenants=list(tenants.names),
+        layers=layer_reports,
+        bytes_before=planner.sources_bytes,
+        bytes_after=planner.total_bytes(count),
+        deciding_limit=deciding,
+        loss_before=stats.losses if stats is not None else None,
+        loss_after=after,
+    )
+    return model
+
+
+__all__ = ["consolidate", "parse_budget"]

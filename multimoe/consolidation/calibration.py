@@ -1,0 +1,133 @@
+"""Calibration: run each original tenant on the calibration tokens, one model at a time.
+
+Collected per tenant: its mean language-model loss (the quality guard's baseline), how often its
+router picks each expert (for usage-weighted merging), and a sample of the hidden states that
+reach each layer's experts (for output-based similarity).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import MixtralForCausalLM
+
+from ..assembly import TenantSet
+from ..checkpoints import fused_expert_keys, is_expert_key
+
+BATCH_ROWS = 8
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """Left-padded calibration rows with labels that ignore padding."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @classmethod
+    def from_user(cls, calibration, tokenizer=None, pad_token_id: int = 0) -> CalibrationData:
+        """Texts (needs `tokenizer`), lists of token ids, or a 2-D tensor of token ids."""
+        if isinstance(calibration, torch.Tensor):
+            rows = [row.tolist() for row in calibration.reshape(-1, calibration.shape[-1])]
+        elif isinstance(calibration, str):
+            rows = cls.tokenize([calibration], tokenizer)
+        elif isinstance(calibration, Sequence) and calibration and all(isinstance(c, str) for c in calibration):
+            rows = cls.tokenize(list(calibration), tokenizer)
+        elif isinstance(calibration, Sequence):
+            rows = [list(row) for row in calibration]
+        else:
+            raise ValueError(f"calibration must be texts or token ids, got {type(calibration).__name__}.")
+        rows = [row for row in rows if len(row) >= 2]
+        if not rows:
+            raise ValueError("Calibration data is empty: give texts or token ids with at least two tokens each.")
+        length = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for index, row in enumerate(rows):
+            input_ids[index, length - len(row) :] = torch.tensor(row)
+            attention_mask[index, length - len(row) :] = 1
+        return cls(input_ids, attention_mask)
+
+    @staticmethod
+    def tokenize(texts: list[str], tokenizer) -> list[list[int]]:
+        if tokenizer is None:
+            raise ValueError("Calibration texts need a tokenizer (pass tokenizer=...).")
+        return [tokenizer(text)["input_ids"] for text in texts]
+
+    def batches(self):
+        for start in range(0, self.input_ids.shape[0], BATCH_ROWS):
+            input_ids = self.input_ids[start : start + BATCH_ROWS]
+            attention_mask = self.attention_mask[start : start + BATCH_ROWS]
+            yield input_ids, attention_mask, input_ids.masked_fill(attention_mask == 0, -100)
+
+
+@dataclass
+class CalibrationStats:
+    losses: dict[str, float]  # tenant -> mean loss of its original model
+    usage: dict[str, torch.Tensor]  # tenant -> [L, E] router picks
+    layer_inputs: list[torch.Tensor]  # per layer, sampled expert inputs of all tenants [n, H]
+
+
+def original_model(tenants: TenantSet, name: str) -> MixtralForCausalLM:
+    """The tenant as a plain MixtralForCausalLM, read from its checkpoint (one model in memory)."""
+    checkpoint = tenants.checkpoints[name]
+    state = {key: checkpoint.tensor(key) for key in tenants.shapes if not is_expert_key(key)}
+    for layer_idx in range(tenants.num_layers):
+        state.update(zip(fused_expert_keys(layer_idx), checkpoint.experts(layer_idx)))
+    config = checkpoint.config
+    return MixtralForCausalLM.from_pretrained(None, config=config, state_dict=state, dtype=tenants.dtype).eval()
+
+
+@torch.no_grad()
+def language_model_loss(model, data: CalibrationData, **forward_kwargs) -> float:
+    """Token-weighted mean loss over the calibration rows."""
+    total, tokens = 0.0, 0
+    for input_ids, attention_mask, labels in data.batches():
+        count = int((labels[:, 1:] != -100).sum())
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **forward_kwargs).loss
+        total += float(loss) * count
+        tokens += count
+    return total / tokens
+
+
+@torch.no_grad()
+def collect(tenants: TenantSet, data: CalibrationData, max_rows_per_layer: int, seed: int = 0) -> CalibrationStats:
+    generator = torch.Generator().manual_seed(seed)
+    layers, experts = tenants.num_layers, tenants.reference.num_local_experts
+    losses, usage = {}, {}
+    samples: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+    per_tenant = max(1, max_rows_per_layer // len(tenants.names))
+    for name in tenants.names:
+        model = original_model(tenants, name)
+        counts = torch.zeros(layers, experts)
+        inputs: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+        valid: list[torch.Tensor] = []
+
+        def hook(layer_idx):
+            def record(module, args, output):
+                rows = valid[0]
+                inputs[layer_idx].append(args[0].reshape(-1, args[0].shape[-1])[rows].float())
+                counts[layer_idx] += torch.bincount(output[2][rows].flatten(), minlength=experts).float()
+
+            return record
+
+        def remember_valid_rows(module, args, kwargs):
+            valid[:] = [kwargs["attention_mask"].reshape(-1).bool()]
+
+        handles = [layer.mlp.gate.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
+        handles.append(model.register_forward_pre_hook(remember_valid_rows, with_kwargs=True))
+        losses[name] = language_model_loss(model, data)
+        for handle in handles:
+            handle.remove()
+        usage[name] = counts
+        for layer_idx in range(layers):
+            rows = torch.cat(inputs[layer_idx])
+            pick = torch.randperm(rows.shape[0], generator=generator)[:per_tenant]
+            samples[layer_idx].append(rows[pick])
+        del model
+    return CalibrationStats(losses, usage, [torch.cat(rows) for rows in samples])
+
+
+__all__ = ["CalibrationData", "CalibrationStats", "collect", "language_model_loss", "original_model"]

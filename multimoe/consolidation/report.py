@@ -1,0 +1,87 @@
+"""What a consolidation did: per-layer pools and distances, bytes, per-tenant quality, the limit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    pool_size: int
+    merged: int  # local experts that joined another tenant's entry
+    mean_merged_distance: float | None
+    max_merged_distance: float | None
+    distances: torch.Tensor  # [E, E]: second tenant's experts (rows) vs the first tenant's (columns)
+
+
+@dataclass
+class ConsolidationReport:
+    settings: dict
+    tenants: list[str]
+    layers: list[LayerReport]
+    bytes_before: int  # the N source models
+    bytes_after: int  # the consolidated model
+    deciding_limit: str
+    loss_before: dict[str, float] | None = None
+    loss_after: dict[str, float] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def relative_loss_increase(self) -> dict[str, float] | None:
+        if self.loss_before is None or self.loss_after is None:
+            return None
+        return {name: self.loss_after[name] / self.loss_before[name] - 1 for name in self.tenants}
+
+    def to_markdown(self) -> str:
+        mib = 2**20
+        settings = ", ".join(f"{key}={value}" for key, value in self.settings.items())
+        lines = [
+            f"**Consolidation** of {len(self.tenants)} tenants ({settings})",
+            "",
+            f"Memory: {self.bytes_before / mib:.2f} MiB in the sources -> {self.bytes_after / mib:.2f} MiB "
+            f"({1 - self.bytes_after / self.bytes_before:.1%} saved). Deciding limit: **{self.deciding_limit}**.",
+            "",
+            "| layer | pool size | merged experts | mean merged distance | max merged distance |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for index, layer in enumerate(self.layers):
+            mean = "-" if layer.mean_merged_distance is None else f"{layer.mean_merged_distance:.4g}"
+            largest = "-" if layer.max_merged_distance is None else f"{layer.max_merged_distance:.4g}"
+            lines.append(f"| {index} | {layer.pool_size} | {layer.merged} | {mean} | {largest} |")
+        increase = self.relative_loss_increase
+        if increase is not None:
+            lines += ["", "| tenant | calibration loss before | after | relative change |", "|---|---:|---:|---:|"]
+            for name in self.tenants:
+                lines.append(
+                    f"| {name} | {self.loss_before[name]:.4f} | {self.loss_after[name]:.4f} | {increase[name]:+.2%} |"
+                )
+        lines += [f"- {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def heatmap(self, path: str | Path) -> Path:
+        """A PNG with one panel per layer: distance of the second tenant's experts to the first's."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        count = len(self.layers)
+        figure, axes = plt.subplots(1, count, figsize=(3.2 * count, 3), squeeze=False)
+        for index, (axis, layer) in enumerate(zip(axes[0], self.layers)):
+            image = axis.imshow(layer.distances.numpy(), cmap="viridis")
+            axis.set_title(f"layer {index}")
+            axis.set_xlabel(f"{self.tenants[0]} expert")
+            axis.set_ylabel(f"{self.tenants[1]} expert")
+            figure.colorbar(image, ax=axis, fraction=0.046)
+        figure.suptitle(f"expert distance ({self.settings.get('similarity')})")
+        figure.tight_layout()
+        path = Path(path)
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        return path
+
+
+__all__ = ["ConsolidationReport", "LayerReport"]
