@@ -195,7 +195,8 @@ def consolidate(
                 f"memory_budget of {budget} bytes is unreachable {limit}: sharing every allowed expert leaves "
                 f"{planner.total_bytes(len(allowed))} bytes."
             )
-        count, deciding = needed, "memory_budget"
+        identical = sum(1 for c in allowed if c.distance == 0)  # sharing these costs no quality
+        count, deciding = max(needed, identical), "memory_budget"
     else:
         count, deciding = len(allowed), "threshold"
 

@@ -1,0 +1,177 @@
+"""consolidate(): lossless at threshold 0, budgets met exactly, the quality guard, groupings, merges."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from multimoe import IncompatibleTenantsError, consolidate
+from multimoe.consolidation.calibration import CalibrationData, language_model_loss
+from multimoe.consolidation.merging import MERGE_RULES
+from multimoe.testing import fine_tune, random_mixtral, tiny_mixtral_config
+
+CALIBRATION = ["hello there how are you", "what is 2+2? it is 4", "sort: dcba -> abcd", "reverse abc", "ok then"]
+
+
+def train(model, tokenizer, texts, steps: int, seed: int):
+    """A few full-parameter steps, so that tenants really know their texts (and merging can hurt)."""
+    torch.manual_seed(seed)
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def family(tokenizer):
+    """A base trained on all calibration texts, and two full fine-tunes of it on different parts;
+    `code` also keeps experts 0 and 2 of the base untouched."""
+    base = train(random_mixtral(tiny_mixtral_config(), seed=0), tokenizer, CALIBRATION, steps=30, seed=0)
+    chat = train(copy.deepcopy(base), tokenizer, CALIBRATION[:3], steps=15, seed=1)
+    code = fine_tune(base, seed=2, changed_experts={1, 3}, scale=0.1)
+    return {"base": base, "chat": chat, "code": code}
+
+
+def assert_matches_originals(model, originals, batch):
+    with torch.no_grad():
+        for name, original in originals.items():
+            mask = batch["attention_mask"].bool()
+            actual = model(**batch, tenant=name).logits[mask]
+            torch.testing.assert_close(actual, original(**batch).logits[mask], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("limits", [{}, {"threshold": 0.0}, {"memory_budget": "100x"}])
+def test_threshold_zero_or_unlimited_budget_is_lossless(family, batch, limits):
+    model = consolidate(family, progress=False, **limits)
+    assert_matches_originals(model, family, batch)
+    # only identical experts were shared: base 4 + chat 4 + code 2 per layer
+    assert model.config.pool_sizes == [10, 10]
+
+
+def test_identical_tenants_consolidate_to_one_models_experts(family):
+    base = family["base"]
+    model = consolidate({"a": base, "b": base, "c": base}, progress=False)
+    assert model.config.pool_sizes == [4, 4]
+    experts = sum(p.numel() * p.element_size() for n, p in base.named_parameters() if ".mlp.experts." in n)
+    assert model.memory_report().pool_bytes == experts
+
+
+def test_memory_budget_is_met_exactly(family):
+    budget = 300_000
+    model = consolidate(family, memory_budget=budget, progress=False)
+    report = model.consolidation_report
+    expert_bytes = 3 * model.config.hidden_size * model.config.intermediate_size * 4
+    total = model.memory_report().total_bytes
+    assert total == report.bytes_after <= budget < total + expert_bytes  # no merge beyond what fits
+    assert report.deciding_limit == "memory_budget"
+    one_model = sum(p.numel() * 4 for p in family["base"].parameters())
+    relative = consolidate(family, memory_budget="1.5x", progress=False)
+    assert relative.memory_report().total_bytes <= 1.5 * one_model
+
+
+def test_quality_guard_holds_on_calibration_data(family, tokenizer):
+    guard = 0.005
+    model = consolidate(family, threshold=1e9, similarity="output", merge="average", calibration=CALIBRATION,
+                        tokenizer=tokenizer, max_quality_loss=guard, progress=False)
+    report = model.consolidation_report
+    data = CalibrationData.from_user(CALIBRATION, tokenizer)
+    for name, original in family.items():
+        before = language_model_loss(original, data)
+        after = language_model_loss(model, data, tenant=name)
+        assert after <= before * (1 + guard) + 1e-6, name
+        assert report.loss_after[name] == pytest.approx(after)
+    unguarded = consolidate(family, threshold=1e9, similarity="output", merge="average", calibration=CALIBRATION,
+                            tokenizer=tokenizer, progress=False)
+    assert max(unguarded.consolidation_report.relative_loss_increase.values()) > guard  # the guard must bind
+    assert report.deciding_limit == "max_quality_loss"
+    assert sum(model.config.pool_sizes) > sum(unguarded.config.pool_sizes)
+
+
+def planted_permutation(base, order):
+    """`base` with its experts (and router rows) permuted: the same function, other indices."""
+    twin = copy.deepcopy(base)
+    with torch.no_grad():
+        for layer in twin.model.layers:
+            layer.mlp.experts.gate_up_proj.copy_(layer.mlp.experts.gate_up_proj[order])
+            layer.mlp.experts.down_proj.copy_(layer.mlp.experts.down_proj[order])
+            layer.mlp.gate.weight.copy_(layer.mlp.gate.weight[order])
+    return twin
+
+
+def test_cross_index_grouping_finds_a_planted_permutation(family, batch):
+    order = torch.tensor([2, 0, 3, 1])
+    tenants = {"base": family["base"], "shuffled": planted_permutation(family["base"], order)}
+    cross = consolidate(tenants, grouping="cross_index", progress=False)
+    assert cross.config.pool_sizes == [4, 4]
+    assert cross.config.tenants["shuffled"]["expert_map"][0] == order.tolist()
+    assert_matches_originals(cross, tenants, batch)
+    same = consolidate(tenants, grouping="same_index", progress=False)
+    assert same.config.pool_sizes == [8, 8]
+
+
+def test_merge_rules_do_what_their_names_say():
+    generator = torch.Generator().manual_seed(0)
+    members = [(torch.randn(6, 4, generator=generator), torch.randn(4, 3, generator=generator)) for _ in range(3)]
+    usage = [1.0, 5.0, 2.0]
+    selected = MERGE_RULES["select"](members, usage)
+    assert selected is members[1]
+    assert MERGE_RULES["select"](members, None) is members[0]
+    averaged = MERGE_RULES["average"](members, None)
+    for part in (0, 1):
+        torch.testing.assert_close(averaged[part], sum(m[part] for m in members) / 3)
+    weighted = MERGE_RULES["usage_weighted"](members, usage)
+    for part in (0, 1):
+        expected = sum(u * m[part] for u, m in zip(usage, members)) / sum(usage)
+        torch.testing.assert_close(weighted[part], expected)
+
+
+def test_average_merge_end_to_end(family):
+    two = {"base": family["base"], "chat": family["chat"]}
+    model = consolidate(two, threshold=1e9, grouping="same_index", merge="average", progress=False)
+    maps = model.config.tenants
+    entry = maps["chat"]["expert_map"][0][0]
+    assert entry == maps["base"]["expert_map"][0][0]  # expert 0 moved in chat, now shared
+    expected = (family["base"].model.layers[0].mlp.experts.gate_up_proj[0]
+                + family["chat"].model.layers[0].mlp.experts.gate_up_proj[0]) / 2
+    torch.testing.assert_close(model.model.layers[0].experts.gate_up_proj[entry], expected)
+
+
+def test_report_markdown_and_heatmap(family, tmp_path):
+    model = consolidate(family, memory_budget="1.5x", progress=False)
+    text = model.consolidation_report.to_markdown()
+    assert "Deciding limit: **memory_budget**" in text and "| 0 | 4 |" in text
+    path = model.consolidation_report.heatmap(tmp_path / "similarity.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_clear_errors(family, tokenizer):
+    two = {"base": family["base"], "chat": family["chat"]}
+    with pytest.raises(ValueError, match="at least two tenants"):
+        consolidate({"base": family["base"]}, progress=False)
+    with pytest.raises(ValueError, match="Unknown similarity metric 'cosine'"):
+        consolidate(two, similarity="cosine", progress=False)
+    with pytest.raises(ValueError, match="Unknown merge rule 'mean'"):
+        consolidate(two, merge="mean", progress=False)
+    with pytest.raises(ValueError, match="need calibration data"):
+        consolidate(two, similarity="output", progress=False)
+    with pytest.raises(ValueError, match="Calibration data is empty"):
+        consolidate(two, similarity="output", calibration=[], progress=False)
+    with pytest.raises(ValueError, match="smaller than one model's experts"):
+        consolidate(two, memory_budget=1000, progress=False)
+    with pytest.raises(ValueError, match="unreachable within threshold 0.0"):
+        consolidate(two, memory_budget="1.6x", threshold=0.0, progress=False)
+    with pytest.raises(ValueError, match="unreachable at all"):
+        consolidate(two, memory_budget="1x", progress=False)
+    with pytest.raises(ValueError, match="below what max_quality_loss=0.0 allows"):
+        consolidate(two, memory_budget="1.6x", similarity="output", calibration=CALIBRATION, tokenizer=tokenizer,
+                    max_quality_loss=0.0, progress=False)
+    other = random_mixtral(tiny_mixtral_config(hidden_size=64), seed=3)
+    with pytest.raises(IncompatibleTenantsError, match="hidden_size"):
+        consolidate({"base": family["base"], "other": other}, progress=False)
