@@ -1,0 +1,98 @@
+"""The `multimoe` command line.
+
+    multimoe consolidate --tenant base=org/mixtral --tenant chat=./chat --memory-budget 1.25x --out merged
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def tenant_argument(text: str) -> tuple[str, str]:
+    name, separator, source = text.partition("=")
+    if not separator or not name or not source:
+        raise argparse.ArgumentTypeError(f"--tenant takes NAME=SOURCE (a directory or Hub id), got {text!r}")
+    return name, source
+
+
+def budget_argument(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
+def consolidate_command(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from .consolidation import consolidate
+
+    tenants = dict(args.tenant)
+    if len(tenants) != len(args.tenant):
+        raise SystemExit("error: a tenant name is given more than once")
+    tokenizer = None
+    if args.calibration or args.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.tenant[0][1])
+    calibration = None
+    if args.calibration:
+        calibration = [line for line in Path(args.calibration).read_text().splitlines() if line.strip()]
+    model = consolidate(
+        tenants,
+        similarity=args.similarity,
+        grouping=args.grouping,
+        merge=args.merge,
+        threshold=args.threshold,
+        memory_budget=args.memory_budget,
+        calibration=calibration,
+        tokenizer=tokenizer,
+        max_quality_loss=args.max_quality_loss,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        revision=args.revision,
+    )
+    model.save_pretrained(args.out, max_shard_size=args.max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.out)
+    if args.heatmap:
+        model.consolidation_report.heatmap(args.heatmap)
+    print(model.consolidation_report.to_markdown())
+    print()
+    print(model.memory_report().to_markdown())
+    print(f"\nsaved to {args.out}")
+
+
+def parser() -> argparse.ArgumentParser:
+    from .consolidation import GROUPINGS, MERGE_RULES, SIMILARITY_METRICS
+
+    root = argparse.ArgumentParser(prog="multimoe", description="Serve many Mixtral fine-tunes from one shared expert pool.")
+    commands = root.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("consolidate", help="merge N Mixtral fine-tunes into one multi-tenant model")
+    command.add_argument("--tenant", type=tenant_argument, action="append", required=True, metavar="NAME=SOURCE")
+    command.add_argument("--out", required=True, help="directory to save the consolidated model in")
+    command.add_argument("--similarity", default="weight_l2", choices=sorted(SIMILARITY_METRICS))
+    command.add_argument("--grouping", default="cross_index", choices=sorted(GROUPINGS))
+    command.add_argument("--merge", default="select", choices=sorted(MERGE_RULES))
+    command.add_argument("--threshold", type=float)
+    command.add_argument("--memory-budget", type=budget_argument, help="bytes, or a multiple of one model: 1.25x")
+    command.add_argument("--calibration", help="a text file, one calibration sample per line")
+    command.add_argument("--tokenizer", help="tokenizer for the calibration text (default: the first tenant's)")
+    command.add_argument("--max-quality-loss", type=float)
+    command.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    command.add_argument("--revision")
+    command.add_argument("--max-shard-size", default="5GB")
+    command.add_argument("--heatmap", help="write the expert-similarity heatmap to this PNG")
+    command.set_defaults(run=consolidate_command)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except ValueError as error:  # bad input: say what is wrong, without a traceback
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
