@@ -115,7 +115,6 @@ class MultiTenantMixtralDecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states = routing.map_rows(lambda name, rows: self.tenants[name].input_layernorm(rows), hidden_states)
         attention_inputs = dict(
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
@@ -126,16 +125,12 @@ class MultiTenantMixtralDecoderLayer(GradientCheckpointingLayer):
         if routing.is_mixed:
             hidden_states = self.mixed_attention(hidden_states, routing, **attention_inputs)
         else:
-            hidden_states, _ = self.tenants[routing.groups[0][0]].self_attn(hidden_states, **attention_inputs)
+            own = self.tenants[routing.groups[0][0]]
+            hidden_states, _ = own.self_attn(own.input_layernorm(hidden_states), **attention_inputs)
         hidden_states = residual + hidden_states
 
         residual = hidden_states
-        hidden_states = routing.map_rows(
-            lambda name, rows: self.tenants[name].post_attention_layernorm(rows), hidden_states
-        )
-        if self.training and self.jitter_noise > 0:
-            hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        top_k_weights, pool_index = routing.map_rows(self.route, hidden_states)
+        hidden_states, top_k_weights, pool_index = routing.map_rows(self.normalize_and_route, hidden_states)
         shape = hidden_states.shape
         hidden_states = self.experts(
             hidden_states.view(-1, shape[-1]),
@@ -144,12 +139,19 @@ class MultiTenantMixtralDecoderLayer(GradientCheckpointingLayer):
         )
         return residual + hidden_states.reshape(shape)
 
-    def route(self, tenant: str, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tenant's router picks among its local experts; its map turns them into pool entries."""
+    def normalize_and_route(
+        self, tenant: str, hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tenant's norm, then its router picks among its local experts, and its map turns
+        them into pool entries. Returns the experts' input, routing weights and pool indices."""
         own = self.tenants[tenant]
+        hidden_states = own.post_attention_layernorm(hidden_states)
+        if self.training and self.jitter_noise > 0:
+            hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         _, top_k_weights, top_k_index = own.router(hidden_states)
         leading = hidden_states.shape[:-1]
-        return top_k_weights.view(*leading, -1), torch.take(own.expert_map, top_k_index).view(*leading, -1)
+        pool_index = torch.take(own.expert_map, top_k_index)
+        return hidden_states, top_k_weights.view(*leading, -1), pool_index.view(*leading, -1)
 
     def mixed_attention(
         self,
@@ -160,9 +162,8 @@ class MultiTenantMixtralDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """`MixtralAttention.forward` for a batch whose rows belong to different tenants.
-
-        Only the projections are per tenant; rotary embedding, the cache update and the attention
+        """The input norm and `MixtralAttention.forward` for a batch whose rows belong to different
+        tenants. Only the norm and the projections are per tenant; rotary embedding, the cache update and the attention
         kernel run once for the whole batch, so the KV cache stays one batch-shaped object.
         """
         kwargs.pop("position_ids", None)
@@ -170,12 +171,16 @@ class MultiTenantMixtralDecoderLayer(GradientCheckpointingLayer):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, attention.head_dim)
 
-        def project(name: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            own = self.tenants[name].self_attn
-            return own.q_proj(rows), own.k_proj(rows), own.v_proj(rows)
+        def project(name: str, rows: torch.Tensor) -> torch.Tensor:
+            own = self.tenants[name]
+            rows = own.input_layernorm(rows)
+            attention = own.self_attn
+            return torch.cat([attention.q_proj(rows), attention.k_proj(rows), attention.v_proj(rows)], dim=-1)
 
+        widths = [attention.q_proj.out_features, attention.k_proj.out_features, attention.v_proj.out_features]
         query, key, value = (
-            states.view(hidden_shape).transpose(1, 2) for states in routing.map_rows(project, hidden_states)
+            states.view(hidden_shape).transpose(1, 2)
+            for states in routing.map_rows(project, hidden_states).split(widths, dim=-1)
         )
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
