@@ -1,27 +1,32 @@
-"""Reading tenants: loaded models, local directories and Hub repo ids, in either expert layout.
+"""Reading checkpoints: tenant sources (loaded models, local directories, Hub repo ids, in either
+expert layout) and saved multi-tenant checkpoints.
 
 Every tenant is presented in one vocabulary, the transformers v5 `MixtralForCausalLM` parameter
 names with fused experts (`model.layers.N.mlp.experts.gate_up_proj` [E, 2I, H] and `down_proj`
 [E, H, I]). Directories are read lazily through `safe_open`, one tensor at a time, so building a
 multi-tenant model never holds N full source models in memory. Pickle files are never loaded.
+
+`strict_from_pretrained` wraps transformers' loading of a saved multi-tenant checkpoint so that
+what transformers would accept quietly (a corrupt shard, an integer tensor cast to float, a
+tensor of the wrong shape initialised at random, NaN weights, a config.json with a key given
+twice) is refused with the file, tensor or key named.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Union
 
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedModel
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 TenantSource = Union[str, os.PathLike, PreTrainedModel]
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 LEGACY_MOE_PREFIX = ".block_sparse_moe."
 FUSED_MOE_PREFIX = ".mlp."
 
@@ -88,7 +93,7 @@ class TenantCheckpoint:
             )
         directory = resolve_directory(str(source), tenant=tenant, revision=revision)
         config = read_config(directory, tenant=tenant)
-        return cls(str(source), config, None, SafetensorsFiles(directory, tenant=tenant))
+        return cls(str(source), config, None, SafetensorsFiles(directory, owner=f"Tenant {tenant!r}"))
 
     # -- access -------------------------------------------------------------------------------
 
@@ -139,37 +144,78 @@ class TenantCheckpoint:
         return gate_up, down
 
 
-class SafetensorsFiles:
-    """Key -> file index over a directory's safetensors shards; tensors are read on demand."""
+def with_variant(file_name: str, variant: str | None) -> str:
+    """transformers' naming of variant weights: `model.safetensors` -> `model.<variant>.safetensors`."""
+    if variant is None:
+        return file_name
+    stem, suffix = file_name.rsplit(".", 1)
+    return f"{stem}.{variant}.{suffix}"
 
-    def __init__(self, directory: Path, *, tenant: str):
-        self.tenant = tenant
+
+def reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads keeps the last of two equal keys; in a hand-edited file the first may be the one meant."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} appears more than once")
+        seen.add(key)
+    return dict(pairs)
+
+
+def read_json(path: Path, *, owner: str) -> dict:
+    try:
+        return json.loads(path.read_text(), object_pairs_hook=reject_duplicate_keys)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{owner}: cannot read {path}: {error}") from error
+
+
+class SafetensorsFiles:
+    """Key -> file index over a directory's safetensors shards; tensors are read on demand.
+
+    Opening checks what the headers alone can tell, before any tensor is read: every shard lies in
+    the directory and parses, and every tensor is floating point. `owner` starts each error message
+    ("Tenant 'chat'", "Multi-tenant checkpoint").
+    """
+
+    def __init__(self, directory: Path, *, owner: str, variant: str | None = None):
+        self.owner = owner
         self.directory = directory
-        index_path = directory / SAFE_WEIGHTS_INDEX_NAME
-        if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (ValueError, KeyError) as error:
-                raise CheckpointError(f"Tenant {tenant!r}: {index_path} is not a valid shard index ({error}).")
+        weights_name = with_variant(SAFE_WEIGHTS_NAME, variant)
+        index_path = directory / with_variant(SAFE_WEIGHTS_INDEX_NAME, variant)
+        if (directory / weights_name).is_file():  # before the index, as transformers' loader looks
+            files, weight_map = [weights_name], None
+        elif index_path.is_file():
+            weight_map = read_json(index_path, owner=owner).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(file, str) for file in weight_map.values()):
+                raise CheckpointError(f"{owner}: {index_path} is not a shard index (no weight_map of file names).")
             files = sorted(set(weight_map.values()))
-        elif (directory / SAFE_WEIGHTS_NAME).is_file():
-            files, weight_map = [SAFE_WEIGHTS_NAME], None
         else:
             pickled = sorted(p.name for p in directory.glob("*.bin"))
             hint = f" Found {pickled}, which are pickle files and are never loaded." if pickled else ""
-            raise CheckpointError(f"Tenant {tenant!r}: no safetensors weights in {directory}.{hint}")
+            raise CheckpointError(f"{owner}: no safetensors weights in {directory}.{hint}")
         self._handles = {}
         for file_name in files:
             path = directory / file_name
             if path.resolve().parent != directory.resolve():
-                raise CheckpointError(f"Tenant {tenant!r}: shard {file_name!r} lies outside {directory}.")
+                raise CheckpointError(f"{owner}: shard {file_name!r} lies outside {directory}.")
             try:
                 self._handles[file_name] = safe_open(str(path), framework="pt")
             except (OSError, SafetensorError) as error:
-                raise CheckpointError(f"Tenant {tenant!r}: cannot read {path}: {error}") from error
+                raise CheckpointError(f"{owner}: cannot read {path}: {error}") from error
         if weight_map is None:
-            weight_map = {key: SAFE_WEIGHTS_NAME for key in self._handles[SAFE_WEIGHTS_NAME].keys()}
+            weight_map = {key: weights_name for key in self._handles[weights_name].keys()}
         self._weight_map = weight_map
+        self.check_floating()
+
+    def check_floating(self) -> None:
+        """Refuse integer or bool tensors from the headers: a loader would cast them to float silently."""
+        for file_name, handle in self._handles.items():
+            for key in handle.keys():
+                dtype = handle.get_slice(key).get_dtype()
+                if not dtype.startswith(("F", "BF")):
+                    raise CheckpointError(
+                        f"{self.owner}: tensor {key!r} in {file_name} has dtype {dtype}; weights must be floating."
+                    )
 
     def keys(self):
         return self._weight_map.keys()
@@ -181,11 +227,11 @@ class SafetensorsFiles:
         if key not in self._weight_map and legacy in self._weight_map:
             key = legacy
         if key not in self._weight_map:
-            raise CheckpointError(f"Tenant {self.tenant!r}: tensor {key!r} is missing from {self.directory}.")
+            raise CheckpointError(f"{self.owner}: tensor {key!r} is missing from {self.directory}.")
         try:
             return self._handles[self._weight_map[key]].get_tensor(key)
         except (OSError, SafetensorError) as error:
-            raise CheckpointError(f"Tenant {self.tenant!r}: cannot read tensor {key!r}: {error}") from error
+            raise CheckpointError(f"{self.owner}: cannot read tensor {key!r}: {error}") from error
 
 
 def resolve_directory(source: str, *, tenant: str, revision: str | None) -> Path:
@@ -207,17 +253,67 @@ def resolve_directory(source: str, *, tenant: str, revision: str | None) -> Path
 
 
 def read_config(directory: Path, *, tenant: str) -> MixtralConfig:
-    config_path = directory / "config.json"
-    try:
-        raw = json.loads(config_path.read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"Tenant {tenant!r}: cannot read {config_path}: {error}") from error
+    raw = read_json(directory / "config.json", owner=f"Tenant {tenant!r}")
     model_type = raw.get("model_type")
     if model_type != MixtralConfig.model_type:
         raise CheckpointError(
             f"Tenant {tenant!r}: {directory} holds a {model_type!r} model; tenants must be Mixtral checkpoints."
         )
     return MixtralConfig.from_pretrained(directory)
+
+
+def check_saved_directory(directory: Path, *, variant: str | None = None) -> None:
+    """What can be refused in a saved multi-tenant checkpoint before transformers reads a weight:
+    a config.json with a key given twice, a shard that is missing, corrupt or outside the
+    directory, a non-floating tensor, and pickle-only weights."""
+    owner = "Multi-tenant checkpoint"
+    read_json(directory / "config.json", owner=owner)
+    SafetensorsFiles(directory, owner=owner, variant=variant)
+
+
+def check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Refuse NaN or Inf weights by name. `aminmax` propagates NaN and allocates no per-element
+    mask, so a large pool is checked without a copy; offloaded (meta) tensors are skipped."""
+    for name, tensor in named_tensors:
+        if tensor.is_floating_point() and tensor.numel() and tensor.device.type != "meta":
+            low, high = torch.aminmax(tensor.detach())
+            if not (torch.isfinite(low) and torch.isfinite(high)):
+                raise CheckpointError(f"The checkpoint's tensor {name!r} contains NaN or Inf values.")
+
+
+def strict_from_pretrained(
+    load: Callable[..., tuple[PreTrainedModel, dict]],
+    pretrained_model_name_or_path: str | os.PathLike | None,
+    *model_args,
+    **kwargs,
+):
+    """`load` (transformers' `from_pretrained`), refusing with a `CheckpointError` what it would
+    otherwise accept: tensors missing (initialised at random), unexpected, or of the wrong shape
+    (initialised at random with `ignore_mismatched_sizes`), NaN/Inf weights, and, for a local
+    directory before any weight is read, what `check_saved_directory` refuses. Pickle weights are
+    never loaded (`use_safetensors=True`).
+    """
+    wants_loading_info = kwargs.pop("output_loading_info", False)
+    if pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path):
+        directory = Path(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+        check_saved_directory(directory, variant=kwargs.get("variant"))
+    kwargs |= {"use_safetensors": True, "ignore_mismatched_sizes": True, "output_loading_info": True}
+    model, loading_info = load(pretrained_model_name_or_path, *model_args, **kwargs)
+    for problem in ("missing_keys", "unexpected_keys"):
+        keys = sorted(loading_info[problem])
+        if keys:
+            raise CheckpointError(
+                f"The checkpoint does not match its config: {problem.replace('_', ' ')} {keys[:5]}"
+                f"{' and more' if len(keys) > 5 else ''}."
+            )
+    if loading_info["mismatched_keys"]:
+        key, found, expected = sorted(loading_info["mismatched_keys"])[0]
+        raise CheckpointError(
+            f"The checkpoint does not match its config: tensor {key!r} has shape {list(found)}, the config "
+            f"implies {list(expected)}."
+        )
+    check_finite(model.named_parameters())
+    return (model, loading_info) if wants_loading_info else model
 
 
 def effective(config: MixtralConfig, field: str):
@@ -245,4 +341,7 @@ __all__ = [
     "TenantCheckpoint",
     "TenantSource",
     "check_compatible",
+    "check_finite",
+    "check_saved_directory",
+    "strict_from_pretrained",
 ]

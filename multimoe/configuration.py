@@ -13,12 +13,17 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import MixtralConfig
 
-TENANT_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+TENANT_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def is_index(value: object) -> bool:
+    """An int from JSON, and not a bool: `true` would otherwise pass as expert 1."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def validate_tenant_name(name: object) -> str:
     """Tenant names become module keys and file-name parts, so they must be plain identifiers."""
-    if not isinstance(name, str) or not TENANT_NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not TENANT_NAME_PATTERN.fullmatch(name):
         raise ValueError(
             f"Invalid tenant name {name!r}: use letters, digits, '_' and '-', starting with a letter or digit."
         )
@@ -55,6 +60,8 @@ class MultiTenantMixtralConfig(MixtralConfig):
         super().__post_init__(**kwargs)
         if self.tenants is None:
             self.tenants = {}
+        if not isinstance(self.tenants, dict):
+            raise ValueError(f"tenants must map tenant names to their specs, got {type(self.tenants).__name__}.")
         if self.tenants:
             self.check_tenant_maps()
 
@@ -72,7 +79,7 @@ class MultiTenantMixtralConfig(MixtralConfig):
         if not isinstance(pool_sizes, list) or len(pool_sizes) != layers:
             raise ValueError(f"pool_sizes must list one size per layer ({layers}), got {pool_sizes!r}.")
         for layer_idx, size in enumerate(pool_sizes):
-            if not isinstance(size, int) or size < 1:
+            if not is_index(size) or size < 1:
                 raise ValueError(f"pool_sizes[{layer_idx}] must be a positive int, got {size!r}.")
         for name, spec in self.tenants.items():
             validate_tenant_name(name)
@@ -86,7 +93,9 @@ class MultiTenantMixtralConfig(MixtralConfig):
                         f"got {row!r}."
                     )
                 for pool_idx in row:
-                    if not isinstance(pool_idx, int) or not 0 <= pool_idx < pool_sizes[layer_idx]:
+                    if not is_index(pool_idx):
+                        raise ValueError(f"Tenant {name!r}, layer {layer_idx}: pool index {pool_idx!r} is not an int.")
+                    if not 0 <= pool_idx < pool_sizes[layer_idx]:
                         raise ValueError(
                             f"Tenant {name!r}, layer {layer_idx}: pool index {pool_idx!r} is outside the pool "
                             f"of {pool_sizes[layer_idx]} experts."

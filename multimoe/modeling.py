@@ -15,6 +15,7 @@ re-pointed, copied or registered twice, and the cost does not depend on model si
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -44,10 +45,11 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .checkpoints import CheckpointError, TenantSource
+from .checkpoints import TenantSource, strict_from_pretrained
 from .configuration import MultiTenantMixtralConfig
 from .memory import MemoryReport
 from .routing import SCOPED_TENANTS, TenantRouting, UnknownTenantError, claim_cache
+from .saving import atomic_save_pretrained
 
 
 @use_experts_implementation
@@ -410,21 +412,18 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, but a checkpoint that lacks or adds tensors is refused.
+        """`PreTrainedModel.from_pretrained`, refusing what would silently serve the wrong weights.
 
-        transformers would initialise a missing tensor at random with a warning; for a tenant that
-        means silently serving noise, so it is an error here.
+        transformers would initialise a missing or misshapen tensor at random, cast an integer
+        tensor to float, keep NaN values and fall back to pickle; here each is a `CheckpointError`
+        naming the file, tensor or key (see `multimoe.checkpoints.strict_from_pretrained`).
         """
-        wants_loading_info = kwargs.pop("output_loading_info", False)
-        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        for problem in ("missing_keys", "unexpected_keys"):
-            keys = sorted(loading_info[problem])
-            if keys:
-                raise CheckpointError(
-                    f"The checkpoint does not match its config: {problem.replace('_', ' ')} {keys[:5]}"
-                    f"{' and more' if len(keys) > 5 else ''}."
-                )
-        return (model, loading_info) if wants_loading_info else model
+        return strict_from_pretrained(super().from_pretrained, *args, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, made atomic: an interrupted save leaves the previous
+        checkpoint in `save_directory` as it was (see `multimoe.saving.atomic_save_pretrained`)."""
+        atomic_save_pretrained(super().save_pretrained, save_directory, **kwargs)
 
     @property
     def _tied_weights_keys(self) -> dict[str, str]:
