@@ -174,7 +174,8 @@ class SafetensorsFiles:
 
     Opening checks what the headers alone can tell, before any tensor is read: every shard lies in
     the directory and parses, and every tensor is floating point. `owner` starts each error message
-    ("Tenant 'chat'", "Multi-tenant checkpoint").
+    ("Tenant 'chat'", "Multi-tenant checkpoint"). Each read maps its shard only for that read, so
+    pages already read do not stay resident in this process.
     """
 
     def __init__(self, directory: Path, *, owner: str, variant: str | None = None):
@@ -193,29 +194,30 @@ class SafetensorsFiles:
             pickled = sorted(p.name for p in directory.glob("*.bin"))
             hint = f" Found {pickled}, which are pickle files and are never loaded." if pickled else ""
             raise CheckpointError(f"{owner}: no safetensors weights in {directory}.{hint}")
-        self._handles = {}
+        self._paths = {}
         for file_name in files:
             path = directory / file_name
             if path.resolve().parent != directory.resolve():
                 raise CheckpointError(f"{owner}: shard {file_name!r} lies outside {directory}.")
             try:
-                self._handles[file_name] = safe_open(str(path), framework="pt")
+                with safe_open(str(path), framework="pt") as handle:
+                    self.check_floating(handle, file_name)
+                    keys = list(handle.keys())
             except (OSError, SafetensorError) as error:
                 raise CheckpointError(f"{owner}: cannot read {path}: {error}") from error
+            self._paths[file_name] = str(path)
         if weight_map is None:
-            weight_map = {key: weights_name for key in self._handles[weights_name].keys()}
+            weight_map = dict.fromkeys(keys, weights_name)
         self._weight_map = weight_map
-        self.check_floating()
 
-    def check_floating(self) -> None:
+    def check_floating(self, handle, file_name: str) -> None:
         """Refuse integer or bool tensors from the headers: a loader would cast them to float silently."""
-        for file_name, handle in self._handles.items():
-            for key in handle.keys():
-                dtype = handle.get_slice(key).get_dtype()
-                if not dtype.startswith(("F", "BF")):
-                    raise CheckpointError(
-                        f"{self.owner}: tensor {key!r} in {file_name} has dtype {dtype}; weights must be floating."
-                    )
+        for key in handle.keys():
+            dtype = handle.get_slice(key).get_dtype()
+            if not dtype.startswith(("F", "BF")):
+                raise CheckpointError(
+                    f"{self.owner}: tensor {key!r} in {file_name} has dtype {dtype}; weights must be floating."
+                )
 
     def keys(self):
         return self._weight_map.keys()
@@ -229,7 +231,8 @@ class SafetensorsFiles:
         if key not in self._weight_map:
             raise CheckpointError(f"{self.owner}: tensor {key!r} is missing from {self.directory}.")
         try:
-            return self._handles[self._weight_map[key]].get_tensor(key)
+            with safe_open(self._paths[self._weight_map[key]], framework="pt") as handle:
+                return handle.get_tensor(key)
         except (OSError, SafetensorError) as error:
             raise CheckpointError(f"{self.owner}: cannot read tensor {key!r}: {error}") from error
 
