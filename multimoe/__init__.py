@@ -16,6 +16,10 @@ from .routing import CacheTenantMismatchError, UnknownTenantError
 
 AutoConfig.register(MultiTenantMixtralConfig.model_type, MultiTenantMixtralConfig, exist_ok=True)
 AutoModelForCausalLM.register(MultiTenantMixtralConfig, MultiTenantMixtralForCausalLM, exist_ok=True)
+# Saved and pushed checkpoints carry `auto_map` and these modules' code, so they load with
+# `trust_remote_code=True` where multimoe is not installed.
+MultiTenantMixtralConfig.register_for_auto_class()
+MultiTenantMixtralForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __version__ = "0.1.0"
 

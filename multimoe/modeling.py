@@ -15,9 +15,11 @@ re-pointed, copied or registered twice, and the cost does not depend on model si
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -47,9 +49,23 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .checkpoints import TenantSource, strict_from_pretrained
 from .configuration import MultiTenantMixtralConfig
+from .hub import push_to_hub, write_model_card
 from .memory import MemoryReport
 from .routing import SCOPED_TENANTS, TenantRouting, UnknownTenantError, claim_cache
 from .saving import atomic_save_pretrained
+
+
+def build_time(module: str):
+    """A module of the multimoe package that builds or edits models (a higher floor than this one).
+
+    It is imported by name, not by a relative import, so that the remote code transformers copies
+    beside a saved checkpoint (this file and its relative imports) holds only what loading and
+    running need; building needs the installed package.
+    """
+    try:
+        return importlib.import_module(f"multimoe.{module}")
+    except ModuleNotFoundError as error:
+        raise ImportError(f"Building or editing a multi-tenant model needs the multimoe package: {error}") from error
 
 
 @use_experts_implementation
@@ -405,8 +421,7 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         layer are stored once; every other tensor is kept per tenant. All sources are checked for
         compatibility before any weight is read.
         """
-        from .assembly import assemble_lossless
-
+        assemble_lossless = build_time("assembly").assemble_lossless
         config, state_dict = assemble_lossless(models, default_tenant=default_tenant, dtype=dtype, revision=revision)
         return cls.from_pretrained(None, config=config, state_dict=state_dict, dtype=config.dtype)
 
@@ -421,9 +436,22 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         return strict_from_pretrained(super().from_pretrained, *args, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """`PreTrainedModel.save_pretrained`, made atomic: an interrupted save leaves the previous
-        checkpoint in `save_directory` as it was (see `multimoe.saving.atomic_save_pretrained`)."""
-        atomic_save_pretrained(super().save_pretrained, save_directory, **kwargs)
+        """`PreTrainedModel.save_pretrained`, plus a model card (README.md), made atomic: an
+        interrupted save leaves the previous checkpoint in `save_directory` as it was (see
+        `multimoe.saving.atomic_save_pretrained`)."""
+        title = Path(os.path.abspath(save_directory)).name
+
+        def save(directory, **options) -> None:
+            super(MultiTenantMixtralForCausalLM, self).save_pretrained(directory, **options)
+            if options.get("is_main_process", True):
+                write_model_card(self, directory, title)
+
+        atomic_save_pretrained(save, save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, *, tokenizer=None, **kwargs):
+        """Upload weights, config (with the tenant maps), remote code, the model card and, when
+        given, the tokenizer, as one commit (see `multimoe.hub.push_to_hub`)."""
+        return push_to_hub(self, repo_id, tokenizer=tokenizer, **kwargs)
 
     @property
     def _tied_weights_keys(self) -> dict[str, str]:
@@ -467,6 +495,16 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
             yield self
         finally:
             SCOPED_TENANTS.reset(token)
+
+    def add_tenant(self, name: str, model_or_path: TenantSource, **options) -> None:
+        """Add a Mixtral tenant in place. Its experts join the pool: each shares the closest entry
+        within `threshold` (default 0: identical only; `similarity=` picks the weight metric) or
+        gets a new one. The other tenants' weights and outputs stay bit-identical."""
+        build_time("tenancy").add_tenant(self, name, model_or_path, **options)
+
+    def remove_tenant(self, name: str) -> None:
+        """Remove a tenant in place: its layers and every pool entry no other tenant reads."""
+        build_time("tenancy").remove_tenant(self, name)
 
     def tenant_modules(self, name: str) -> dict[str, nn.Module]:
         """Every module that belongs to tenant `name` alone, keyed by qualified name, in a fixed

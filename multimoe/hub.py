@@ -1,0 +1,92 @@
+"""Publishing a multi-tenant model: its model card, and `push_to_hub` that keeps that card.
+
+transformers' own `push_to_hub` replaces README.md with a generic card; a multi-tenant checkpoint
+needs one that names its tenants (as `base_model` metadata), its pool and what sharing saved.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TAGS = ["multimoe", "mixtral", "mixture-of-experts", "multi-tenant"]
+
+
+def model_card(model, name: str = "multi-tenant Mixtral") -> str:
+    """README.md text: YAML metadata, tenants, pool sizes, memory, and quality when measured."""
+    config = model.config
+    sources = [spec.get("source") or "" for spec in config.tenants.values()]
+    base_models = sorted({source for source in sources if HUB_ID.match(source) and not os.path.exists(source)})
+    metadata = ModelCardData(library_name="transformers", base_model=base_models or None, tags=TAGS)
+    rows = [
+        f"| `{tenant}` | {spec.get('source') or '-'} | {'yes' if spec.get('tie_word_embeddings') else 'no'} |"
+        for tenant, spec in config.tenants.items()
+    ]
+    sections = [
+        f"---\n{metadata.to_yaml()}\n---",
+        f"# {name}: {len(config.tenants)} Mixtral tenants, one shared expert pool",
+        "Made with [multimoe](https://pypi.org/project/multimoe/): each layer's experts are stored once in a shared "
+        "pool; every tenant keeps its own attention, norms, router, embeddings and lm_head.",
+        "## Tenants\n\n| tenant | source | lm_head tied |\n|---|---|---|\n" + "\n".join(rows),
+        f"Default tenant: `{config.default_tenant}`.",
+        "## Pool\n\nExperts stored per layer: " + ", ".join(str(size) for size in config.pool_sizes)
+        + f" (each tenant has {config.num_local_experts} per layer).",
+        "## Memory\n\n" + model.memory_report().to_markdown(),
+    ]
+    report = getattr(model, "consolidation_report", None)
+    if report is not None:
+        sections.append("## Consolidation and quality\n\n" + report.to_markdown())
+    sections.append(
+        "## Use\n\n```python\nfrom transformers import AutoModelForCausalLM\n\n"
+        "model = AutoModelForCausalLM.from_pretrained(REPO, trust_remote_code=True)  # or `import multimoe` first\n"
+        f'model.set_active_model("{config.default_tenant}")\n'
+        'out = model.generate(**inputs, tenant_names=[...])  # or one tenant per row\n```'
+    )
+    return "\n\n".join(sections) + "\n"
+
+
+def write_model_card(model, directory: str | os.PathLike, name: str) -> None:
+    Path(directory, "README.md").write_text(model_card(model, name=name or "multi-tenant Mixtral"))
+
+
+def push_to_hub(
+    model,
+    repo_id: str,
+    *,
+    tokenizer=None,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str = "5GB",
+):
+    """Save the model (weights, config with the maps, remote code, model card) and the tokenizer
+    when given into one folder, and upload it as one commit."""
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as folder:
+        staged = Path(folder, repo_id.split("/")[-1])
+        model.save_pretrained(staged, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staged)
+        operations = [
+            CommitOperationAdd(path_in_repo=path.relative_to(staged).as_posix(), path_or_fileobj=str(path))
+            for path in sorted(staged.rglob("*"))
+            if path.is_file()
+        ]
+        return api.create_commit(
+            repo_id=repo_id,
+            operations=operations,
+            commit_message=commit_message or f"Upload multi-tenant model ({', '.join(model.tenants)})",
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
+__all__ = ["model_card", "push_to_hub", "write_model_card"]

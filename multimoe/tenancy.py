@@ -1,0 +1,146 @@
+"""Adding and removing tenants of a built model, in place, without touching the others' outputs.
+
+Adding only appends pool entries and registers new modules; removing drops the tenant's modules
+and the pool entries nobody else reads, then renumbers the survivors' maps to the same experts.
+Either way every other tenant computes with bit-identical weights. Every check runs before the
+model is modified.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
+from transformers.utils.output_capturing import OutputRecorder, recursively_install_hooks
+
+from .assembly import TenantSet
+from .checkpoints import TenantCheckpoint, TenantSource, check_compatible
+from .configuration import validate_tenant_name
+from .consolidation.similarity import NEEDS_CALIBRATION, get_metric
+from .modeling import MultiTenantMixtralForCausalLM, TenantLayer
+
+
+def match_to_pool(distances: torch.Tensor, threshold: float) -> list[int | None]:
+    """For each new expert, a pool entry within `threshold` (closest pairs first, each entry used
+    at most once by this tenant), or None for a new entry."""
+    matches: list[int | None] = [None] * distances.shape[0]
+    taken: set[int] = set()
+    for flat in torch.argsort(distances.flatten()).tolist():
+        expert, entry = divmod(flat, distances.shape[1])
+        if distances[expert, entry] > threshold:
+            break
+        if matches[expert] is None and entry not in taken:
+            matches[expert] = entry
+            taken.add(entry)
+    return matches
+
+
+def install_output_hooks(model: MultiTenantMixtralForCausalLM, modules: dict[str, nn.Module]) -> None:
+    """Give new modules the output-capturing hooks the model already installed on the others
+    (transformers installs them once, on first use, for the modules present then)."""
+    decoder = model.model
+    if not getattr(decoder, "_output_capturing_hooks_installed", False):
+        return
+    tasks = [
+        (key, spec if isinstance(spec, OutputRecorder) else OutputRecorder(target_class=spec, index=1))
+        for key, spec in decoder._can_record_outputs.items()
+        if key != "hidden_states"  # recorded on whole layers, which do not change
+    ]
+    for name, module in modules.items():
+        recursively_install_hooks(module, name, tasks)
+
+
+def add_tenant(
+    model: MultiTenantMixtralForCausalLM,
+    name: str,
+    source: TenantSource,
+    *,
+    similarity: str = "weight_l2",
+    threshold: float = 0.0,
+    revision: str | None = None,
+) -> None:
+    validate_tenant_name(name)
+    if name in model.tenants:
+        raise ValueError(f"Tenant {name!r} already exists; remove it first to replace it.")
+    if similarity in NEEDS_CALIBRATION:
+        raise ValueError(f"add_tenant compares weights; {similarity!r} needs calibration, use consolidate().")
+    metric = get_metric(similarity)
+    checkpoint = TenantCheckpoint.open(source, tenant=name, revision=revision)
+    reference = model.tenants[0]
+    check_compatible({reference: SimpleNamespace(config=model.config), name: checkpoint})
+    incoming = TenantSet({name: checkpoint}, None, model.dtype)
+    own_tensors = incoming.non_expert_tensors(name)  # read and checked before anything changes
+
+    config, device = model.config, model.device
+    expert_map, additions = [], []
+    for layer_idx, layer in enumerate(model.model.layers):
+        gate_up, down = incoming.layer_experts(layer_idx)[name]
+        pool = (layer.experts.gate_up_proj.detach().cpu(), layer.experts.down_proj.detach().cpu())
+        matches = match_to_pool(metric((gate_up, down), pool, None, config.hidden_act), threshold)
+        new = [expert for expert, entry in enumerate(matches) if entry is None]
+        row = list(matches)
+        for offset, expert in enumerate(new):
+            row[expert] = layer.experts.num_experts + offset
+        expert_map.append(row)
+        additions.append((gate_up[new], down[new]))
+
+    # Nothing above modified the model; from here on it changes.
+    config.pool_sizes = [size + len(extra[0]) for size, extra in zip(config.pool_sizes, additions)]
+    config.tenants[name] = {
+        "expert_map": expert_map,
+        "tie_word_embeddings": checkpoint.tie_word_embeddings,
+        "source": checkpoint.label,
+    }
+    for layer, (gate_up, down) in zip(model.model.layers, additions):
+        if len(gate_up):
+            pool = layer.experts
+            pool.gate_up_proj = nn.Parameter(torch.cat([pool.gate_up_proj.data, gate_up.to(device)]))
+            pool.down_proj = nn.Parameter(torch.cat([pool.down_proj.data, down.to(device)]))
+            pool.num_experts += len(gate_up)
+        layer.tenants[name] = TenantLayer(config, layer.layer_idx, name)
+    model.model.embed_tokens[name] = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+    model.model.norm[name] = MixtralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+    model.lm_head[name] = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    modules = model.tenant_modules(name)
+    for module in modules.values():
+        module.to(device=device, dtype=model.dtype)
+    with torch.no_grad():
+        for key, tensor in own_tensors.items():
+            model.get_parameter(key).copy_(tensor)
+    if checkpoint.tie_word_embeddings:
+        model.lm_head[name].weight = model.model.embed_tokens[name].weight
+    install_output_hooks(model, modules)
+
+
+def remove_tenant(model: MultiTenantMixtralForCausalLM, name: str) -> None:
+    name = model.model.resolve_tenant(name)
+    if len(model.tenants) == 1:
+        raise ValueError(f"Cannot remove {name!r}: it is the only tenant.")
+    config = model.config
+    survivors = [tenant for tenant in model.tenants if tenant != name]
+    for layer_idx, layer in enumerate(model.model.layers):
+        kept = sorted({entry for tenant in survivors for entry in config.expert_map(tenant, layer_idx)})
+        renumber = {old: new for new, old in enumerate(kept)}
+        if len(kept) < layer.experts.num_experts:
+            index = torch.tensor(kept, device=layer.experts.gate_up_proj.device)
+            pool = layer.experts
+            pool.gate_up_proj = nn.Parameter(pool.gate_up_proj.data.index_select(0, index))
+            pool.down_proj = nn.Parameter(pool.down_proj.data.index_select(0, index))
+            pool.num_experts = len(kept)
+        for tenant in survivors:
+            row = [renumber[entry] for entry in config.tenants[tenant]["expert_map"][layer_idx]]
+            config.tenants[tenant]["expert_map"][layer_idx] = row
+            layer.tenants[tenant].expert_map.copy_(torch.tensor(row))
+        config.pool_sizes[layer_idx] = len(kept)
+        del layer.tenants[name]
+    del model.model.embed_tokens[name], model.model.norm[name], model.lm_head[name]
+    del config.tenants[name]
+    if config.default_tenant == name:
+        config.default_tenant = survivors[0]
+    if model.model.active_tenant == name:
+        model.model.active_tenant = config.default_tenant
+
+
+__all__ = ["add_tenant", "remove_tenant"]

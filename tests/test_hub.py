@@ -1,0 +1,154 @@
+"""Publishing: model card, remote code without multimoe installed, push_to_hub, Hub-cache loading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import HfApi, constants
+
+from multimoe import MultiTenantMixtralForCausalLM
+from multimoe.hub import model_card
+
+
+@pytest.fixture(scope="module")
+def saved(multi, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("published") / "four-tenants"
+    multi.save_pretrained(directory)
+    return directory
+
+
+def front_matter(readme: str) -> dict:
+    _, metadata, _ = readme.split("---", 2)
+    return yaml.safe_load(metadata)
+
+
+def test_model_card_lists_tenants_pool_and_memory(multi, saved):
+    readme = (saved / "README.md").read_text()
+    metadata = front_matter(readme)
+    assert metadata["library_name"] == "transformers"
+    assert {"multimoe", "mixtral", "multi-tenant"} <= set(metadata["tags"])
+    assert "# four-tenants: 4 Mixtral tenants, one shared expert pool" in readme
+    for name in multi.tenants:
+        assert f"| `{name}` |" in readme
+    assert "Experts stored per layer: " + ", ".join(map(str, multi.config.pool_sizes)) in readme
+    assert "| saving |" in readme
+
+
+def test_model_card_names_hub_sources_as_base_models(multi):
+    original = {name: spec["source"] for name, spec in multi.config.tenants.items()}
+    try:
+        multi.config.tenants["base"]["source"] = "mistralai/Mixtral-8x7B-v0.1"
+        multi.config.tenants["chat"]["source"] = "mistralai/Mixtral-8x7B-Instruct-v0.1"
+        metadata = front_matter(model_card(multi))
+    finally:
+        for name, source in original.items():
+            multi.config.tenants[name]["source"] = source
+    assert metadata["base_model"] == ["mistralai/Mixtral-8x7B-Instruct-v0.1", "mistralai/Mixtral-8x7B-v0.1"]
+
+
+def test_saved_checkpoint_carries_auto_map_and_code(saved):
+    config = json.loads((saved / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration.MultiTenantMixtralConfig",
+        "AutoModelForCausalLM": "modeling.MultiTenantMixtralForCausalLM",
+    }
+    for module in ("configuration.py", "modeling.py", "routing.py", "checkpoints.py"):
+        assert (saved / module).is_file(), module
+
+
+REMOTE_CODE = r"""
+import sys
+sys.modules["multimoe"] = None  # multimoe is not installed, as far as this process can tell
+import torch
+from transformers import AutoModelForCausalLM
+try:
+    import multimoe  # noqa: F401
+    raise SystemExit("multimoe should not be importable here")
+except ImportError:
+    pass
+directory, inputs_path, out_path = sys.argv[1:]
+model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
+inputs = torch.load(inputs_path)
+with torch.no_grad():
+    logits = {name: model(**inputs, tenant=name).logits for name in model.tenants}
+torch.save({"class": type(model).__module__ + "." + type(model).__name__, "logits": logits}, out_path)
+"""
+
+
+def test_loads_with_trust_remote_code_where_multimoe_is_not_installed(multi, saved, batch, tmp_path):
+    inputs_path, out_path = tmp_path / "inputs.pt", tmp_path / "out.pt"
+    torch.save(dict(batch), inputs_path)
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE, str(saved), str(inputs_path), str(out_path)],
+        capture_output=True, text=True, cwd=tmp_path, env={"HF_MODULES_CACHE": str(tmp_path / "modules"),
+                                                         "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = torch.load(out_path)
+    assert remote["class"].startswith("transformers_modules.") and remote["class"].endswith("MultiTenantMixtralForCausalLM")
+    with torch.no_grad():
+        for name in multi.tenants:
+            assert torch.equal(remote["logits"][name], multi(**batch, tenant=name).logits), name
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """HfApi with its repo and commit calls intercepted: commits are recorded, nothing leaves."""
+    commits = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        files = {}
+        for operation in operations:
+            source = operation.path_or_fileobj
+            files[operation.path_in_repo] = open(source, "rb").read() if isinstance(source, str) else source
+        commits.append({"repo_id": repo_id, "files": files, **kwargs})
+        return "commit-info"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    return commits
+
+
+def test_push_to_hub_uploads_exactly_the_checkpoint_and_it_loads_back(multi, tokenizer, batch, fake_hub, tmp_path):
+    multi.push_to_hub("acme/four-tenants", tokenizer=tokenizer, commit_message="first")
+    (commit,) = fake_hub
+    assert commit["repo_id"] == "acme/four-tenants" and commit["commit_message"] == "first"
+    files = commit["files"]
+    python_files = {"configuration.py", "modeling.py", "routing.py", "checkpoints.py", "memory.py", "saving.py",
+                    "hub.py"}
+    assert set(files) == {"config.json", "generation_config.json", "model.safetensors", "README.md",
+                          "tokenizer.json", "tokenizer_config.json"} | python_files
+    config = json.loads(files["config.json"])
+    assert config["tenants"] == multi.config.tenants and config["pool_sizes"] == multi.config.pool_sizes
+    assert "# four-tenants: 4 Mixtral tenants" in files["README.md"].decode()
+    pulled = tmp_path / "pulled"
+    pulled.mkdir()
+    for name, content in files.items():
+        (pulled / name).write_bytes(content)
+    loaded = MultiTenantMixtralForCausalLM.from_pretrained(pulled).eval()
+    with torch.no_grad():
+        for name in multi.tenants:
+            assert torch.equal(loaded(**batch, tenant=name).logits, multi(**batch, tenant=name).logits)
+
+
+def test_from_pretrained_hub_id_and_revision_through_the_offline_cache(multi, saved, batch, tmp_path, monkeypatch):
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    repo = tmp_path / "models--acme--four-tenants"
+    shutil.copytree(saved, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "v1").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = MultiTenantMixtralForCausalLM.from_pretrained("acme/four-tenants", revision="v1", cache_dir=tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch, tenant="code").logits, multi(**batch, tenant="code").logits)
