@@ -1,0 +1,105 @@
+"""The tools around transformers: accelerate offload, low-memory loading, PEFT LoRA, torch.compile."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from multimoe import MultiTenantMixtralForCausalLM
+from multimoe.testing import fine_tune, random_mixtral, tiny_mixtral_config
+
+
+@pytest.fixture(scope="module")
+def saved(multi, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ecosystem")
+    multi.save_pretrained(directory)
+    return directory
+
+
+def test_device_map_with_disk_offload_keeps_layers_whole_and_outputs_unchanged(multi, saved, batch, tmp_path):
+    half = multi.memory_report().total_bytes // 2
+    model = MultiTenantMixtralForCausalLM.from_pretrained(
+        saved, device_map="auto", max_memory={"cpu": half}, offload_folder=tmp_path / "offload"
+    ).eval()
+    placements = model.hf_device_map
+    assert {"cpu", "disk"} <= set(placements.values()), placements
+    for module in placements:
+        if module.startswith("model.layers."):
+            assert module.count(".") == 2, f"{module}: a decoder layer (pool + its tenants) must not be split"
+    with torch.no_grad():
+        for name in multi.tenants:
+            assert torch.equal(model(**batch, tenant=name).logits, multi(**batch, tenant=name).logits), name
+
+
+LOAD_AND_MEASURE = r"""
+import sys, threading, time
+import psutil
+from multimoe import MultiTenantMixtralForCausalLM
+
+process = psutil.Process()
+before = process.memory_info().rss
+peak, done = [before], threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], process.memory_info().rss)
+        time.sleep(0.002)
+
+sampler = threading.Thread(target=sample)
+sampler.start()
+MultiTenantMixtralForCausalLM.from_pretrained(sys.argv[1], low_cpu_mem_usage=True)
+done.set()
+sampler.join()
+print(peak[0] - before)
+"""
+
+
+def test_low_cpu_mem_usage_loading_does_not_materialise_the_model_twice(tmp_path):
+    config = tiny_mixtral_config(num_hidden_layers=4, hidden_size=256, intermediate_size=1024, num_local_experts=8,
+                                 num_attention_heads=8, num_key_value_heads=4)
+    base = random_mixtral(config)
+    model = MultiTenantMixtralForCausalLM.from_models({"a": base, "b": fine_tune(base, seed=1, changed_experts=[0])})
+    model.save_pretrained(tmp_path)
+    size = model.memory_report().total_bytes
+    result = subprocess.run([sys.executable, "-c", LOAD_AND_MEASURE, str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    growth = int(result.stdout.split()[-1])
+    assert growth < 1.5 * size, f"loading {size / 2**20:.0f} MiB grew the process by {growth / 2**20:.0f} MiB"
+
+
+def test_lora_on_one_tenants_attention_trains_and_generates(saved, batch):
+    model = MultiTenantMixtralForCausalLM.from_pretrained(saved).eval()
+    with torch.no_grad():
+        before = {name: model(**batch, tenant=name).logits for name in model.tenants}
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=r".*\.tenants\.chat\.self_attn\.(q_proj|v_proj)",
+                        init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all(".tenants.chat.self_attn." in name and "lora_" in name for name in trainable)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.1)
+    peft_model.train()
+    first = peft_model(**batch, labels=labels, tenant="chat").loss
+    first.backward()
+    optimizer.step()
+    peft_model.eval()
+    with torch.no_grad():
+        assert peft_model(**batch, labels=labels, tenant="chat").loss < first
+        for name, logits in before.items():
+            unchanged = torch.equal(peft_model(**batch, tenant=name).logits, logits)
+            assert unchanged == (name != "chat"), name
+    output = peft_model.generate(**batch, tenant="chat", max_new_tokens=5, min_new_tokens=5, pad_token_id=0)
+    assert output.shape == (2, batch["input_ids"].shape[1] + 5)
+
+
+def test_torch_compile_generates_the_same_tokens_as_eager(multi, saved, batch):
+    model = MultiTenantMixtralForCausalLM.from_pretrained(saved).eval()
+    model.forward = torch.compile(model.forward)
+    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    for name in ("chat", "tied"):
+        assert torch.equal(model.generate(**batch, tenant=name, **settings),
+                           multi.generate(**batch, tenant=name, **settings)), name
