@@ -95,3 +95,17 @@ def test_single_model_upper_bound_ignores_tenants(tenants, tokenizer, trace):
 def test_unknown_scheduler_is_refused(multi, tokenizer):
     with pytest.raises(ValueError, match="Unknown scheduler 'lifo'"):
         Replay(SharedPoolBackend(multi), tokenizer, scheduler="lifo")
+
+
+def test_bench_command_runs_and_rewrites_its_docs_section(tmp_path):
+    from multimoe.serving.bench import DOCS_BEGIN, DOCS_END, main
+
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text(f"# Benchmarks\n\nkept\n\n{DOCS_BEGIN}\nold\n{DOCS_END}\n")
+    main(["--layers", "1", "--hidden", "32", "--intermediate", "48", "--requests", "4", "--rates", "50",
+          "--tenants", "2", "--new-tokens", "2", "--write-docs", str(docs)])
+    text = docs.read_text()
+    assert "kept" in text and "old" not in text and text.count(DOCS_BEGIN) == 1
+    assert "| 2 | 50 | multimoe [continuous] |" in text and "static partition (MIG-like)" in text
+    for image in ("serving_turnaround.png", "serving_ttft.png"):
+        assert (tmp_path / "img" / image).read_bytes()[:4] == b"\x89PNG"
