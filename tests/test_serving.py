@@ -60,9 +60,11 @@ def test_jsonl_round_trip(trace, tmp_path):
         read_jsonl(tmp_path / "bad.jsonl")
 
 
+@pytest.mark.parametrize("mix_tenants", [True, False])
 @pytest.mark.parametrize("scheduler", ["fcfs", "static", "continuous"])
-def test_shared_pool_serves_every_request_its_tenants_tokens(multi, tokenizer, trace, expected, scheduler):
-    records = Replay(SharedPoolBackend(multi), tokenizer, scheduler=scheduler, max_batch_size=4).run(trace)
+def test_shared_pool_serves_every_request_its_tenants_tokens(multi, tokenizer, trace, expected, scheduler, mix_tenants):
+    backend = SharedPoolBackend(multi, mix_tenants=mix_tenants)
+    records = Replay(backend, tokenizer, scheduler=scheduler, max_batch_size=4).run(trace)
     assert [r.request.request_id for r in records] == [r.request_id for r in trace]
     for record in records:
         assert record.tokens == expected[record.request.request_id], (scheduler, record.request)

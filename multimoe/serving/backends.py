@@ -39,13 +39,17 @@ class Backend:
 
 
 class SharedPoolBackend(Backend):
-    """multimoe: every tenant resident by reference; each row names its tenant, batches mix."""
+    """multimoe: every tenant resident by reference; each row names its tenant.
 
-    name = "multimoe"
-    mixes_tenants = True
+    With `mix_tenants=False` a batch holds one tenant at a time (switching is free, and a
+    one-tenant batch skips the per-tenant gathering): dLoRA's "merged" mode, which wins when
+    traffic is concentrated on few tenants; the default is its "unmerged", mixed-batch mode.
+    """
 
-    def __init__(self, model: MultiTenantMixtralForCausalLM):
+    def __init__(self, model: MultiTenantMixtralForCausalLM, mix_tenants: bool = True):
         self.model = model
+        self.mixes_tenants = mix_tenants
+        self.name = "multimoe" if mix_tenants else "multimoe (one tenant per batch)"
 
     def prepare(self, row_tenants: Sequence[str]) -> dict:
         return {"tenant_names": list(row_tenants)}

@@ -1,0 +1,115 @@
+"""A tiny, shipped testbed: a character tokenizer, a small Mixtral base pre-trained on four
+exact-match tasks, and one full fine-tune per task (made by `scripts/make_testbed.py`).
+
+It exists so merge quality can be measured on a CPU in minutes: each fine-tune scores >= 90% exact
+match on its own held-out prompts, so any accuracy a merge loses is visible.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import MixtralForCausalLM, PreTrainedTokenizerFast
+
+ROOT = Path(__file__).parent
+TOKENIZER_DIR = ROOT / "tokenizer"
+BASE = "base"
+TASKS: dict[str, Task] = {}
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Task:
+    """An exact-match task: `make(rng)` draws one example; a prompt always ends with "="."""
+
+    name: str
+    make: Callable[[random.Random], Example]
+
+    def examples(self, count: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[Example]:
+        """`count` distinct examples drawn with `seed`, none of whose prompts is in `exclude`."""
+        rng, seen, out = random.Random(seed), set(exclude), []
+        while len(out) < count:
+            example = self.make(rng)
+            if example.prompt not in seen:
+                seen.add(example.prompt)
+                out.append(example)
+        return out
+
+    def held_out(self, count: int = 200) -> list[Example]:
+        """The evaluation prompts; training never sees them."""
+        return self.examples(count, seed=HELD_OUT_SEED)
+
+    def training(self, count: int, seed: int) -> list[Example]:
+        held = frozenset(e.prompt for e in self.held_out())
+        return self.examples(count, seed=seed, exclude=held)
+
+
+HELD_OUT_SEED = 12345
+
+
+def register_task(name: str):
+    def register(make: Callable[[random.Random], Example]):
+        TASKS[name] = Task(name, make)
+        return make
+
+    return register
+
+
+def _letters(rng: random.Random, low: int = 3, high: int = 5) -> str:
+    return "".join(rng.choice(string.ascii_lowercase[:12]) for _ in range(rng.randint(low, high)))
+
+
+@register_task("add")
+def _add(rng: random.Random) -> Example:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return Example(f"{a}+{b}=", str(a + b))
+
+
+@register_task("reverse")
+def _reverse(rng: random.Random) -> Example:
+    word = _letters(rng)
+    return Example(f"rev {word}=", word[::-1])
+
+
+@register_task("sort")
+def _sort(rng: random.Random) -> Example:
+    word = _letters(rng)
+    return Example(f"sort {word}=", "".join(sorted(word)))
+
+
+@register_task("lookup")
+def _lookup(rng: random.Random) -> Example:
+    keys = rng.sample(string.ascii_lowercase[:12], 3)
+    values = [rng.choice(string.digits) for _ in keys]
+    key = rng.choice(keys)
+    pairs = ",".join(k + v for k, v in zip(keys, values))
+    return Example(f"{pairs}?{key}=", values[keys.index(key)])
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    """The shipped character tokenizer (left padding)."""
+    return PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR)
+
+
+def checkpoint(name: str) -> Path:
+    """Directory of the shipped `base` or of a task's fine-tune."""
+    path = ROOT / name
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no shipped checkpoint {name!r}; run scripts/make_testbed.py")
+    return path
+
+
+def load(name: str) -> MixtralForCausalLM:
+    return MixtralForCausalLM.from_pretrained(checkpoint(name)).eval()
+
+
+__all__ = ["BASE", "TASKS", "Example", "Task", "checkpoint", "load", "register_task", "tokenizer"]
