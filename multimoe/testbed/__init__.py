@@ -34,9 +34,9 @@ class Task:
     name: str
     make: Callable[[random.Random], Example]
 
-    def examples(self, count: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[Example]:
-        """`count` distinct examples drawn with `seed`, none of whose prompts is in `exclude`."""
-        rng, seen, out = random.Random(seed), set(exclude), []
+    def held_out(self, count: int = 200) -> list[Example]:
+        """The evaluation prompts (distinct); training never sees them."""
+        rng, seen, out = random.Random(HELD_OUT_SEED), set(), []
         while len(out) < count:
             example = self.make(rng)
             if example.prompt not in seen:
@@ -44,13 +44,14 @@ class Task:
                 out.append(example)
         return out
 
-    def held_out(self, count: int = 200) -> list[Example]:
-        """The evaluation prompts; training never sees them."""
-        return self.examples(count, seed=HELD_OUT_SEED)
-
     def training(self, count: int, seed: int) -> list[Example]:
-        held = frozenset(e.prompt for e in self.held_out())
-        return self.examples(count, seed=seed, exclude=held)
+        """`count` examples drawn with `seed` (repeats allowed), none of them a held-out prompt."""
+        rng, held, out = random.Random(seed), {e.prompt for e in self.held_out()}, []
+        while len(out) < count:
+            example = self.make(rng)
+            if example.prompt not in held:
+                out.append(example)
+        return out
 
 
 HELD_OUT_SEED = 12345
