@@ -1,6 +1,7 @@
 """The `multimoe` command line.
 
     multimoe consolidate --tenant base=org/mixtral --tenant chat=./chat --memory-budget 1.25x --out merged
+    multimoe demo
 """
 
 from __future__ import annotations
@@ -61,6 +62,13 @@ def consolidate_command(args: argparse.Namespace) -> None:
     print(f"\nsaved to {args.out}")
 
 
+def demo_command(args: argparse.Namespace) -> None:
+    from .demo import main as demo
+
+    torch.set_num_threads(args.threads)
+    demo(memory_budget=args.memory_budget, examples=args.examples)
+
+
 def parser() -> argparse.ArgumentParser:
     from .consolidation import GROUPINGS, MERGE_RULES, SIMILARITY_METRICS
 
@@ -82,6 +90,11 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--max-shard-size", default="5GB")
     command.add_argument("--heatmap", help="write the expert-similarity heatmap to this PNG")
     command.set_defaults(run=consolidate_command)
+    command = commands.add_parser("demo", help="consolidate the shipped task fine-tunes and show memory and quality")
+    command.add_argument("--memory-budget", default="1.25x", help="a multiple of one model: 1.25x")
+    command.add_argument("--examples", type=int, default=50, help="held-out prompts per task for the quality table")
+    command.add_argument("--threads", type=int, default=2)
+    command.set_defaults(run=demo_command)
     return root
 
 

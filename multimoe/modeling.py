@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -109,8 +110,10 @@ class TenantLayer(nn.Module):
 class MultiTenantMixtralDecoderLayer(GradientCheckpointingLayer):
     """A Mixtral decoder layer whose attention, norms and router are chosen per row by tenant.
 
-    Each tenant's rows go through that tenant's own modules; then all rows, whatever their tenant,
-    go through the shared expert pool in one call.
+    A one-tenant batch runs that tenant's modules exactly as Mixtral does. A mixed batch runs the
+    per-tenant matrix products (q/k/v/o projections, router logits) per tenant group and
+    everything else once for the whole batch, each row with its own tenant's weights. Either way
+    all rows, whatever their tenant, go through the shared expert pool in one call.
     """
 
     def __init__(self, config: MultiTenantMixtralConfig, layer_idx: int):
@@ -132,7 +135,6 @@ class MultiTenantMixtralDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        residual = hidden_states
         attention_inputs = dict(
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
@@ -140,36 +142,59 @@ class MultiTenantMixtralDecoderLayer(GradientCheckpointingLayer):
             cache=cache,
             **kwargs,
         )
+        residual = hidden_states
         if routing.is_mixed:
-            hidden_states = self.mixed_attention(hidden_states, routing, **attention_inputs)
+            hidden_states = self.rows_norm(routing, hidden_states, "input_layernorm")
+            hidden_states = residual + self.mixed_attention(hidden_states, routing, **attention_inputs)
+            residual = hidden_states
+            hidden_states = self.jitter(self.rows_norm(routing, hidden_states, "post_attention_layernorm"))
+            top_k_weights, pool_index = self.mixed_route(routing, hidden_states)
         else:
             own = self.tenants[routing.groups[0][0]]
             hidden_states, _ = own.self_attn(own.input_layernorm(hidden_states), **attention_inputs)
-        hidden_states = residual + hidden_states
-
-        residual = hidden_states
-        hidden_states, top_k_weights, pool_index = routing.map_rows(self.normalize_and_route, hidden_states)
+            hidden_states = residual + hidden_states
+            residual = hidden_states
+            hidden_states = self.jitter(own.post_attention_layernorm(hidden_states))
+            _, top_k_weights, top_k_index = own.router(hidden_states)
+            pool_index = torch.take(own.expert_map, top_k_index)
         shape = hidden_states.shape
         hidden_states = self.experts(
             hidden_states.view(-1, shape[-1]),
-            pool_index.view(-1, pool_index.shape[-1]),
-            top_k_weights.view(-1, top_k_weights.shape[-1]),
+            pool_index.reshape(-1, pool_index.shape[-1]),
+            top_k_weights.reshape(-1, top_k_weights.shape[-1]),
         )
         return residual + hidden_states.reshape(shape)
 
-    def normalize_and_route(
-        self, tenant: str, hidden_states: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The tenant's norm, then its router picks among its local experts, and its map turns
-        them into pool entries. Returns the experts' input, routing weights and pool indices."""
-        own = self.tenants[tenant]
-        hidden_states = own.post_attention_layernorm(hidden_states)
+    def jitter(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Mixtral's multiplicative router jitter, in training only."""
         if self.training and self.jitter_noise > 0:
             hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        _, top_k_weights, top_k_index = own.router(hidden_states)
-        leading = hidden_states.shape[:-1]
-        pool_index = torch.take(own.expert_map, top_k_index)
-        return hidden_states, top_k_weights.view(*leading, -1), pool_index.view(*leading, -1)
+        return hidden_states
+
+    def row_tenant_stack(self, routing: TenantRouting, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each row's own tenant's copy of a small per-tenant tensor: [rows, ...]."""
+        return torch.stack([tensors[name] for name in self.tenants])[routing.tenant_ids]
+
+    def rows_norm(self, routing: TenantRouting, hidden_states: torch.Tensor, which: str) -> torch.Tensor:
+        """`MixtralRMSNorm` with each row's own tenant's weight, in one pass over the batch (the
+        same arithmetic, so the same values as applying each tenant's norm to its rows)."""
+        weight = self.row_tenant_stack(routing, {n: getattr(own, which).weight for n, own in self.tenants.items()})
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.config.rms_norm_eps)
+        return weight[:, None, :] * hidden_states.to(input_dtype)
+
+    def mixed_route(self, routing: TenantRouting, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`MixtralTopKRouter` for a mixed batch: logits with each row's tenant's router, then one
+        softmax / top-k for all rows; each row's tenant map turns local experts into pool entries."""
+        logits = routing.map_rows(lambda name, rows: F.linear(rows, self.tenants[name].router.weight), hidden_states)
+        probabilities = F.softmax(logits.float(), dim=-1)
+        top_k_weights, top_k_index = torch.topk(probabilities, self.config.num_experts_per_tok, dim=-1)
+        top_k_weights /= top_k_weights.sum(dim=-1, keepdim=True)
+        maps = self.row_tenant_stack(routing, {n: own.expert_map for n, own in self.tenants.items()})
+        pool_index = torch.gather(maps, 1, top_k_index.flatten(1)).view_as(top_k_index)
+        return top_k_weights, pool_index
 
     def mixed_attention(
         self,
@@ -180,20 +205,17 @@ class MultiTenantMixtralDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """The input norm and `MixtralAttention.forward` for a batch whose rows belong to different
-        tenants. Only the norm and the projections are per tenant; rotary embedding, the cache update and the attention
-        kernel run once for the whole batch, so the KV cache stays one batch-shaped object.
-        """
+        """`MixtralAttention.forward` for a batch whose rows belong to different tenants. Only the
+        projections are per tenant; rotary embedding, the cache update and the attention kernel
+        run once for the whole batch, so the KV cache stays one batch-shaped object."""
         kwargs.pop("position_ids", None)
         attention = next(iter(self.tenants.values())).self_attn  # shape constants, shared by all tenants
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, attention.head_dim)
 
         def project(name: str, rows: torch.Tensor) -> torch.Tensor:
-            own = self.tenants[name]
-            rows = own.input_layernorm(rows)
-            attention = own.self_attn
-            return torch.cat([attention.q_proj(rows), attention.k_proj(rows), attention.v_proj(rows)], dim=-1)
+            own = self.tenants[name].self_attn
+            return torch.cat([own.q_proj(rows), own.k_proj(rows), own.v_proj(rows)], dim=-1)
 
         widths = [attention.q_proj.out_features, attention.k_proj.out_features, attention.v_proj.out_features]
         query, key, value = (

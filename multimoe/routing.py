@@ -36,6 +36,7 @@ class TenantRouting:
 
     groups: tuple[tuple[str, torch.Tensor | None], ...]
     row_tenants: tuple[str, ...]
+    tenant_ids: torch.Tensor | None = None  # each row's index into the model's tenants (mixed batches)
 
     @classmethod
     def single(cls, name: str, batch_size: int) -> TenantRouting:
@@ -49,7 +50,7 @@ class TenantRouting:
         if len(present) == 1:
             return cls(((names[present[0]], None),), row_tenants)
         groups = tuple((names[index], (tenant_ids == index).nonzero().squeeze(1)) for index in present)
-        return cls(groups, row_tenants)
+        return cls(groups, row_tenants, tenant_ids)
 
     @property
     def is_mixed(self) -> bool:

@@ -63,6 +63,7 @@ def train(model: MixtralForCausalLM, tokenizer, tasks: list[str], steps: int, lr
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item())
     )
     model.train()
+    start = time.time()
     for step in range(steps):
         examples = [rng.choice(pools[rng.choice(tasks)]) for _ in range(BATCH)]
         loss = model(**batch(tokenizer, examples)).loss
@@ -72,7 +73,7 @@ def train(model: MixtralForCausalLM, tokenizer, tasks: list[str], steps: int, lr
         schedule.step()
         optimizer.zero_grad()
         if step % 100 == 0:
-            print(f"  step {step} loss {loss.item():.3f}", flush=True)
+            print(f"  step {step} loss {loss.item():.3f} ({time.time() - start:.0f} s)", flush=True)
     return model.eval()
 
 
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--fine-tune-steps", type=int, default=FINE_TUNE["steps"])
     args = parser.parse_args()
     torch.set_num_threads(2)
+    torch.set_flush_denormal(True)  # tiny weights otherwise slow CPU matmuls many times over
     tokenizer = character_tokenizer()
     tokenizer.save_pretrained(TOKENIZER_DIR)
     torch.manual_seed(PRETRAIN["seed"])
