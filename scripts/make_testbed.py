@@ -81,8 +81,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pretrain-steps", type=int, default=PRETRAIN["steps"])
     parser.add_argument("--fine-tune-steps", type=int, default=FINE_TUNE["steps"])
+    parser.add_argument("--threads", type=int, default=2, help="1 is faster when other jobs share the cores")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # tiny weights otherwise slow CPU matmuls many times over
     tokenizer = character_tokenizer()
     tokenizer.save_pretrained(TOKENIZER_DIR)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from .registry import Registry
+
 
 @dataclass(frozen=True)
 class ExpertGroup:
@@ -24,21 +26,9 @@ class ExpertGroup:
 
 # distances[t] is [E, E]: tenant t's experts (rows) against the anchor tenant's experts (columns).
 Grouping = Callable[[str, Mapping[str, torch.Tensor]], list[ExpertGroup]]
-GROUPINGS: dict[str, Grouping] = {}
-
-
-def register_grouping(name: str):
-    def register(function: Grouping) -> Grouping:
-        GROUPINGS[name] = function
-        return function
-
-    return register
-
-
-def get_grouping(name: str) -> Grouping:
-    if name not in GROUPINGS:
-        raise ValueError(f"Unknown grouping {name!r}; choose one of {sorted(GROUPINGS)}.")
-    return GROUPINGS[name]
+GROUPINGS: Registry[Grouping] = Registry("grouping")
+register_grouping = GROUPINGS.register
+get_grouping = GROUPINGS.lookup
 
 
 @register_grouping("same_index")

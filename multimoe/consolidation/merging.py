@@ -10,27 +10,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .registry import Registry
+
 ExpertPair = tuple[torch.Tensor, torch.Tensor]
 MergeRule = Callable[[Sequence[ExpertPair], "Sequence[float] | None"], ExpertPair]
 
-MERGE_RULES: dict[str, MergeRule] = {}
-NEEDS_USAGE: set[str] = set()
-
-
-def register_merge(name: str, *, needs_usage: bool = False):
-    def register(function: MergeRule) -> MergeRule:
-        MERGE_RULES[name] = function
-        if needs_usage:
-            NEEDS_USAGE.add(name)
-        return function
-
-    return register
-
-
-def get_merge(name: str) -> MergeRule:
-    if name not in MERGE_RULES:
-        raise ValueError(f"Unknown merge rule {name!r}; choose one of {sorted(MERGE_RULES)}.")
-    return MERGE_RULES[name]
+MERGE_RULES: Registry[MergeRule] = Registry("merge rule")
+register_merge = MERGE_RULES.register
+get_merge = MERGE_RULES.lookup
+NEEDS_USAGE = MERGE_RULES.needs_calibration
 
 
 def weighted_sum(members: Sequence[ExpertPair], weights: Sequence[float]) -> ExpertPair:
@@ -57,7 +45,7 @@ def average(members: Sequence[ExpertPair], usage: Sequence[float] | None) -> Exp
     return weighted_sum(members, [1.0] * len(members))
 
 
-@register_merge("usage_weighted", needs_usage=True)
+@register_merge("usage_weighted", needs_calibration=True)
 def usage_weighted(members: Sequence[ExpertPair], usage: Sequence[float] | None) -> ExpertPair:
     """Mean weighted by how often each tenant's router picks its member on calibration data, so
     the tenant that relies on an expert most keeps it closest."""

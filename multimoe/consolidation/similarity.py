@@ -12,30 +12,18 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .registry import Registry
+
 ExpertPair = tuple[torch.Tensor, torch.Tensor]  # gate_up [E, 2I, H], down [E, H, I]
 Metric = Callable[[ExpertPair, ExpertPair, "torch.Tensor | None", str], torch.Tensor]
 
-SIMILARITY_METRICS: dict[str, Metric] = {}
+SIMILARITY_METRICS: Registry[Metric] = Registry("similarity metric")
+register_metric = SIMILARITY_METRICS.register
+get_metric = SIMILARITY_METRICS.lookup
+NEEDS_CALIBRATION = SIMILARITY_METRICS.needs_calibration
 # Identical experts must be exactly 0 apart (threshold 0 means lossless); the matmul shortcut of
 # cdist is not exact.
 EXACT = "donot_use_mm_for_euclid_dist"
-NEEDS_CALIBRATION: set[str] = set()
-
-
-def register_metric(name: str, *, needs_calibration: bool = False):
-    def register(function: Metric) -> Metric:
-        SIMILARITY_METRICS[name] = function
-        if needs_calibration:
-            NEEDS_CALIBRATION.add(name)
-        return function
-
-    return register
-
-
-def get_metric(name: str) -> Metric:
-    if name not in SIMILARITY_METRICS:
-        raise ValueError(f"Unknown similarity metric {name!r}; choose one of {sorted(SIMILARITY_METRICS)}.")
-    return SIMILARITY_METRICS[name]
 
 
 def flat_weights(experts: ExpertPair) -> torch.Tensor:
