@@ -63,8 +63,11 @@ def consolidate_command(args: argparse.Namespace) -> None:
 
 
 def demo_command(args: argparse.Namespace) -> None:
+    from transformers.utils import logging
+
     from .demo import main as demo
 
+    logging.disable_progress_bar()  # five checkpoint loads would bury the output
     torch.set_num_threads(args.threads)
     demo(memory_budget=args.memory_budget, examples=args.examples)
 

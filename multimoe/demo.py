@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 from transformers import pipeline
 
 from . import testbed
@@ -49,8 +48,3 @@ def main(memory_budget: str = DEFAULT_BUDGET, examples: int = DEFAULT_EXAMPLES) 
         print(f"| {name} | {before:.0%} | {after:.0%} |")
     print(f"\ndone in {time.time() - start:.1f} s")
     return scores
-
-
-if __name__ == "__main__":
-    torch.set_num_threads(2)
-    main()

@@ -33,8 +33,8 @@ CONFIG = dict(
     tie_word_embeddings=True,
     initializer_range=0.05,
 )
-PRETRAIN = dict(steps=1500, lr=3e-3, seed=0)
-FINE_TUNE = dict(steps=300, lr=1e-3, seed=1)
+PRETRAIN = dict(steps=900, lr=3e-3, seed=0)
+FINE_TUNE = dict(steps=300, lr=5e-4, seed=1)
 BATCH = 64
 TARGET = 0.9
 
@@ -81,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pretrain-steps", type=int, default=PRETRAIN["steps"])
     parser.add_argument("--fine-tune-steps", type=int, default=FINE_TUNE["steps"])
-    parser.add_argument("--threads", type=int, default=2, help="1 is faster when other jobs share the cores")
+    parser.add_argument("--threads", type=int, default=1, help="the shipped testbed was made with 1; results depend on it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # tiny weights otherwise slow CPU matmuls many times over

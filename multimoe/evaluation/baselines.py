@@ -15,24 +15,19 @@ import torch
 from peft.utils import merge_utils
 from transformers import MixtralForCausalLM
 
+from ..consolidation.registry import Registry
 from ..modeling import MultiTenantMixtralForCausalLM
 
 TensorMerge = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]
-BASELINES: dict[str, Callable[[MixtralForCausalLM, Mapping[str, MixtralForCausalLM]], MixtralForCausalLM]] = {}
+Baseline = Callable[[MixtralForCausalLM, Mapping[str, MixtralForCausalLM]], MixtralForCausalLM]
+BASELINES: Registry[Baseline] = Registry("baseline")
+register_baseline = BASELINES.register
 
 # Settings the merging papers recommend (TIES / DARE keep 20% / drop 80% of each task vector;
 # task arithmetic scales each task vector by 0.4 so their sum stays near the base).
 TASK_ARITHMETIC_SCALE = 0.4
 DENSITY = 0.2
 SEED = 0
-
-
-def register_baseline(name: str):
-    def register(function):
-        BASELINES[name] = function
-        return function
-
-    return register
 
 
 @torch.no_grad()

@@ -87,13 +87,10 @@ def _sort(rng: random.Random) -> Example:
     return Example(f"sort {word}=", "".join(sorted(word)))
 
 
-@register_task("lookup")
-def _lookup(rng: random.Random) -> Example:
-    keys = rng.sample(string.ascii_lowercase[:12], 3)
-    values = [rng.choice(string.digits) for _ in keys]
-    key = rng.choice(keys)
-    pairs = ",".join(k + v for k, v in zip(keys, values))
-    return Example(f"{pairs}?{key}=", values[keys.index(key)])
+@register_task("shift")
+def _shift(rng: random.Random) -> Example:
+    word = _letters(rng)
+    return Example(f"next {word}=", "".join(chr(ord(c) + 1) for c in word))
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
