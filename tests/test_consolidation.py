@@ -175,3 +175,17 @@ def test_clear_errors(family, tokenizer):
     other = random_mixtral(tiny_mixtral_config(hidden_size=64), seed=3)
     with pytest.raises(IncompatibleTenantsError, match="hidden_size"):
         consolidate({"base": family["base"], "other": other}, progress=False)
+
+
+def test_per_tenant_calibration_measures_each_tenant_on_its_own_data(family, tokenizer):
+    own = {"base": CALIBRATION, "chat": CALIBRATION[:3], "code": CALIBRATION[3:]}
+    model = consolidate(family, memory_budget="1.6x", similarity="output", merge="usage_weighted",
+                        calibration=own, tokenizer=tokenizer, progress=False)
+    report = model.consolidation_report
+    for name, texts in own.items():
+        data = CalibrationData.from_user(texts, tokenizer)
+        assert report.loss_before[name] == pytest.approx(language_model_loss(family[name], data))
+        assert report.loss_after[name] == pytest.approx(language_model_loss(model, data, tenant=name))
+    with pytest.raises(ValueError, match="must name exactly the tenants"):
+        consolidate(family, similarity="output", calibration={"base": CALIBRATION}, tokenizer=tokenizer,
+                    progress=False)

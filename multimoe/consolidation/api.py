@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..assembly import TenantSet, assemble
 from ..checkpoints import TenantSource, is_expert_key
 from ..modeling import MultiTenantMixtralForCausalLM
-from .calibration import CalibrationData, CalibrationStats, collect, language_model_loss
+from .calibration import CalibrationStats, collect, language_model_loss, per_tenant_data
 from .grouping import ExpertGroup, get_grouping
 from .merging import NEEDS_USAGE, get_merge
 from .report import ConsolidationReport, LayerReport
@@ -82,9 +82,9 @@ class Planner:
         layers = range(tenants.num_layers)
         for layer_idx in tqdm(layers, desc="similarity", disable=not progress):
             experts = tenants.layer_experts(layer_idx)
-            inputs = stats.layer_inputs[layer_idx] if stats is not None else None
             distances = {
-                name: measure(experts[name], experts[self.anchor], inputs, config.hidden_act) for name in self.others
+                name: measure(experts[name], experts[self.anchor], self.inputs(stats, name, layer_idx), config.hidden_act)
+                for name in self.others
             }
             self.groups.append(group(self.anchor, distances))
             self.second_tenant_distances.append(distances[self.others[0]])
@@ -94,6 +94,13 @@ class Planner:
             for group_idx, group in enumerate(groups)
             for name in self.others
         )
+
+    def inputs(self, stats: CalibrationStats | None, name: str, layer_idx: int) -> torch.Tensor | None:
+        """What both tenants of a candidate merge feed this layer's experts: the merged expert
+        would serve both."""
+        if stats is None:
+            return None
+        return torch.cat([stats.layer_inputs[name][layer_idx], stats.layer_inputs[self.anchor][layer_idx]])
 
     def total_bytes(self, merges: int) -> int:
         experts = len(self.tenants.names) * self.tenants.num_layers * self.experts - merges
@@ -142,7 +149,7 @@ def consolidate(
     default_tenant: str | None = None,
     dtype: torch.dtype | str | None = None,
     revision: str | None = None,
-    max_calibration_rows: int = 512,
+    max_calibration_rows: int = 256,
     progress: bool = True,
 ) -> MultiTenantMixtralForCausalLM:
     """Build one multi-tenant model from N Mixtral fine-tunes, sharing experts that are close.
@@ -156,8 +163,10 @@ def consolidate(
         memory_budget: bytes, or a multiple of one source model (`"1.25x"`); merges closest-first
             until the model fits.
         merge: a registered rule: `select` (keep one member), `average`, `usage_weighted`.
-        calibration: texts (with `tokenizer`) or token ids; needed by `output`, `usage_weighted`
-            and `max_quality_loss`.
+        calibration: texts (with `tokenizer`) or token ids, shared by all tenants, or a mapping
+            `{tenant: texts or ids}` so that each tenant is measured on what it serves (its loss,
+            its router usage, the inputs its experts see); needed by `output`,
+            `usage_weighted` and `max_quality_loss`.
         max_quality_loss: the largest relative increase of calibration loss any tenant may
             suffer; sharing is undone, farthest merges first, until every tenant is within it.
 
@@ -174,7 +183,7 @@ def consolidate(
         )
     if max_quality_loss is not None and max_quality_loss < 0:
         raise ValueError(f"max_quality_loss must be >= 0, got {max_quality_loss}.")
-    data = CalibrationData.from_user(calibration, tokenizer) if calibration is not None else None
+    data = per_tenant_data(calibration, list(models), tokenizer) if calibration is not None else None
     tenants = TenantSet.open(models, default_tenant=default_tenant, dtype=dtype, revision=revision)
 
     stats = collect(tenants, data, max_calibration_rows) if data is not None else None
@@ -206,7 +215,7 @@ def consolidate(
         return MultiTenantMixtralForCausalLM.from_pretrained(None, config=config, state_dict=state_dict, dtype=tenants.dtype).eval()
 
     def losses(model) -> dict[str, float]:
-        return {name: language_model_loss(model, data, tenant=name) for name in tenants.names}
+        return {name: language_model_loss(model, data[name], tenant=name) for name in tenants.names}
 
     def within_guard(after: dict[str, float]) -> bool:
         # LOSS_NOISE: the lossless model's loss may differ from the original's in the last bits.

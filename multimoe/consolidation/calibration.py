@@ -7,7 +7,7 @@ reach each layer's experts (for output-based similarity).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,11 +63,23 @@ class CalibrationData:
             yield input_ids, attention_mask, input_ids.masked_fill(attention_mask == 0, -100)
 
 
+def per_tenant_data(calibration, tenants: Sequence[str], tokenizer=None) -> dict[str, CalibrationData]:
+    """Each tenant's calibration rows: its own entry when `calibration` maps tenant names to data
+    (a tenant is then measured on what it serves), else the same data for all."""
+    if isinstance(calibration, Mapping):
+        missing = [name for name in tenants if name not in calibration]
+        if missing or len(calibration) != len(tenants):
+            raise ValueError(f"Per-tenant calibration must name exactly the tenants {list(tenants)}; got {list(calibration)}.")
+        return {name: CalibrationData.from_user(calibration[name], tokenizer) for name in tenants}
+    shared = CalibrationData.from_user(calibration, tokenizer)
+    return dict.fromkeys(tenants, shared)
+
+
 @dataclass
 class CalibrationStats:
-    losses: dict[str, float]  # tenant -> mean loss of its original model
+    losses: dict[str, float]  # tenant -> mean loss of its original model on its calibration data
     usage: dict[str, torch.Tensor]  # tenant -> [L, E] router picks
-    layer_inputs: list[torch.Tensor]  # per layer, sampled expert inputs of all tenants [n, H]
+    layer_inputs: dict[str, list[torch.Tensor]]  # tenant -> per layer, sampled inputs of its experts [n, H]
 
 
 def original_model(tenants: TenantSet, name: str) -> MixtralForCausalLM:
@@ -93,12 +105,12 @@ def language_model_loss(model, data: CalibrationData, **forward_kwargs) -> float
 
 
 @torch.no_grad()
-def collect(tenants: TenantSet, data: CalibrationData, max_rows_per_layer: int, seed: int = 0) -> CalibrationStats:
+def collect(
+    tenants: TenantSet, data: Mapping[str, CalibrationData], max_rows_per_layer: int, seed: int = 0
+) -> CalibrationStats:
     generator = torch.Generator().manual_seed(seed)
     layers, experts = tenants.num_layers, tenants.reference.num_local_experts
-    losses, usage = {}, {}
-    samples: list[list[torch.Tensor]] = [[] for _ in range(layers)]
-    per_tenant = max(1, max_rows_per_layer // len(tenants.names))
+    losses, usage, samples = {}, {}, {}
     for name in tenants.names:
         model = original_model(tenants, name)
         counts = torch.zeros(layers, experts)
@@ -118,16 +130,16 @@ def collect(tenants: TenantSet, data: CalibrationData, max_rows_per_layer: int, 
 
         handles = [layer.mlp.gate.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
         handles.append(model.register_forward_pre_hook(remember_valid_rows, with_kwargs=True))
-        losses[name] = language_model_loss(model, data)
+        losses[name] = language_model_loss(model, data[name])
         for handle in handles:
             handle.remove()
         usage[name] = counts
+        samples[name] = []
         for layer_idx in range(layers):
             rows = torch.cat(inputs[layer_idx])
-            pick = torch.randperm(rows.shape[0], generator=generator)[:per_tenant]
-            samples[layer_idx].append(rows[pick])
+            samples[name].append(rows[torch.randperm(rows.shape[0], generator=generator)[:max_rows_per_layer]])
         del model
-    return CalibrationStats(losses, usage, [torch.cat(rows) for rows in samples])
+    return CalibrationStats(losses, usage, samples)
 
 
-__all__ = ["CalibrationData", "CalibrationStats", "collect", "language_model_loss", "original_model"]
+__all__ = ["CalibrationData", "CalibrationStats", "collect", "language_model_loss", "original_model", "per_tenant_data"]

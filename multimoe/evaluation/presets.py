@@ -27,14 +27,15 @@ def calibration_texts(tasks: Sequence[str], per_task: int = 64) -> list[str]:
 def consolidate_preset(
     models: Mapping[str, MixtralForCausalLM], preset: str, memory_budget: str, tokenizer
 ) -> MultiTenantMixtralForCausalLM:
-    """`consolidate` with a named preset; calibration comes from the tenants' own tasks."""
+    """`consolidate` with a named preset; each tenant is calibrated on its own task's training
+    prompts, so distances, usage and losses reflect what that tenant serves."""
     settings = PRESETS[preset]
     needs_data = settings["similarity"] == "output" or settings["merge"] == "usage_weighted"
     return consolidate(
         dict(models),
         **settings,
         memory_budget=memory_budget,
-        calibration=calibration_texts(list(models)) if needs_data else None,
+        calibration={name: calibration_texts([name]) for name in models} if needs_data else None,
         tokenizer=tokenizer if needs_data else None,
         progress=False,
     )
