@@ -132,7 +132,7 @@ def write(results: dict, orders: dict, seconds: float, plot: Path, out: Path) ->
         "",
         "Cells are exact match on 200 held-out prompts of the tenant's task (greedy decoding through `generate`).",
         "Columns: `original` is each full fine-tune alone; `multimoe X` is `consolidate` with "
-        f"`{PRESETS['multimoe']}` and calibration text from the tasks' training prompts, at memory budget X of one "
+        f"`{PRESETS['multimoe']}` and each tenant calibrated on its own task's training prompts, at memory budget X of one "
         f"model; `paper X` is the paper's algorithm `{PRESETS['paper']}`; `no reconfiguration` is the paper's "
         f"ablation (the paper preset's pool at {ABLATION_BUDGET}, one shared set of non-expert layers, the tenants' "
         "mean); the rest merge all tenants into ONE Mixtral (uniform average, task arithmetic, TIES, DARE; "

@@ -9,7 +9,7 @@ import torch
 
 from multimoe import IncompatibleTenantsError, consolidate
 from multimoe.consolidation.calibration import CalibrationData, language_model_loss
-from multimoe.consolidation.merging import MERGE_RULES
+from multimoe.consolidation.merging import MERGE_RULES, MergeGroup
 from multimoe.testing import fine_tune, random_mixtral, tiny_mixtral_config
 
 CALIBRATION = ["hello there how are you", "what is 2+2? it is 4", "sort: dcba -> abcd", "reverse abc", "ok then"]
@@ -120,16 +120,25 @@ def test_merge_rules_do_what_their_names_say():
     generator = torch.Generator().manual_seed(0)
     members = [(torch.randn(6, 4, generator=generator), torch.randn(4, 3, generator=generator)) for _ in range(3)]
     usage = [1.0, 5.0, 2.0]
-    selected = MERGE_RULES["select"](members, usage)
-    assert selected is members[1]
-    assert MERGE_RULES["select"](members, None) is members[0]
-    averaged = MERGE_RULES["average"](members, None)
+    assert MERGE_RULES["select"](MergeGroup(members, usage)) is members[1]
+    assert MERGE_RULES["select"](MergeGroup(members)) is members[0]
+    averaged = MERGE_RULES["average"](MergeGroup(members))
     for part in (0, 1):
         torch.testing.assert_close(averaged[part], sum(m[part] for m in members) / 3)
-    weighted = MERGE_RULES["usage_weighted"](members, usage)
+    weighted = MERGE_RULES["usage_weighted"](MergeGroup(members, usage))
     for part in (0, 1):
         expected = sum(u * m[part] for u, m in zip(usage, members)) / sum(usage)
         torch.testing.assert_close(weighted[part], expected)
+
+
+def test_output_medoid_keeps_the_member_that_distorts_the_tenants_least():
+    generator = torch.Generator().manual_seed(0)
+    base = (torch.randn(6, 4, generator=generator), torch.randn(4, 3, generator=generator))
+    far, other = (tuple(part + torch.randn(part.shape, generator=generator) for part in base) for _ in range(2))
+    inputs = [torch.randn(16, 4, generator=generator) for _ in range(3)]
+    members = [far, base, other]
+    assert MERGE_RULES["output_medoid"](MergeGroup(members, inputs=inputs)) is base  # the centre of the three
+    assert MERGE_RULES["output_medoid"](MergeGroup([far, far], inputs=inputs[:2])) is far
 
 
 def test_average_merge_end_to_end(family):

@@ -22,7 +22,7 @@ from ..checkpoints import TenantSource, is_expert_key
 from ..modeling import MultiTenantMixtralForCausalLM
 from .calibration import CalibrationStats, collect, language_model_loss, per_tenant_data
 from .grouping import ExpertGroup, get_grouping
-from .merging import NEEDS_USAGE, get_merge
+from .merging import NEEDS_USAGE, MergeGroup, get_merge
 from .report import ConsolidationReport, LayerReport
 from .similarity import NEEDS_CALIBRATION, get_metric
 
@@ -121,8 +121,11 @@ def pool_builder(planner: Planner, chosen: Sequence[Candidate], merge: str, stat
         for group_idx, group in enumerate(planner.groups[layer_idx]):
             joined = [planner.anchor] + [t for t in planner.others if (layer_idx, group_idx, t) in merged]
             members = [(experts[t][0][group.members[t]], experts[t][1][group.members[t]]) for t in joined]
-            usage = None if stats is None else [float(stats.usage[t][layer_idx, group.members[t]]) for t in joined]
-            pool.append(rule(members, usage))
+            evidence = {}
+            if stats is not None:
+                evidence["usage"] = [float(stats.usage[t][layer_idx, group.members[t]]) for t in joined]
+                evidence["inputs"] = [stats.layer_inputs[t][layer_idx] for t in joined]
+            pool.append(rule(MergeGroup(members, hidden_act=planner.tenants.reference.hidden_act, **evidence)))
             for tenant in joined:
                 maps[tenant][group.members[tenant]] = len(pool) - 1
             for tenant in planner.others:
