@@ -308,6 +308,8 @@ class MultiTenantMixtralModel(MultiTenantMixtralPreTrainedModel):
 
     def tenant_ids(self, tenant_names: list[str], device: torch.device | None = None) -> torch.LongTensor:
         """Row tenant names as indices into `tenant_names`, the form generate() expands with beams."""
+        if isinstance(tenant_names, str):
+            raise ValueError("tenant_names takes one name per row; use tenant= for a single tenant.")
         names = self.tenant_names
         return torch.tensor([names.index(self.resolve_tenant(name)) for name in tenant_names], device=device)
 
@@ -322,9 +324,7 @@ class MultiTenantMixtralModel(MultiTenantMixtralPreTrainedModel):
         if sum(value is not None for value in (tenant, tenant_names, tenant_ids)) > 1:
             raise ValueError("Name the tenant once: pass only one of tenant, tenant_names or tenant_ids.")
         if tenant_names is not None:
-            if isinstance(tenant_names, str):
-                raise ValueError("tenant_names takes one name per row; use tenant= for a single tenant.")
-            tenant_ids = self.tenant_ids(list(tenant_names))
+            tenant_ids = self.tenant_ids(tenant_names)
         if tenant_ids is None:
             return TenantRouting.single(self.resolve_tenant(tenant), batch_size)
         if tenant_ids.shape != (batch_size,):
@@ -571,12 +571,13 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         (see [`active`] and [`set_active_model`]) is pinned for the whole generation.
         """
         if tenant_names is not None:
-            if tenant is not None or kwargs.get("tenant_ids") is not None:
+            if kwargs.get("tenant_ids") is not None:
                 raise ValueError("Name the tenant once: pass only one of tenant, tenant_names or tenant_ids.")
-            kwargs["tenant_ids"] = self.model.tenant_ids(list(tenant_names), device=self.device)
-        elif kwargs.get("tenant_ids") is None:
-            kwargs["tenant"] = self.model.resolve_tenant(tenant)
-        return super().generate(inputs, *args, **kwargs)
+            kwargs["tenant_ids"] = self.model.tenant_ids(tenant_names, device=self.device)
+        if kwargs.get("tenant_ids") is None:
+            tenant = self.model.resolve_tenant(tenant)
+        # Whatever is named goes on to every forward, whose `route` refuses a tenant named twice.
+        return super().generate(inputs, *args, tenant=tenant, **kwargs)
 
     # -- forward ------------------------------------------------------------------------------
 

@@ -112,3 +112,12 @@ def test_a_cache_cannot_be_continued_under_another_tenant(multi, batch):
 def test_bad_row_routing_is_refused(multi, batch, routing, error, message):
     with pytest.raises(error, match=message), torch.no_grad():
         multi(**batch, **routing)
+
+
+@pytest.mark.parametrize(
+    "routing, message",
+    [(dict(tenant="chat", tenant_names=["chat", "base"]), "only one of"), (dict(tenant_names="chat"), "one name per row")],
+)
+def test_generate_refuses_bad_row_routing_like_forward(multi, batch, routing, message):
+    with pytest.raises(ValueError, match=message):
+        multi.generate(**batch, max_new_tokens=2, pad_token_id=0, **routing)
