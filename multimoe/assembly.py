@@ -20,6 +20,7 @@ from .checkpoints import (
     check_compatible,
     fused_expert_keys,
     is_expert_key,
+    is_finite,
 )
 from .configuration import MultiTenantMixtralConfig, validate_tenant_name
 
@@ -51,7 +52,7 @@ def open_checkpoints(models: Mapping[str, TenantSource], revision: str | None) -
             raise ValueError(f"Tenant name {name!r} is given more than once.")
         seen.add(name)
     checkpoints = {name: TenantCheckpoint.open(source, tenant=name, revision=revision) for name, source in pairs}
-    check_compatible(checkpoints)
+    check_compatible({name: checkpoint.config for name, checkpoint in checkpoints.items()})
     return checkpoints
 
 
@@ -69,7 +70,7 @@ def checked(tensor: torch.Tensor, *, tenant: str, name: str, shape: torch.Size, 
     if not tensor.is_floating_point():
         raise CheckpointError(f"Tenant {tenant!r}: {name} has dtype {tensor.dtype}, expected a floating dtype.")
     tensor = tensor.detach().to(device="cpu", dtype=dtype)
-    if not torch.isfinite(tensor).all():
+    if not is_finite(tensor):
         raise CheckpointError(f"Tenant {tenant!r}: {name} contains NaN or Inf values.")
     return tensor.contiguous()
 
@@ -77,7 +78,7 @@ def checked(tensor: torch.Tensor, *, tenant: str, name: str, shape: torch.Size, 
 def fingerprint(gate_up: torch.Tensor, down: torch.Tensor) -> bytes:
     digest = hashlib.blake2b(digest_size=16)
     for tensor in (gate_up, down):
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.dim() else tensor.numpy().tobytes())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.digest()
 
 

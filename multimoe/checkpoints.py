@@ -274,14 +274,20 @@ def check_saved_directory(directory: Path, *, variant: str | None = None) -> Non
     SafetensorsFiles(directory, owner=owner, variant=variant)
 
 
+def is_finite(tensor: torch.Tensor) -> bool:
+    """Whether a floating tensor holds no NaN or Inf. `aminmax` propagates NaN and allocates no
+    per-element mask, so a large pool is checked without a copy."""
+    if not tensor.numel():
+        return True
+    low, high = torch.aminmax(tensor.detach())
+    return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
 def check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Refuse NaN or Inf weights by name. `aminmax` propagates NaN and allocates no per-element
-    mask, so a large pool is checked without a copy; offloaded (meta) tensors are skipped."""
+    """Refuse NaN or Inf weights by name; offloaded (meta) tensors are skipped."""
     for name, tensor in named_tensors:
-        if tensor.is_floating_point() and tensor.numel() and tensor.device.type != "meta":
-            low, high = torch.aminmax(tensor.detach())
-            if not (torch.isfinite(low) and torch.isfinite(high)):
-                raise CheckpointError(f"The checkpoint's tensor {name!r} contains NaN or Inf values.")
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not is_finite(tensor):
+            raise CheckpointError(f"The checkpoint's tensor {name!r} contains NaN or Inf values.")
 
 
 def strict_from_pretrained(
@@ -325,12 +331,12 @@ def effective(config: MixtralConfig, field: str):
     return getattr(config, field)
 
 
-def check_compatible(checkpoints: Mapping[str, TenantCheckpoint]) -> None:
-    """Raise on the first setting in which a tenant differs from the first tenant."""
-    (reference_name, reference), *others = checkpoints.items()
-    for name, checkpoint in others:
+def check_compatible(configs: Mapping[str, MixtralConfig]) -> None:
+    """Raise on the first setting in which a tenant's config differs from the first tenant's."""
+    (reference_name, reference), *others = configs.items()
+    for name, config in others:
         for field in COMPATIBILITY_FIELDS:
-            expected, found = effective(reference.config, field), effective(checkpoint.config, field)
+            expected, found = effective(reference, field), effective(config, field)
             if expected != found:
                 raise IncompatibleTenantsError(
                     f"Tenants {reference_name!r} and {name!r} are incompatible: {field} is {expected!r} in "

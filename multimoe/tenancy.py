@@ -8,8 +8,6 @@ model is modified.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from torch import nn
 from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
@@ -69,7 +67,7 @@ def add_tenant(
     metric = get_metric(similarity)
     checkpoint = TenantCheckpoint.open(source, tenant=name, revision=revision)
     reference = model.tenants[0]
-    check_compatible({reference: SimpleNamespace(config=model.config), name: checkpoint})
+    check_compatible({reference: model.config, name: checkpoint.config})
     incoming = TenantSet({name: checkpoint}, None, model.dtype)
     own_tensors = incoming.non_expert_tensors(name)  # read and checked before anything changes
 
