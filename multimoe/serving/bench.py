@@ -90,7 +90,7 @@ def mixed_batch_ratio(multi: MultiTenantMixtralForCausalLM, tokenizer, batch_siz
     return mixed_rate, single_rate, mixed_rate / single_rate
 
 
-def replay_all(setup: Setup, tenants: dict, tokenizer, rate: float) -> list[ReplaySummary]:
+def replay_all(setup: Setup, tenants: dict, multi: MultiTenantMixtralForCausalLM, tokenizer, rate: float) -> list[ReplaySummary]:
     names = list(tenants)
     trace = poisson_trace(
         {name: rate / len(names) for name in names},
@@ -99,7 +99,7 @@ def replay_all(setup: Setup, tenants: dict, tokenizer, rate: float) -> list[Repl
         max_new_tokens=setup.new_tokens,
         seed=len(names),
     )
-    multi = MultiTenantMixtralForCausalLM.from_models(tenants).eval()
+    copy_in = partial_reconfiguration(multi)
     batch = setup.max_batch_size
     return [
         replay(SharedPoolBackend(multi), trace, tokenizer, scheduler="continuous", max_batch_size=batch),
@@ -108,8 +108,8 @@ def replay_all(setup: Setup, tenants: dict, tokenizer, rate: float) -> list[Repl
         replay(SingleModelBackend(tenants[names[0]]), trace, tokenizer, scheduler="continuous", max_batch_size=batch),
         replay_partitioned(tenants, trace, tokenizer, scheduler="continuous", max_batch_size=batch),
         replay(whole_model_swap(tenants), trace, tokenizer, scheduler="continuous", max_batch_size=batch),
-        replay(partial_reconfiguration(multi), trace, tokenizer, scheduler="continuous", max_batch_size=batch),
-        replay(partial_reconfiguration(multi), trace, tokenizer, scheduler="fcfs"),
+        replay(copy_in, trace, tokenizer, scheduler="continuous", max_batch_size=batch),
+        replay(copy_in, trace, tokenizer, scheduler="fcfs"),
     ]
 
 
@@ -206,8 +206,9 @@ def run(setup: Setup, *, docs: Path | None = None, command: str = "") -> str:
     results = {}
     for count in setup.tenant_counts:
         subset = {name: tenants[name] for name in list(tenants)[:count]}
+        multi = MultiTenantMixtralForCausalLM.from_models(subset).eval()
         for rate in setup.rates:
-            results[(count, rate)] = replay_all(setup, subset, tokenizer, rate)
+            results[(count, rate)] = replay_all(setup, subset, multi, tokenizer, rate)
             print(f"replayed {count} tenants at {rate:g} req/s")
     table, goals = replay_table(results), goals_table(results)
     print(table)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..memory import parameter_bytes
 from .backends import Backend, SingleModelBackend
 from .engine import Engine, RunningBatch
 from .trace import Request
@@ -151,10 +152,14 @@ class Replay:
 WARM_UP_REQUESTS = 2
 
 
+def warmed_up_run(backend: Backend, tokenizer, trace: Sequence[Request], **options) -> list[RequestRecord]:
+    """Run `trace` after a throwaway run of its first requests (first calls allocate and pick kernels)."""
+    Replay(backend, tokenizer, **options).run(trace[:WARM_UP_REQUESTS])
+    return Replay(backend, tokenizer, **options).run(trace)
+
+
 def replay(backend: Backend, trace: Sequence[Request], tokenizer, *, scheduler: str, max_batch_size: int = 8) -> ReplaySummary:
-    """Replay `trace` once to warm up (first calls allocate and pick kernels), then for real."""
-    Replay(backend, tokenizer, scheduler=scheduler, max_batch_size=max_batch_size).run(trace[:WARM_UP_REQUESTS])
-    records = Replay(backend, tokenizer, scheduler=scheduler, max_batch_size=max_batch_size).run(trace)
+    records = warmed_up_run(backend, tokenizer, trace, scheduler=scheduler, max_batch_size=max_batch_size)
     return ReplaySummary.of(backend.name, scheduler, records, backend.memory_bytes())
 
 
@@ -178,15 +183,11 @@ def replay_partitioned(
         for tenant, model in models.items():
             own_trace = [request for request in trace if request.tenant == tenant]
             if own_trace:
-                backend = SingleModelBackend(model)
-                Replay(backend, tokenizer, scheduler=scheduler, max_batch_size=max_batch_size).run(
-                    own_trace[:WARM_UP_REQUESTS]
-                )
-                server = Replay(backend, tokenizer, scheduler=scheduler, max_batch_size=max_batch_size, time_scale=time_scale)
-                records += server.run(own_trace)
+                records += warmed_up_run(SingleModelBackend(model), tokenizer, own_trace, scheduler=scheduler,
+                                         max_batch_size=max_batch_size, time_scale=time_scale)
     finally:
         torch.set_num_threads(threads)
-    memory = sum(sum(p.numel() * p.element_size() for p in model.parameters()) for model in models.values())
+    memory = parameter_bytes(list(models.values()))
     return ReplaySummary.of("static partition (MIG-like)", scheduler, records, memory)
 
 
