@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -24,6 +25,20 @@ def budget_argument(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
+def read_calibration(path: Path) -> list:
+    """One text per line, or (.jsonl) one prompt/completion pair per line."""
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    if path.suffix != ".jsonl":
+        return [line for _, line in lines]
+    samples = []
+    for number, line in lines:
+        try:
+            samples.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"error: {path} line {number} is not JSON ({error.msg})") from None
+    return samples
+
+
 def consolidate_command(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
@@ -35,14 +50,13 @@ def consolidate_command(args: argparse.Namespace) -> None:
     tokenizer = None
     if args.calibration or args.tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.tenant[0][1])
-    calibration = None
-    if args.calibration:
-        calibration = [line for line in Path(args.calibration).read_text().splitlines() if line.strip()]
+    calibration = read_calibration(Path(args.calibration)) if args.calibration else None
     model = consolidate(
         tenants,
         similarity=args.similarity,
         grouping=args.grouping,
         merge=args.merge,
+        anchor=args.anchor,
         threshold=args.threshold,
         memory_budget=args.memory_budget,
         calibration=calibration,
@@ -85,7 +99,11 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--merge", default="select", choices=sorted(MERGE_RULES))
     command.add_argument("--threshold", type=float)
     command.add_argument("--memory-budget", type=budget_argument, help="bytes, or a multiple of one model: 1.25x")
-    command.add_argument("--calibration", help="a text file, one calibration sample per line")
+    command.add_argument("--anchor", default="first", help="first, most_sensitive, or a tenant name")
+    command.add_argument(
+        "--calibration",
+        help="a text file, one calibration sample per line, or a .jsonl file of {\"prompt\", \"completion\"} pairs",
+    )
     command.add_argument("--tokenizer", help="tokenizer for the calibration text (default: the first tenant's)")
     command.add_argument("--max-quality-loss", type=float)
     command.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])

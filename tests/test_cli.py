@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from multimoe import MultiTenantMixtralForCausalLM
@@ -43,3 +44,15 @@ def test_bad_input_is_one_clear_line(tenants, tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: consolidate needs at least two tenants")
     result = run_cli("consolidate", "--tenant", "nameonly", "--out", "o", cwd=tmp_path)
     assert result.returncode == 2 and "NAME=SOURCE" in result.stderr
+
+
+def test_calibration_file_is_texts_or_jsonl_pairs(tmp_path):
+    from multimoe.cli import read_calibration
+
+    (tmp_path / "c.txt").write_text("hello there\n\nsort dcba\n")
+    assert read_calibration(tmp_path / "c.txt") == ["hello there", "sort dcba"]
+    (tmp_path / "c.jsonl").write_text('{"prompt": "2+2=", "completion": "4"}\n\n{"prompt": "ab", "completion": "ba"}\n')
+    assert read_calibration(tmp_path / "c.jsonl") == [{"prompt": "2+2=", "completion": "4"}, {"prompt": "ab", "completion": "ba"}]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "2+2=", "completion": "4"}\n{"prompt": \n')
+    with pytest.raises(SystemExit, match="bad.jsonl line 2 is not JSON"):
+        read_calibration(tmp_path / "bad.jsonl")

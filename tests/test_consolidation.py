@@ -122,6 +122,7 @@ def test_merge_rules_do_what_their_names_say():
     usage = [1.0, 5.0, 2.0]
     assert MERGE_RULES["select"](MergeGroup(members, usage)) is members[1]
     assert MERGE_RULES["select"](MergeGroup(members)) is members[0]
+    assert MERGE_RULES["keep_anchor"](MergeGroup(members, usage)) is members[0]  # the anchor's, however little used
     averaged = MERGE_RULES["average"](MergeGroup(members))
     for part in (0, 1):
         torch.testing.assert_close(averaged[part], sum(m[part] for m in members) / 3)
@@ -172,6 +173,13 @@ def test_clear_errors(family, tokenizer):
         consolidate(two, similarity="output", progress=False)
     with pytest.raises(ValueError, match="Calibration data is empty"):
         consolidate(two, similarity="output", calibration=[], progress=False)
+    with pytest.raises(ValueError, match="exactly the keys 'prompt' and 'completion'"):
+        consolidate(two, similarity="output", calibration=[{"prompt": "2+2=", "answer": "4"}], tokenizer=tokenizer,
+                    progress=False)
+    with pytest.raises(ValueError, match="anchor 'nobody' is neither a tenant"):
+        consolidate(two, anchor="nobody", progress=False)
+    with pytest.raises(ValueError, match="anchor='most_sensitive'.*need calibration data"):
+        consolidate(two, anchor="most_sensitive", progress=False)
     with pytest.raises(ValueError, match="smaller than one model's experts"):
         consolidate(two, memory_budget=1000, progress=False)
     with pytest.raises(ValueError, match="unreachable within threshold 0.0"):
@@ -198,3 +206,23 @@ def test_per_tenant_calibration_measures_each_tenant_on_its_own_data(family, tok
     with pytest.raises(ValueError, match="must name exactly the tenants"):
         consolidate(family, similarity="output", calibration={"base": CALIBRATION}, tokenizer=tokenizer,
                     progress=False)
+
+
+def test_prompt_completion_calibration_scores_only_the_completion(family, tokenizer):
+    pairs = [{"prompt": "what is 2+2? ", "completion": "four"}, {"prompt": "sort dcba: ", "completion": "abcd"}]
+    data = CalibrationData.from_user(pairs, tokenizer)
+    for row, pair in enumerate(pairs):
+        completion = tokenizer(pair["prompt"] + pair["completion"])["input_ids"][len(tokenizer(pair["prompt"])["input_ids"]):]
+        assert data.labels[row][data.labels[row] != -100].tolist() == completion
+    model = family["chat"]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for pair in pairs:
+            prompt = tokenizer(pair["prompt"])["input_ids"]
+            ids = torch.tensor([tokenizer(pair["prompt"] + pair["completion"])["input_ids"]])
+            log_probs = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            targets = ids[0, 1:]
+            scored = torch.arange(len(prompt) - 1, ids.shape[1] - 1)
+            total -= float(log_probs[scored, targets[scored]].sum())
+            count += len(scored)
+    assert language_model_loss(model, data) == pytest.approx(total / count, rel=1e-4)

@@ -77,6 +77,24 @@ def test_no_reconfiguration_gives_every_tenant_the_same_own_layers(fine_tunes):
     assert torch.equal(shared.model.layers[0].experts.gate_up_proj, model.model.layers[0].experts.gate_up_proj)
 
 
+def test_most_sensitive_anchor_keeps_the_fragile_tenant_whatever_the_order(tokenizer, fine_tunes):
+    """Listed second, `add` (the one task whose answers depend on its own experts) would lose its
+    experts under the paper's rule; the probe finds it and keeps them, so it stays exact."""
+    from multimoe.evaluation.presets import consolidate_preset
+
+    order = {"reverse": fine_tunes["reverse"], "add": fine_tunes["add"]}
+    model = consolidate_preset(order, "multimoe", "1.1x", tokenizer)
+    assert model.consolidation_report.anchor == "add"
+    assert model.consolidation_report.bytes_after <= 1.1 * model.memory_report().source_models_bytes / 2
+    ids = tokenizer(["12+34=", "99+1="], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(model(**ids, tenant="add").logits, fine_tunes["add"](**ids).logits)
+    held_out = testbed.TASKS["add"].held_out(SUBSET)
+    paper = consolidate_preset(order, "paper", "1.1x", tokenizer)
+    ours, theirs = (exact_match(m, tokenizer, held_out, tenant="add") for m in (model, paper))
+    assert ours == exact_match(fine_tunes["add"], tokenizer, held_out) > theirs
+
+
 def test_demo_runs_end_to_end(capsys):
     from multimoe.demo import main
 

@@ -2,7 +2,7 @@
 
     similarity.py   distance metrics (weight_l2, weight_cosine, output), registered by name
     grouping.py     which experts are candidates to share an entry (same_index, cross_index)
-    merging.py      how a group becomes one expert (select, average, usage_weighted)
+    merging.py      how a group becomes one expert (select, keep_anchor, average, ...)
     calibration.py  running the original tenants on calibration data
     report.py       ConsolidationReport: markdown and heatmap
     api.py          consolidate(): ranking, budgets, the quality guard, assembly

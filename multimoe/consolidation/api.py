@@ -1,7 +1,8 @@
 """`consolidate()`: N Mixtral fine-tunes -> one multi-tenant model whose close experts are shared.
 
 1. Open the tenants (lazily) and check them; run calibration if any option needs it.
-2. Per layer: distances between every tenant's experts and the first tenant's, then groups.
+2. Per layer: distances between every tenant's experts and the anchor tenant's, then groups. The
+   anchor is the first tenant, a named one, or the most sensitive one (found by a probe build).
 3. Rank every (layer, group, tenant) candidate merge by distance, across all layers, and take the
    closest first until the threshold, the memory budget or the quality guard says stop.
 4. Assemble the model, layer by layer, merging each group's chosen members with the merge rule.
@@ -28,6 +29,7 @@ from .similarity import NEEDS_CALIBRATION, get_metric
 
 DEFAULT_THRESHOLD = 0.0  # with no limit given, only identical experts are shared: lossless
 LOSS_NOISE = 1e-6  # absolute loss difference that floating-point order alone can cause
+ANCHOR_RULES = ("first", "most_sensitive")
 
 
 @dataclass(frozen=True, order=True)
@@ -59,9 +61,12 @@ def parse_budget(memory_budget: int | float | str | None, one_model_bytes: int) 
 class Planner:
     """Everything decided before assembly: groups per layer, ranked candidates, bytes."""
 
-    def __init__(self, tenants: TenantSet, metric: str, grouping: str, stats: CalibrationStats | None, progress: bool):
+    def __init__(
+        self, tenants: TenantSet, anchor: str, metric: str, grouping: str, stats: CalibrationStats | None, progress: bool
+    ):
         self.tenants = tenants
-        self.anchor, *self.others = tenants.names
+        self.anchor = anchor
+        self.others = [name for name in tenants.names if name != anchor]
         config = tenants.reference
         self.experts = config.num_local_experts
         itemsize = torch.empty((), dtype=tenants.dtype).element_size()
@@ -73,12 +78,12 @@ class Planner:
                 keys.remove("lm_head.weight")
             self.own_bytes[name] = sum(math.prod(tenants.shapes[k]) for k in keys) * itemsize
         self.one_model_experts_bytes = tenants.num_layers * self.experts * self.expert_bytes
-        self.one_model_bytes = self.own_bytes[self.anchor] + self.one_model_experts_bytes
+        self.one_model_bytes = self.own_bytes[tenants.names[0]] + self.one_model_experts_bytes
         self.sources_bytes = sum(self.own_bytes.values()) + len(tenants.names) * self.one_model_experts_bytes
 
         measure, group = get_metric(metric), get_grouping(grouping)
         self.groups: list[list[ExpertGroup]] = []
-        self.second_tenant_distances: list[torch.Tensor] = []
+        self.compared_distances: list[torch.Tensor] = []
         layers = range(tenants.num_layers)
         for layer_idx in tqdm(layers, desc="similarity", disable=not progress):
             experts = tenants.layer_experts(layer_idx)
@@ -87,7 +92,7 @@ class Planner:
                 for name in self.others
             }
             self.groups.append(group(self.anchor, distances))
-            self.second_tenant_distances.append(distances[self.others[0]])
+            self.compared_distances.append(distances[self.others[0]])
         self.candidates = sorted(
             Candidate(group.distances[name], layer_idx, group_idx, name)
             for layer_idx, groups in enumerate(self.groups)
@@ -108,6 +113,31 @@ class Planner:
 
     def merges_for_budget(self, budget: int) -> int:
         return max(0, math.ceil((self.total_bytes(0) - budget) / self.expert_bytes))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The candidates a threshold allows (closest first) and how many of them to merge."""
+
+    planner: Planner
+    allowed: list[Candidate]
+    count: int
+    deciding: str
+
+    @classmethod
+    def within(cls, planner: Planner, threshold: float | None, budget: int | None) -> Plan:
+        allowed = [c for c in planner.candidates if threshold is None or c.distance <= threshold]
+        if budget is None:
+            return cls(planner, allowed, len(allowed), "threshold")
+        needed = planner.merges_for_budget(budget)
+        if needed > len(allowed):
+            limit = f"within threshold {threshold}" if threshold is not None else "at all"
+            raise ValueError(
+                f"memory_budget of {budget} bytes is unreachable {limit}: sharing every allowed expert leaves "
+                f"{planner.total_bytes(len(allowed))} bytes."
+            )
+        identical = sum(1 for c in allowed if c.distance == 0)  # sharing these costs no quality
+        return cls(planner, allowed, max(needed, identical), "memory_budget")
 
 
 def pool_builder(planner: Planner, chosen: Sequence[Candidate], merge: str, stats: CalibrationStats | None):
@@ -146,6 +176,7 @@ def consolidate(
     threshold: float | None = None,
     memory_budget: int | float | str | None = None,
     merge: str = "select",
+    anchor: str = "first",
     calibration=None,
     tokenizer=None,
     max_quality_loss: float | None = None,
@@ -160,12 +191,17 @@ def consolidate(
     Args:
         models: `{tenant name: loaded MixtralForCausalLM, directory or Hub id}`, at least two.
         similarity: a registered metric: `weight_l2` (the paper's), `weight_cosine`, `output`.
-        grouping: `cross_index` (optimal assignment of each tenant's experts to the first
+        grouping: `cross_index` (optimal assignment of each tenant's experts to the anchor
             tenant's) or `same_index` (expert i with expert i, the paper's).
         threshold: merge only candidates at most this far apart.
         memory_budget: bytes, or a multiple of one source model (`"1.25x"`); merges closest-first
             until the model fits.
-        merge: a registered rule: `select` (keep one member), `average`, `usage_weighted`.
+        merge: a registered rule: `select` (keep one member), `keep_anchor`, `average`,
+            `usage_weighted`, `output_medoid`.
+        anchor: the tenant whose experts every group is built around: `"first"`, a tenant name,
+            or `"most_sensitive"` (needs calibration): the tenant whose calibration loss rises
+            most (absolute, nats per token) when the planned groups are averaged. With `keep_anchor` its experts survive
+            unchanged, so the tenant that merging would hurt most stays lossless.
         calibration: texts (with `tokenizer`) or token ids, shared by all tenants, or a mapping
             `{tenant: texts or ids}` so that each tenant is measured on what it serves (its loss,
             its router usage, the inputs its experts see); needed by `output`,
@@ -179,10 +215,15 @@ def consolidate(
     get_metric(similarity), get_grouping(grouping), get_merge(merge)
     if not isinstance(models, Mapping) or len(models) < 2:
         raise ValueError("consolidate needs at least two tenants; for one, use MultiTenantMixtralForCausalLM.from_models.")
-    needs_calibration = similarity in NEEDS_CALIBRATION or merge in NEEDS_USAGE or max_quality_loss is not None
+    if anchor not in ANCHOR_RULES and anchor not in models:
+        raise ValueError(f"anchor {anchor!r} is neither a tenant ({list(models)}) nor one of {list(ANCHOR_RULES)}.")
+    needs_calibration = (
+        similarity in NEEDS_CALIBRATION or merge in NEEDS_USAGE or max_quality_loss is not None or anchor == "most_sensitive"
+    )
     if needs_calibration and calibration is None:
         raise ValueError(
-            f"similarity={similarity!r}, merge={merge!r}, max_quality_loss={max_quality_loss!r} need calibration data."
+            f"similarity={similarity!r}, merge={merge!r}, anchor={anchor!r}, max_quality_loss={max_quality_loss!r} "
+            "need calibration data."
         )
     if max_quality_loss is not None and max_quality_loss < 0:
         raise ValueError(f"max_quality_loss must be >= 0, got {max_quality_loss}.")
@@ -190,7 +231,7 @@ def consolidate(
     tenants = TenantSet.open(models, default_tenant=default_tenant, dtype=dtype, revision=revision)
 
     stats = collect(tenants, data, max_calibration_rows) if data is not None else None
-    planner = Planner(tenants, similarity, grouping, stats, progress)
+    planner = Planner(tenants, tenants.names[0] if anchor in ANCHOR_RULES else anchor, similarity, grouping, stats, progress)
     budget = parse_budget(memory_budget, planner.one_model_bytes)
     if budget is not None and budget < planner.one_model_experts_bytes:
         raise ValueError(
@@ -199,22 +240,10 @@ def consolidate(
         )
     if threshold is None and budget is None:
         threshold = DEFAULT_THRESHOLD
-    allowed = [c for c in planner.candidates if threshold is None or c.distance <= threshold]
-    if budget is not None:
-        needed = planner.merges_for_budget(budget)
-        if needed > len(allowed):
-            limit = f"within threshold {threshold}" if threshold is not None else "at all"
-            raise ValueError(
-                f"memory_budget of {budget} bytes is unreachable {limit}: sharing every allowed expert leaves "
-                f"{planner.total_bytes(len(allowed))} bytes."
-            )
-        identical = sum(1 for c in allowed if c.distance == 0)  # sharing these costs no quality
-        count, deciding = max(needed, identical), "memory_budget"
-    else:
-        count, deciding = len(allowed), "threshold"
+    plan = Plan.within(planner, threshold, budget)
 
-    def build(merges: int) -> MultiTenantMixtralForCausalLM:
-        config, state_dict = assemble(tenants, pool_builder(planner, allowed[:merges], merge, stats))
+    def build(plan: Plan, merges: int, rule: str = merge) -> MultiTenantMixtralForCausalLM:
+        config, state_dict = assemble(tenants, pool_builder(plan.planner, plan.allowed[:merges], rule, stats))
         return MultiTenantMixtralForCausalLM.from_pretrained(None, config=config, state_dict=state_dict, dtype=tenants.dtype).eval()
 
     def losses(model) -> dict[str, float]:
@@ -224,29 +253,46 @@ def consolidate(
         # LOSS_NOISE: the lossless model's loss may differ from the original's in the last bits.
         return all(after[n] <= stats.losses[n] * (1 + max_quality_loss) + LOSS_NOISE for n in tenants.names)
 
-    model = build(count)
+    notes = []
+    if anchor == "most_sensitive":
+        # Probe: the same sharing with every group averaged, which perturbs all tenants alike; the
+        # tenant whose loss rises most is the one whose experts should survive unchanged. The rise
+        # is absolute (nats per scored token): a ratio explodes for a tenant whose loss is near 0.
+        probe = losses(build(plan, plan.count, "average"))
+        increase = {name: probe[name] - stats.losses[name] for name in tenants.names}
+        chosen = max(tenants.names, key=increase.get)
+        notes.append(
+            f"anchor {chosen!r}: the most sensitive tenant (calibration loss rise, nats per token, with the shared "
+            "groups averaged: " + ", ".join(f"{name} {value:+.4f}" for name, value in increase.items()) + ")"
+        )
+        if chosen != planner.anchor:
+            plan = Plan.within(Planner(tenants, chosen, similarity, grouping, stats, progress), threshold, budget)
+
+    count = plan.count
+    model = build(plan, count)
     after = losses(model) if data is not None else None
+    deciding = plan.deciding
     if max_quality_loss is not None and not within_guard(after):
         # Bisect the number of merges kept (closest first) for the largest that every tenant accepts.
         low, high = 0, count - 1
         while low < high:
             middle = (low + high + 1) // 2
-            if within_guard(losses(build(middle))):
+            if within_guard(losses(build(plan, middle))):
                 low = middle
             else:
                 high = middle - 1
         if budget is not None:
             raise ValueError(
                 f"memory_budget of {budget} bytes is below what max_quality_loss={max_quality_loss} allows: the "
-                f"smallest model within it takes {planner.total_bytes(low)} bytes."
+                f"smallest model within it takes {plan.planner.total_bytes(low)} bytes."
             )
         count, deciding = low, "max_quality_loss"
-        model = build(count)
+        model = build(plan, count)
         after = losses(model)
 
     layer_reports = []
-    for layer_idx, distances in enumerate(planner.second_tenant_distances):
-        merged = [c.distance for c in allowed[:count] if c.layer == layer_idx]
+    for layer_idx, distances in enumerate(plan.planner.compared_distances):
+        merged = [c.distance for c in plan.allowed[:count] if c.layer == layer_idx]
         layer_reports.append(
             LayerReport(
                 pool_size=model.config.pool_sizes[layer_idx],
@@ -257,15 +303,18 @@ def consolidate(
             )
         )
     model.consolidation_report = ConsolidationReport(
-        settings=dict(similarity=similarity, grouping=grouping, merge=merge, threshold=threshold,
+        settings=dict(similarity=similarity, grouping=grouping, merge=merge, anchor=anchor, threshold=threshold,
                       memory_budget=memory_budget, max_quality_loss=max_quality_loss),
         tenants=list(tenants.names),
+        anchor=plan.planner.anchor,
+        compared=plan.planner.others[0],
         layers=layer_reports,
         bytes_before=planner.sources_bytes,
-        bytes_after=planner.total_bytes(count),
+        bytes_after=plan.planner.total_bytes(count),
         deciding_limit=deciding,
         loss_before=stats.losses if stats is not None else None,
         loss_after=after,
+        notes=notes,
     )
     return model
 

@@ -21,46 +21,62 @@ BATCH_ROWS = 8
 
 @dataclass(frozen=True)
 class CalibrationData:
-    """Left-padded calibration rows with labels that ignore padding."""
+    """Left-padded calibration rows; `labels` score every real token, or only the completion of
+    prompt/completion pairs (padding and prompts are -100)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    labels: torch.Tensor
 
     @classmethod
     def from_user(cls, calibration, tokenizer=None, pad_token_id: int = 0) -> CalibrationData:
-        """Texts (needs `tokenizer`), lists of token ids, or a 2-D tensor of token ids."""
+        """Texts (needs `tokenizer`), `{"prompt": ..., "completion": ...}` pairs (TRL's
+        prompt-completion format: only the completion is scored, as a fine-tune is judged on its
+        answers), lists of token ids, or a 2-D tensor of token ids."""
         if isinstance(calibration, torch.Tensor):
-            rows = [row.tolist() for row in calibration.reshape(-1, calibration.shape[-1])]
-        elif isinstance(calibration, str):
-            rows = cls.tokenize([calibration], tokenizer)
-        elif isinstance(calibration, Sequence) and calibration and all(isinstance(c, str) for c in calibration):
-            rows = cls.tokenize(list(calibration), tokenizer)
-        elif isinstance(calibration, Sequence):
-            rows = [list(row) for row in calibration]
-        else:
-            raise ValueError(f"calibration must be texts or token ids, got {type(calibration).__name__}.")
-        rows = [row for row in rows if len(row) >= 2]
+            calibration = [row.tolist() for row in calibration.reshape(-1, calibration.shape[-1])]
+        elif isinstance(calibration, (str, Mapping)):
+            calibration = [calibration]
+        if not isinstance(calibration, Sequence):
+            raise ValueError(f"calibration must be texts, prompt/completion pairs or token ids, got {type(calibration).__name__}.")
+        rows = [cls.scored_row(sample, tokenizer) for sample in calibration]
+        rows = [(row, start) for row, start in rows if len(row) >= 2 and start < len(row)]
         if not rows:
             raise ValueError("Calibration data is empty: give texts or token ids with at least two tokens each.")
-        length = max(len(row) for row in rows)
+        length = max(len(row) for row, _ in rows)
         input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for index, row in enumerate(rows):
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        for index, (row, start) in enumerate(rows):
             input_ids[index, length - len(row) :] = torch.tensor(row)
             attention_mask[index, length - len(row) :] = 1
-        return cls(input_ids, attention_mask)
+            labels[index, length - len(row) + start :] = torch.tensor(row[start:])
+        return cls(input_ids, attention_mask, labels)
 
     @staticmethod
-    def tokenize(texts: list[str], tokenizer) -> list[list[int]]:
+    def scored_row(sample, tokenizer) -> tuple[list[int], int]:
+        """Token ids of one sample and the index of its first scored token."""
+        if isinstance(sample, str):
+            return CalibrationData.tokenize(sample, tokenizer), 0
+        if isinstance(sample, Mapping):
+            if set(sample) != {"prompt", "completion"}:
+                raise ValueError(f"A calibration pair needs exactly the keys 'prompt' and 'completion', got {sorted(sample)}.")
+            prompt = CalibrationData.tokenize(sample["prompt"], tokenizer)
+            return CalibrationData.tokenize(sample["prompt"] + sample["completion"], tokenizer), len(prompt)
+        if isinstance(sample, Sequence) and all(isinstance(token, int) for token in sample):
+            return list(sample), 0
+        raise ValueError(f"A calibration sample must be a text, a prompt/completion pair or token ids, got {sample!r:.80}.")
+
+    @staticmethod
+    def tokenize(text: str, tokenizer) -> list[int]:
         if tokenizer is None:
             raise ValueError("Calibration texts need a tokenizer (pass tokenizer=...).")
-        return [tokenizer(text)["input_ids"] for text in texts]
+        return tokenizer(text)["input_ids"]
 
     def batches(self):
         for start in range(0, self.input_ids.shape[0], BATCH_ROWS):
-            input_ids = self.input_ids[start : start + BATCH_ROWS]
-            attention_mask = self.attention_mask[start : start + BATCH_ROWS]
-            yield input_ids, attention_mask, input_ids.masked_fill(attention_mask == 0, -100)
+            rows = slice(start, start + BATCH_ROWS)
+            yield self.input_ids[rows], self.attention_mask[rows], self.labels[rows]
 
 
 def per_tenant_data(calibration, tenants: Sequence[str], tokenizer=None) -> dict[str, CalibrationData]:

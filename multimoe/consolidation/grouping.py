@@ -1,6 +1,6 @@
 """Grouping: which experts of different tenants are candidates to become one pool entry.
 
-Every grouping anchors on the first tenant: a group holds one anchor expert and, for each other
+Every grouping is built around the anchor tenant (see `consolidate(anchor=...)`): a group holds one anchor expert and, for each other
 tenant, the one local expert matched to it, with that expert's distance to the anchor. Each local
 expert belongs to exactly one group, so a pool entry can serve at most one expert per tenant.
 """

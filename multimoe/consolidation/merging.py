@@ -56,6 +56,12 @@ def select(group: MergeGroup) -> ExpertPair:
     return group.members[max(range(len(group.members)), key=lambda index: group.usage[index])]
 
 
+@register_merge("keep_anchor")
+def keep_anchor(group: MergeGroup) -> ExpertPair:
+    """Keep the anchor tenant's member unchanged, whatever the usage: the anchor stays lossless."""
+    return group.members[0]
+
+
 @register_merge("average")
 def average(group: MergeGroup) -> ExpertPair:
     """Uniform mean of the members' weights."""

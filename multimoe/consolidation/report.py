@@ -14,13 +14,15 @@ class LayerReport:
     merged: int  # local experts that joined another tenant's entry
     mean_merged_distance: float | None
     max_merged_distance: float | None
-    distances: torch.Tensor  # [E, E]: second tenant's experts (rows) vs the first tenant's (columns)
+    distances: torch.Tensor  # [E, E]: the compared tenant's experts (rows) vs the anchor's (columns)
 
 
 @dataclass
 class ConsolidationReport:
     settings: dict
     tenants: list[str]
+    anchor: str  # the tenant groups are built around
+    compared: str  # the tenant whose distances to the anchor `layers` hold
     layers: list[LayerReport]
     bytes_before: int  # the N source models
     bytes_after: int  # the consolidated model
@@ -42,7 +44,8 @@ class ConsolidationReport:
             f"**Consolidation** of {len(self.tenants)} tenants ({settings})",
             "",
             f"Memory: {self.bytes_before / mib:.2f} MiB in the sources -> {self.bytes_after / mib:.2f} MiB "
-            f"({1 - self.bytes_after / self.bytes_before:.1%} saved). Deciding limit: **{self.deciding_limit}**.",
+            f"({1 - self.bytes_after / self.bytes_before:.1%} saved). Deciding limit: **{self.deciding_limit}**. "
+            f"Groups are built around {self.anchor!r}'s experts.",
             "",
             "| layer | pool size | merged experts | mean merged distance | max merged distance |",
             "|---:|---:|---:|---:|---:|",
@@ -62,7 +65,7 @@ class ConsolidationReport:
         return "\n".join(lines)
 
     def heatmap(self, path: str | Path) -> Path:
-        """A PNG with one panel per layer: distance of the second tenant's experts to the first's."""
+        """A PNG with one panel per layer: distance of the compared tenant's experts to the anchor's."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -73,8 +76,8 @@ class ConsolidationReport:
         for index, (axis, layer) in enumerate(zip(axes[0], self.layers)):
             image = axis.imshow(layer.distances.numpy(), cmap="viridis")
             axis.set_title(f"layer {index}")
-            axis.set_xlabel(f"{self.tenants[0]} expert")
-            axis.set_ylabel(f"{self.tenants[1]} expert")
+            axis.set_xlabel(f"{self.anchor} expert")
+            axis.set_ylabel(f"{self.compared} expert")
             figure.colorbar(image, ax=axis, fraction=0.046)
         figure.suptitle(f"expert distance ({self.settings.get('similarity')})")
         figure.tight_layout()
