@@ -173,7 +173,7 @@ class MultiTenantMixtralDecoderLayer(GradientCheckpointingLayer):
 
     def row_tenant_stack(self, routing: TenantRouting, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Each row's own tenant's copy of a small per-tenant tensor: [rows, ...]."""
-        return torch.stack([tensors[name] for name in self.tenants])[routing.tenant_ids]
+        return torch.stack([tensors[name] for name in self.tenants]).index_select(0, routing.tenant_ids)
 
     def rows_norm(self, routing: TenantRouting, hidden_states: torch.Tensor, which: str) -> torch.Tensor:
         """`MixtralRMSNorm` with each row's own tenant's weight, in one pass over the batch (the
@@ -213,14 +213,12 @@ class MultiTenantMixtralDecoderLayer(GradientCheckpointingLayer):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, attention.head_dim)
 
-        def project(name: str, rows: torch.Tensor) -> torch.Tensor:
+        def project(name: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             own = self.tenants[name].self_attn
-            return torch.cat([own.q_proj(rows), own.k_proj(rows), own.v_proj(rows)], dim=-1)
+            return own.q_proj(rows), own.k_proj(rows), own.v_proj(rows)
 
-        widths = [attention.q_proj.out_features, attention.k_proj.out_features, attention.v_proj.out_features]
         query, key, value = (
-            states.view(hidden_shape).transpose(1, 2)
-            for states in routing.map_rows(project, hidden_states).split(widths, dim=-1)
+            states.view(hidden_shape).transpose(1, 2) for states in routing.map_rows(project, hidden_states)
         )
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)

@@ -8,9 +8,11 @@ so concurrent calls for different tenants cannot interfere.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Union
 
 import torch
@@ -31,12 +33,16 @@ class CacheTenantMismatchError(ValueError):
 
 @dataclass(frozen=True)
 class TenantRouting:
-    """The tenant of every row. `groups` pairs each tenant present with its row indices; a batch
-    that is all one tenant has a single group whose rows are `None` (no gathering at all)."""
+    """The tenant of every row. `groups` pairs each tenant present with its rows as a slice of the
+    batch put in tenant order (`order`; `None` when each tenant's rows already form one run), so a
+    group is a free view and the per-group results rejoin with one `cat`. A batch that is all one
+    tenant has a single group whose rows are `None` (no gathering at all)."""
 
-    groups: tuple[tuple[str, torch.Tensor | None], ...]
+    groups: tuple[tuple[str, slice | None], ...]
     row_tenants: tuple[str, ...]
     tenant_ids: torch.Tensor | None = None  # each row's index into the model's tenants (mixed batches)
+    order: torch.Tensor | None = None  # batch row at each position of the tenant-ordered batch
+    inverse: torch.Tensor | None = None  # position of each batch row in the tenant-ordered batch
 
     @classmethod
     def single(cls, name: str, batch_size: int) -> TenantRouting:
@@ -46,11 +52,17 @@ class TenantRouting:
     def from_ids(cls, tenant_ids: torch.Tensor, names: Sequence[str]) -> TenantRouting:
         ids = tenant_ids.tolist()
         row_tenants = tuple(names[index] for index in ids)
-        present = sorted(set(ids))
-        if len(present) == 1:
-            return cls(((names[present[0]], None),), row_tenants)
-        groups = tuple((names[index], (tenant_ids == index).nonzero().squeeze(1)) for index in present)
-        return cls(groups, row_tenants, tenant_ids)
+        counts = Counter(ids)  # tenants in order of first appearance
+        if len(counts) == 1:
+            return cls(((row_tenants[0], None),), row_tenants)
+        ends = list(accumulate(counts.values()))
+        groups = tuple((names[index], slice(end - counts[index], end)) for index, end in zip(counts, ends))
+        order = tenant_order(ids)
+        if order == list(range(len(order))):
+            return cls(groups, row_tenants, tenant_ids)
+        inverse = sorted(range(len(order)), key=order.__getitem__)
+        order, inverse = (torch.tensor(rows, device=tenant_ids.device) for rows in (order, inverse))
+        return cls(groups, row_tenants, tenant_ids, order, inverse)
 
     @property
     def is_mixed(self) -> bool:
@@ -60,18 +72,28 @@ class TenantRouting:
         """Apply `function(tenant, rows_of_that_tenant)` per group and reassemble the batch.
 
         `function` may return one tensor or a tuple of tensors, each with the batch as dim 0.
+        A batch whose tenants are interleaved is gathered once into tenant order and each output
+        scattered back once, whatever the number of tenants.
         """
         if not self.is_mixed:
             return function(self.groups[0][0], rows)
-        outputs = None
-        for name, indices in self.groups:
-            result = function(name, rows.index_select(0, indices))
-            parts = result if isinstance(result, tuple) else (result,)
-            if outputs is None:
-                outputs = [part.new_empty((rows.shape[0], *part.shape[1:])) for part in parts]
-            for output, part in zip(outputs, parts):
-                output.index_copy_(0, indices, part)
-        return tuple(outputs) if isinstance(result, tuple) else outputs[0]
+        if self.order is not None:
+            rows = rows.index_select(0, self.order)
+        results = [function(name, rows[span]) for name, span in self.groups]
+        several = isinstance(results[0], tuple)
+        joined = [torch.cat(parts) for parts in (zip(*results) if several else [results])]
+        if self.order is not None:
+            joined = [output.index_select(0, self.inverse) for output in joined]
+        return tuple(joined) if several else joined[0]
+
+
+def tenant_order(row_tenants: Sequence[Hashable]) -> list[int]:
+    """Row indices grouped by tenant, tenants in order of first appearance, rows in batch order
+    within each: the order in which a mixed batch needs no gathering."""
+    first_row = {}
+    for row, tenant in enumerate(row_tenants):
+        first_row.setdefault(tenant, row)
+    return sorted(range(len(row_tenants)), key=lambda row: first_row[row_tenants[row]])
 
 
 def claim_cache(cache, routing: TenantRouting) -> None:
@@ -86,4 +108,4 @@ def claim_cache(cache, routing: TenantRouting) -> None:
         )
 
 
-__all__ = ["CacheTenantMismatchError", "TenantRouting", "UnknownTenantError", "claim_cache"]
+__all__ = ["CacheTenantMismatchError", "TenantRouting", "UnknownTenantError", "claim_cache", "tenant_order"]

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from multimoe import CacheTenantMismatchError, UnknownTenantError
+from multimoe.routing import tenant_order
 
 PROMPTS = ["hello there", "hi", "what is 2+2?", "code: x=1", "ok"]
 ROW_TENANTS = ["chat", "base", "tied", "chat", "code"]
@@ -24,6 +25,23 @@ def test_mixed_batch_logits_match_each_rows_original(multi, tenants, mixed_batch
             expected = tenants[name](**mixed_batch).logits[row]
             mask = mixed_batch["attention_mask"][row].bool()
             torch.testing.assert_close(actual[row][mask], expected[mask], rtol=0, atol=1e-5)
+
+
+def test_tenants_in_runs_need_no_gathering_and_give_the_same_rows(multi, mixed_batch):
+    order = tenant_order(ROW_TENANTS)
+    assert order == [0, 3, 1, 2, 4]
+    grouped = {key: value[order] for key, value in mixed_batch.items()}
+    grouped_tenants = [ROW_TENANTS[row] for row in order]
+    interleaved = multi.model.route(len(ROW_TENANTS), tenant_names=ROW_TENANTS)
+    runs = multi.model.route(len(ROW_TENANTS), tenant_names=grouped_tenants)
+    assert runs.order is None and interleaved.order.tolist() == order
+    assert runs.groups == interleaved.groups == (
+        ("chat", slice(0, 2)), ("base", slice(2, 3)), ("tied", slice(3, 4)), ("code", slice(4, 5))
+    )
+    with torch.no_grad():
+        expected = multi(**mixed_batch, tenant_names=ROW_TENANTS).logits[order]
+        actual = multi(**grouped, tenant_names=grouped_tenants).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
 
 
 def test_mixed_batch_leaves_the_active_tenant_alone(multi, mixed_batch):
