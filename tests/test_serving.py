@@ -16,6 +16,7 @@ from multimoe.serving import (
     whole_model_swap,
     write_jsonl,
 )
+from multimoe.serving.engine import Engine
 
 PROMPTS = ["hello there", "hi", "what is 2+2?", "code: x=1", "ok"]
 NEW_TOKENS = 5
@@ -70,6 +71,20 @@ def test_shared_pool_serves_every_request_its_tenants_tokens(multi, tokenizer, t
         assert record.tokens == expected[record.request.request_id], (scheduler, record.request)
         assert record.request.arrival_s <= record.start_s < record.first_token_s <= record.finish_s
         assert record.ttft_s <= record.turnaround_s
+
+
+def test_engine_keeps_rows_grouped_by_tenant(multi, tokenizer, trace, expected):
+    engine = Engine(multi, tokenizer, SharedPoolBackend(multi).prepare)
+    first, second = trace[2:6], trace[6:11]  # base base chat base; chat base code code tied
+    batch = engine.prefill(first)
+    assert batch.tenants == ["base"] * 3 + ["chat"]
+    batch = engine.decode(batch).merge(engine.prefill(second), multi.config)
+    assert batch.tenants == ["base"] * 4 + ["chat"] * 2 + ["code"] * 2 + ["tied"]
+    for _ in range(NEW_TOKENS - 2):
+        batch = engine.decode(batch)
+    for request, tokens in zip(batch.requests, batch.tokens):
+        assert len(tokens) == NEW_TOKENS - (request in second)
+        assert tuple(tokens) == expected[request.request_id][: len(tokens)], request
 
 
 @pytest.mark.parametrize("make_backend", [whole_model_swap, "partial"])

@@ -2,7 +2,8 @@
 
 This is the smallest engine that continuous batching needs: new requests are prefilled on their
 own, then their cache rows are left-padded to the batch's length and appended; finished rows are
-dropped. Positions follow the attention mask, so padding never shifts a row's rotary phase.
+dropped. Positions follow the attention mask, so padding never shifts a row's rotary phase. Rows
+are kept grouped by tenant, so a mixed batch runs each tenant's rows as a slice, with no gathering.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from ..routing import tenant_order
 from .trace import Request
 
 # Forward keyword arguments for a batch whose rows belong to these tenants (see backends.py).
@@ -70,7 +72,7 @@ class RunningBatch:
         )
 
     def merge(self, other: RunningBatch, config) -> RunningBatch:
-        """Append `other`'s rows, left-padding whichever side is shorter."""
+        """Append `other`'s rows, left-padding whichever side is shorter, then regroup by tenant."""
         length = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
         layers = [
             (
@@ -79,13 +81,15 @@ class RunningBatch:
             )
             for (k1, v1), (k2, v2) in zip(cache_layers(self.cache), cache_layers(other.cache))
         ]
-        return RunningBatch(
+        merged = RunningBatch(
             self.requests + other.requests,
             torch.cat([self.last_tokens, other.last_tokens]),
             torch.cat([left_pad(self.attention_mask, length, 1), left_pad(other.attention_mask, length, 1)]),
             cache_from_layers(config, layers),
             self.tokens + other.tokens,
         )
+        order = tenant_order(merged.tenants)
+        return merged if order == list(range(len(order))) else merged.keep(order, config)
 
 
 class Engine:
@@ -98,7 +102,8 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self, requests: Sequence[Request]) -> RunningBatch:
-        """Run the prompts (left-padded together) and pick each row's first token."""
+        """Run the prompts (left-padded together, grouped by tenant) and pick each row's first token."""
+        requests = [requests[row] for row in tenant_order([request.tenant for request in requests])]
         inputs = self.tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True)
         mask = inputs["attention_mask"].to(self.model.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
