@@ -68,6 +68,11 @@ class TenantRouting:
     def is_mixed(self) -> bool:
         return len(self.groups) > 1
 
+    def per_row(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Each row's own tenant's copy of a small per-tenant tensor (`tensors` in the model's
+        tenant order): [rows, ...]."""
+        return torch.stack(tensors).index_select(0, self.tenant_ids)
+
     def map_rows(self, function: RowFunction, rows: torch.Tensor):
         """Apply `function(tenant, rows_of_that_tenant)` per group and reassemble the batch.
 
