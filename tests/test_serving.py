@@ -126,3 +126,13 @@ def test_bench_command_runs_and_rewrites_its_docs_section(tmp_path):
     assert "| 2 | 50 | multimoe [continuous] |" in text and "static partition (MIG-like)" in text
     for image in ("serving_turnaround.png", "serving_ttft.png"):
         assert (tmp_path / "img" / image).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_ratio_only_runs_just_the_mixed_batch_part(capsys):
+    from multimoe.serving.bench import main
+
+    main(["--layers", "1", "--hidden", "32", "--intermediate", "48", "--ratio-only"])
+    out = capsys.readouterr().out
+    assert "| consolidated to one model's experts | 8 |" in out and "replayed" not in out
+    with pytest.raises(SystemExit):
+        main(["--ratio-only", "--write-docs"])

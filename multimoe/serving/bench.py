@@ -4,6 +4,8 @@
     python -m multimoe.serving.bench --write-docs    # also rewrites the serving section of
                                                      # docs/benchmarks.md and its PNG plots
     python -m multimoe.serving.bench --device cuda   # the same on a GPU
+    python -m multimoe.serving.bench --ratio-only --hidden 1024 --intermediate 3584
+                                                     # part 1 only, here at Mixtral's proportions
 
 1. Decode tokens/s of a batch whose rows belong to 4 tenants, divided by a batch of the same
    size from one tenant (interleaved decode steps; goal >= 0.85).
@@ -174,7 +176,8 @@ def plot(results: dict[tuple[int, float], list[ReplaySummary]], metric: str, pat
     plt.close(figure)
 
 
-def run(setup: Setup, *, docs: Path | None = None, command: str = "") -> str:
+def run(setup: Setup, *, docs: Path | None = None, command: str = "", ratio_only: bool = False) -> str:
+    """Both parts (or only part 1), printed; returns the goals table (or the mixed-batch table)."""
     torch.manual_seed(0)
     tokenizer = character_tokenizer()
     header = (
@@ -183,7 +186,7 @@ def run(setup: Setup, *, docs: Path | None = None, command: str = "") -> str:
         f"{setup.requests} requests per trace, {setup.new_tokens} new tokens each, max batch {setup.max_batch_size}."
     )
     print(header)
-    tenants = build_tenants(setup, max(4, max(setup.tenant_counts)))
+    tenants = build_tenants(setup, 4 if ratio_only else max(4, max(setup.tenant_counts)))
     four = {name: tenants[name] for name in list(tenants)[:4]}
     pools = {
         "lossless (tenants' own experts)": MultiTenantMixtralForCausalLM.from_models(four).eval(),
@@ -203,6 +206,8 @@ def run(setup: Setup, *, docs: Path | None = None, command: str = "") -> str:
         "|---|---:|---:|---:|---:|\n" + "\n".join(rows)
     )
     print(mixed_text)
+    if ratio_only:
+        return mixed_text
     results = {}
     for count in setup.tenant_counts:
         subset = {name: tenants[name] for name in list(tenants)[:count]}
@@ -253,11 +258,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--write-docs", nargs="?", const="docs/benchmarks.md", default=None,
                         help="rewrite the serving section of this markdown file (default docs/benchmarks.md)")
+    parser.add_argument("--ratio-only", action="store_true",
+                        help="run only part 1, the mixed-batch ratio (no trace replay, no docs)")
     args = parser.parse_args(argv)
+    if args.ratio_only and args.write_docs:
+        parser.error("--write-docs needs both parts; drop --ratio-only")
     setup = Setup(args.layers, args.hidden, args.intermediate, args.experts, args.new_tokens, args.requests,
                   tuple(args.rates), tuple(args.tenants), args.max_batch_size, args.device)
     command = "python -m multimoe.serving.bench" + (" " + " ".join(argv) if argv else "")
-    run(setup, docs=Path(args.write_docs) if args.write_docs else None, command=command)
+    run(setup, docs=Path(args.write_docs) if args.write_docs else None, command=command, ratio_only=args.ratio_only)
 
 
 if __name__ == "__main__":
