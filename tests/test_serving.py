@@ -120,9 +120,10 @@ def test_bench_command_runs_and_rewrites_its_docs_section(tmp_path):
     docs = tmp_path / "benchmarks.md"
     docs.write_text(f"# Benchmarks\n\nkept\n\n{DOCS_BEGIN}\nold\n{DOCS_END}\n")
     main(["--layers", "1", "--hidden", "32", "--intermediate", "48", "--requests", "4", "--rates", "50",
-          "--tenants", "2", "--new-tokens", "2", "--write-docs", str(docs)])
+          "--tenants", "2", "--new-tokens", "2", "--ratio-shapes", "--write-docs", str(docs)])
     text = docs.read_text()
     assert "kept" in text and "old" not in text and text.count(DOCS_BEGIN) == 1
+    assert "| H=32, I=48 | lossless (tenants' own experts) |" in text and "single-model bound" in text
     assert "| 2 | 50 | multimoe [continuous] |" in text and "static partition (MIG-like)" in text
     for image in ("serving_turnaround.png", "serving_ttft.png"):
         assert (tmp_path / "img" / image).read_bytes()[:4] == b"\x89PNG"
@@ -131,8 +132,10 @@ def test_bench_command_runs_and_rewrites_its_docs_section(tmp_path):
 def test_bench_ratio_only_runs_just_the_mixed_batch_part(capsys):
     from multimoe.serving.bench import main
 
-    main(["--layers", "1", "--hidden", "32", "--intermediate", "48", "--ratio-only"])
+    main(["--layers", "1", "--hidden", "32", "--intermediate", "48", "--ratio-only", "--ratio-shapes", "64x112"])
     out = capsys.readouterr().out
-    assert "| consolidated to one model's experts | 8 |" in out and "replayed" not in out
+    for shape in ("H=32, I=48", "H=64, I=112"):
+        assert f"| {shape} | consolidated to one model's experts | 8 |" in out
+    assert "replayed" not in out
     with pytest.raises(SystemExit):
         main(["--ratio-only", "--write-docs"])

@@ -4,11 +4,12 @@
     python -m multimoe.serving.bench --write-docs    # also rewrites the serving section of
                                                      # docs/benchmarks.md and its PNG plots
     python -m multimoe.serving.bench --device cuda   # the same on a GPU
-    python -m multimoe.serving.bench --ratio-only --hidden 1024 --intermediate 3584
-                                                     # part 1 only, here at Mixtral's proportions
+    python -m multimoe.serving.bench --ratio-only    # part 1 only: the default shape and
+                                                     # Mixtral's proportions (--ratio-shapes)
 
 1. Decode tokens/s of a batch whose rows belong to 4 tenants, divided by a batch of the same
-   size from one tenant (interleaved decode steps; goal >= 0.85).
+   size from one tenant (interleaved decode steps; goal >= 0.85), at the model's shape and at
+   each `--ratio-shapes` shape.
 2. For 2, 4 and 8 tenants and several arrival rates, one seeded Poisson trace replayed through
    every system: mean turnaround and TTFT (goal: >= 85% lower turnaround than the MIG-like static
    partition, TTFT within 5% of the single-model bound).
@@ -17,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import statistics
 import time
@@ -49,6 +51,7 @@ class Setup:
     tenant_counts: tuple[int, ...]
     max_batch_size: int
     device: str
+    ratio_shapes: tuple[tuple[int, int], ...] = ()  # (hidden, intermediate) of extra part-1 runs
 
 
 def build_tenants(setup: Setup, count: int) -> dict:
@@ -134,20 +137,24 @@ def replay_table(results: dict[tuple[int, float], list[ReplaySummary]]) -> str:
 
 
 def goals_table(results: dict[tuple[int, float], list[ReplaySummary]]) -> str:
+    """Each goal per (tenants, rate), beside the single-model bound: one model serving one tenant
+    alone is as fast as any shared server can be, so where even it is not 85% below the partition,
+    no multi-tenant system can meet that goal on this machine."""
     lines = [
         "| tenants | rate (req/s) | multimoe mode | turnaround vs static partition (goal >= 85% lower) "
-        "| TTFT vs single-model bound (goal <= 1.05x) |",
-        "|---:|---:|---|---:|---:|",
+        "| single-model bound vs static partition | TTFT vs single-model bound (goal <= 1.05x) |",
+        "|---:|---:|---|---:|---:|---:|",
     ]
     for (count, rate), summaries in results.items():
         mixed, per_tenant, single, partition = summaries[:4]
+        bound = 1 - single.mean_turnaround_s / partition.mean_turnaround_s
         for ours in (mixed, per_tenant):
             reduction = 1 - ours.mean_turnaround_s / partition.mean_turnaround_s
             ttft_ratio = ours.mean_ttft_s / single.mean_ttft_s
             mode = "mixed batches" if ours is mixed else "one tenant per batch"
             lines.append(
                 f"| {count} | {rate:g} | {mode} | {reduction:.1%} lower ({'met' if reduction >= 0.85 else 'not met'}) "
-                f"| {ttft_ratio:.3f}x ({'met' if ttft_ratio <= 1.05 else 'not met'}) |"
+                f"| {bound:.1%} lower | {ttft_ratio:.3f}x ({'met' if ttft_ratio <= 1.05 else 'not met'}) |"
             )
     return "\n".join(lines)
 
@@ -186,28 +193,32 @@ def run(setup: Setup, *, docs: Path | None = None, command: str = "", ratio_only
         f"{setup.requests} requests per trace, {setup.new_tokens} new tokens each, max batch {setup.max_batch_size}."
     )
     print(header)
-    tenants = build_tenants(setup, 4 if ratio_only else max(4, max(setup.tenant_counts)))
-    four = {name: tenants[name] for name in list(tenants)[:4]}
-    pools = {
-        "lossless (tenants' own experts)": MultiTenantMixtralForCausalLM.from_models(four).eval(),
-        "consolidated to one model's experts": consolidate(four, threshold=float("inf"), grouping="same_index",
-                                                           progress=False).eval(),
-    }
     rows = []
-    for label_, model in pools.items():
-        mixed, single, ratio = mixed_batch_ratio(model, tokenizer, setup.max_batch_size, steps=40)
-        rows.append(
-            f"| {label_} | {model.config.pool_sizes[0]} | {mixed:.1f} | {single:.1f} | **{ratio:.3f}** "
-            f"({'met' if ratio >= 0.85 else 'not met'}) |"
-        )
+    for hidden, intermediate in ((setup.hidden, setup.intermediate), *setup.ratio_shapes):
+        shaped = dataclasses.replace(setup, hidden=hidden, intermediate=intermediate)
+        four = build_tenants(shaped, 4)
+        pools = {
+            "lossless (tenants' own experts)": MultiTenantMixtralForCausalLM.from_models(four).eval(),
+            "consolidated to one model's experts": consolidate(four, threshold=float("inf"), grouping="same_index",
+                                                               progress=False).eval(),
+        }
+        for label_, model in pools.items():
+            mixed, single, ratio = mixed_batch_ratio(model, tokenizer, setup.max_batch_size, steps=40)
+            rows.append(
+                f"| H={hidden}, I={intermediate} | {label_} | {model.config.pool_sizes[0]} | {mixed:.1f} | {single:.1f} "
+                f"| **{ratio:.3f}** ({'met' if ratio >= 0.85 else 'not met'}) |"
+            )
+        del four, pools
     mixed_text = (
-        f"Decode, {setup.max_batch_size} rows: rows from 4 tenants vs all rows from one tenant (goal >= 0.85).\n\n"
-        "| pool | entries / layer | 4-tenant batch tok/s | 1-tenant batch tok/s | ratio |\n"
-        "|---|---:|---:|---:|---:|\n" + "\n".join(rows)
+        f"Decode, {setup.max_batch_size} rows: rows from 4 tenants vs all rows from one tenant (goal >= 0.85). "
+        "The second shape keeps Mixtral 8x7B's I/H = 3.5 at a quarter of its width.\n\n"
+        "| shape | pool | entries / layer | 4-tenant batch tok/s | 1-tenant batch tok/s | ratio |\n"
+        "|---|---|---:|---:|---:|---:|\n" + "\n".join(rows)
     )
     print(mixed_text)
     if ratio_only:
         return mixed_text
+    tenants = build_tenants(setup, max(setup.tenant_counts))
     results = {}
     for count in setup.tenant_counts:
         subset = {name: tenants[name] for name in list(tenants)[:count]}
@@ -244,6 +255,13 @@ def run(setup: Setup, *, docs: Path | None = None, command: str = "", ratio_only
     return goals
 
 
+def shape_argument(text: str) -> tuple[int, int]:
+    hidden, _, intermediate = text.partition("x")
+    if not (hidden.isdigit() and intermediate.isdigit()):
+        raise SystemExit(f"error: --ratio-shapes takes HIDDENxINTERMEDIATE, e.g. 1024x3584; got {text!r}")
+    return int(hidden), int(intermediate)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -258,13 +276,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--write-docs", nargs="?", const="docs/benchmarks.md", default=None,
                         help="rewrite the serving section of this markdown file (default docs/benchmarks.md)")
+    parser.add_argument("--ratio-shapes", nargs="*", default=["1024x3584"], metavar="HxI",
+                        help="extra (hidden x intermediate) shapes for part 1 (default: Mixtral's proportions)")
     parser.add_argument("--ratio-only", action="store_true",
                         help="run only part 1, the mixed-batch ratio (no trace replay, no docs)")
     args = parser.parse_args(argv)
     if args.ratio_only and args.write_docs:
         parser.error("--write-docs needs both parts; drop --ratio-only")
     setup = Setup(args.layers, args.hidden, args.intermediate, args.experts, args.new_tokens, args.requests,
-                  tuple(args.rates), tuple(args.tenants), args.max_batch_size, args.device)
+                  tuple(args.rates), tuple(args.tenants), args.max_batch_size, args.device,
+                  tuple(shape_argument(text) for text in args.ratio_shapes))
     command = "python -m multimoe.serving.bench" + (" " + " ".join(argv) if argv else "")
     run(setup, docs=Path(args.write_docs) if args.write_docs else None, command=command, ratio_only=args.ratio_only)
 

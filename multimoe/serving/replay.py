@@ -145,7 +145,8 @@ class Replay:
                 request = running.requests[row]
                 start, first = started.pop(request.request_id)
                 records.append(RequestRecord(request, start, first, self.clock, tuple(running.tokens[row])))
-            running = running.keep([row for row in range(len(running.requests)) if row not in done], config)
+            if done:
+                running = running.keep([row for row in range(len(running.requests)) if row not in done], config)
         return sorted(records, key=lambda record: record.request.request_id)
 
 
