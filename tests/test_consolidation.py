@@ -226,3 +226,15 @@ def test_prompt_completion_calibration_scores_only_the_completion(family, tokeni
             total -= float(log_probs[scored, targets[scored]].sum())
             count += len(scored)
     assert language_model_loss(model, data) == pytest.approx(total / count, rel=1e-4)
+
+
+def test_pair_scoring_starts_where_prompt_and_full_tokenizations_part(tokenizer):
+    end = tokenizer.eos_token_id
+
+    def with_end_token(text):  # a tokenizer that appends EOS: the prompt's ids are no prefix of the pair's
+        return {"input_ids": tokenizer(text)["input_ids"] + [end]}
+
+    data = CalibrationData.from_user([{"prompt": "sort dcba: ", "completion": "abcd"}], with_end_token)
+    prompt = tokenizer("sort dcba: ")["input_ids"]
+    completion = tokenizer("sort dcba: abcd")["input_ids"][len(prompt):]
+    assert data.labels[0][data.labels[0] != -100].tolist() == completion + [end]

@@ -62,7 +62,11 @@ class CalibrationData:
             if set(sample) != {"prompt", "completion"}:
                 raise ValueError(f"A calibration pair needs exactly the keys 'prompt' and 'completion', got {sorted(sample)}.")
             prompt = CalibrationData.tokenize(sample["prompt"], tokenizer)
-            return CalibrationData.tokenize(sample["prompt"] + sample["completion"], tokenizer), len(prompt)
+            full = CalibrationData.tokenize(sample["prompt"] + sample["completion"], tokenizer)
+            # Scoring starts where the two tokenizations part: robust to an appended EOS and to
+            # tokens that merge across the prompt/completion boundary.
+            shared = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
+            return full, shared
         if isinstance(sample, Sequence) and all(isinstance(token, int) for token in sample):
             return list(sample), 0
         raise ValueError(f"A calibration sample must be a text, a prompt/completion pair or token ids, got {sample!r:.80}.")
