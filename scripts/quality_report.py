@@ -92,6 +92,10 @@ def goal(results: dict, orders: dict) -> tuple[bool, str]:
     keeps = all(k >= GOAL_KEEP for k in kept.values())
     worst = {preset: {n: min(r[n] for r in rotations.values()) for n in ours} for preset, rotations in orders.items()}
     order_losses = [n for n in ours if worst["paper"][n] > worst["multimoe"][n]]
+    by_order = {
+        first: [n for n in ours if orders["multimoe"][first][n] > paper[n]] for first, paper in orders["paper"].items()
+    }
+    worse_orders = [first for first, paper in orders["paper"].items() if any(paper[n] > orders["multimoe"][first][n] for n in ours)]
     lines = [
         f"- kept accuracy at {GOAL_BUDGET} (multimoe / original): "
         + ", ".join(f"{n} {k:.1%}" for n, k in kept.items())
@@ -103,8 +107,13 @@ def goal(results: dict, orders: dict) -> tuple[bool, str]:
         "- worst case over every rotation of the tenant order (below), per tenant: "
         + ", ".join(f"{n} multimoe {worst['multimoe'][n]:.1%} / paper {worst['paper'][n]:.1%}" for n in ours)
         + (f"; the paper's preset is better on {', '.join(order_losses)}." if order_losses else "."),
+        "- order by order against the paper's preset: "
+        + "; ".join(f"{first} first: " + (f"better on {', '.join(names)}" if names else "tied on every tenant")
+                    for first, names in by_order.items())
+        + (f"; worse on some tenant with {', '.join(worse_orders)} first." if worse_orders else "; never worse."),
     ]
-    return keeps and not losses and not below and not order_losses, "\n".join(lines)
+    met = keeps and not losses and not below and not order_losses and not worse_orders
+    return met, "\n".join(lines)
 
 
 def order_sensitivity(count: int = GOAL_TENANTS, budget: str = GOAL_BUDGET) -> dict[str, dict[str, dict[str, float]]]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from multimoe import IncompatibleTenantsError, consolidate
-from multimoe.consolidation.calibration import CalibrationData, language_model_loss
+from multimoe.consolidation.calibration import CalibrationData, language_model_loss, per_tenant_data
 from multimoe.consolidation.merging import MERGE_RULES, MergeGroup
 from multimoe.testing import fine_tune, random_mixtral, tiny_mixtral_config
 
@@ -180,6 +180,11 @@ def test_clear_errors(family, tokenizer):
         consolidate(two, anchor="nobody", progress=False)
     with pytest.raises(ValueError, match="anchor='most_sensitive'.*need calibration data"):
         consolidate(two, anchor="most_sensitive", progress=False)
+    with pytest.raises(ValueError, match="anchor 'first' is ambiguous"):
+        consolidate({"base": family["base"], "first": family["chat"]}, anchor="first", progress=False)
+    with pytest.raises(ValueError, match="two strings"):
+        consolidate(two, similarity="output", calibration=[{"prompt": [{"role": "user"}], "completion": "4"}],
+                    tokenizer=tokenizer, progress=False)
     with pytest.raises(ValueError, match="smaller than one model's experts"):
         consolidate(two, memory_budget=1000, progress=False)
     with pytest.raises(ValueError, match="unreachable within threshold 0.0"):
@@ -238,3 +243,24 @@ def test_pair_scoring_starts_where_prompt_and_full_tokenizations_part(tokenizer)
     prompt = tokenizer("sort dcba: ")["input_ids"]
     completion = tokenizer("sort dcba: abcd")["input_ids"][len(prompt):]
     assert data.labels[0][data.labels[0] != -100].tolist() == completion + [end]
+
+
+def test_calibration_accepts_one_pair_and_tensor_rows(tokenizer):
+    pair = {"prompt": "sort dcba: ", "completion": "abcd"}
+    one, listed = CalibrationData.from_user(pair, tokenizer), CalibrationData.from_user([pair], tokenizer)
+    assert torch.equal(one.labels, listed.labels)
+    assert per_tenant_data(pair, ["a", "b"], tokenizer)["b"].labels.tolist() == listed.labels.tolist()
+    rows = [torch.tensor([5, 6, 7]), torch.tensor([8, 9])]
+    assert CalibrationData.from_user(rows).input_ids.tolist() == [[5, 6, 7], [0, 8, 9]]
+
+
+def test_anchor_by_name_and_a_probe_with_nothing_to_measure(family, tokenizer, batch):
+    named = consolidate(family, memory_budget="1.6x", merge="keep_anchor", anchor="chat", progress=False)
+    report = named.consolidation_report
+    assert report.anchor == "chat" and report.compared == "base"
+    with torch.no_grad():  # keep_anchor: the anchor's experts survive, so it is exact
+        torch.testing.assert_close(named(**batch, tenant="chat").logits, family["chat"](**batch).logits)
+    lossless = consolidate(family, anchor="most_sensitive", calibration=CALIBRATION, tokenizer=tokenizer,
+                           progress=False)
+    assert lossless.consolidation_report.anchor == "base"
+    assert "no probe, only identical experts are shared" in lossless.consolidation_report.notes[0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +67,7 @@ class Planner:
         self.tenants = tenants
         self.anchor = anchor
         self.others = [name for name in tenants.names if name != anchor]
+        self.metric, self.grouping, self.progress = metric, grouping, progress
         config = tenants.reference
         self.experts = config.num_local_experts
         itemsize = torch.empty((), dtype=tenants.dtype).element_size()
@@ -168,6 +169,42 @@ def pool_builder(planner: Planner, chosen: Sequence[Candidate], merge: str, stat
     return build
 
 
+def most_sensitive_plan(
+    plan: Plan,
+    losses: Callable[[MultiTenantMixtralForCausalLM], dict[str, float]],
+    build: Callable[..., MultiTenantMixtralForCausalLM],
+    stats: CalibrationStats,
+    notes: list[str],
+    threshold: float | None,
+    budget: int | None,
+) -> Plan:
+    """Re-plan around the tenant whose loss rises most when the planned groups are averaged.
+
+    The probe averages every merged group, so every merged expert of every tenant changes (the
+    first tenant's wherever any merge happens). The rise is absolute (nats per scored token): a
+    ratio explodes for a tenant whose loss is near 0.
+    """
+    planner = plan.planner
+    if not any(c.distance > 0 for c in plan.allowed[: plan.count]):
+        notes.append(f"anchor {planner.anchor!r}: no probe, only identical experts are shared")
+        return plan
+    probe = losses(build(plan, plan.count, "average"))
+    increase = {name: probe[name] - stats.losses[name] for name in planner.tenants.names}
+    chosen = max(increase, key=increase.get)
+    figures = ", ".join(f"{name} {value:+.4f}" for name, value in increase.items())
+    if increase[chosen] <= LOSS_NOISE:
+        notes.append(f"anchor {planner.anchor!r}: the probe was inconclusive (loss rise, nats per token: {figures})")
+        return plan
+    notes.append(f"anchor {chosen!r}: the most sensitive tenant (loss rise, nats per token, with the groups averaged: {figures})")
+    if chosen == planner.anchor:
+        return plan
+    replanned = Planner(planner.tenants, chosen, planner.metric, planner.grouping, stats, planner.progress)
+    try:
+        return Plan.within(replanned, threshold, budget)
+    except ValueError as error:
+        raise ValueError(f"With the groups built around the most sensitive tenant {chosen!r}: {error}") from None
+
+
 def consolidate(
     models: Mapping[str, TenantSource],
     *,
@@ -217,6 +254,8 @@ def consolidate(
         raise ValueError("consolidate needs at least two tenants; for one, use MultiTenantMixtralForCausalLM.from_models.")
     if anchor not in ANCHOR_RULES and anchor not in models:
         raise ValueError(f"anchor {anchor!r} is neither a tenant ({list(models)}) nor one of {list(ANCHOR_RULES)}.")
+    if anchor in ANCHOR_RULES and anchor in models:
+        raise ValueError(f"anchor {anchor!r} is ambiguous: it names a rule and a tenant; rename the tenant.")
     needs_calibration = (
         similarity in NEEDS_CALIBRATION or merge in NEEDS_USAGE or max_quality_loss is not None or anchor == "most_sensitive"
     )
@@ -255,18 +294,7 @@ def consolidate(
 
     notes = []
     if anchor == "most_sensitive":
-        # Probe: the same sharing with every group averaged, which perturbs all tenants alike; the
-        # tenant whose loss rises most is the one whose experts should survive unchanged. The rise
-        # is absolute (nats per scored token): a ratio explodes for a tenant whose loss is near 0.
-        probe = losses(build(plan, plan.count, "average"))
-        increase = {name: probe[name] - stats.losses[name] for name in tenants.names}
-        chosen = max(tenants.names, key=increase.get)
-        notes.append(
-            f"anchor {chosen!r}: the most sensitive tenant (calibration loss rise, nats per token, with the shared "
-            "groups averaged: " + ", ".join(f"{name} {value:+.4f}" for name, value in increase.items()) + ")"
-        )
-        if chosen != planner.anchor:
-            plan = Plan.within(Planner(tenants, chosen, similarity, grouping, stats, progress), threshold, budget)
+        plan = most_sensitive_plan(plan, losses, build, stats, notes, threshold, budget)
 
     count = plan.count
     model = build(plan, count)

@@ -7,8 +7,9 @@ reach each layer's experts (for output-based similarity).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 from transformers import MixtralForCausalLM
@@ -17,6 +18,10 @@ from ..assembly import TenantSet
 from ..checkpoints import fused_expert_keys, is_expert_key
 
 BATCH_ROWS = 8
+PAIR_KEYS = {"prompt", "completion"}
+# A text, a prompt/completion pair, or token ids; calibration is one of them or a sequence of them.
+CalibrationSample = Union[str, Mapping[str, str], Sequence[int], torch.Tensor]
+CalibrationInput = Union[CalibrationSample, Sequence[CalibrationSample]]
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,7 @@ class CalibrationData:
     labels: torch.Tensor
 
     @classmethod
-    def from_user(cls, calibration, tokenizer=None, pad_token_id: int = 0) -> CalibrationData:
+    def from_user(cls, calibration: CalibrationInput, tokenizer: Callable | None = None, pad_token_id: int = 0) -> CalibrationData:
         """Texts (needs `tokenizer`), `{"prompt": ..., "completion": ...}` pairs (TRL's
         prompt-completion format: only the completion is scored, as a fine-tune is judged on its
         answers), lists of token ids, or a 2-D tensor of token ids."""
@@ -42,7 +47,10 @@ class CalibrationData:
         rows = [cls.scored_row(sample, tokenizer) for sample in calibration]
         rows = [(row, start) for row, start in rows if len(row) >= 2 and start < len(row)]
         if not rows:
-            raise ValueError("Calibration data is empty: give texts or token ids with at least two tokens each.")
+            raise ValueError(
+                "Calibration data is empty: give texts or token ids with at least two tokens each (pairs with a "
+                "non-empty completion)."
+            )
         length = max(len(row) for row, _ in rows)
         input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -54,13 +62,17 @@ class CalibrationData:
         return cls(input_ids, attention_mask, labels)
 
     @staticmethod
-    def scored_row(sample, tokenizer) -> tuple[list[int], int]:
+    def scored_row(sample: CalibrationSample, tokenizer: Callable | None) -> tuple[list[int], int]:
         """Token ids of one sample and the index of its first scored token."""
         if isinstance(sample, str):
             return CalibrationData.tokenize(sample, tokenizer), 0
+        if isinstance(sample, torch.Tensor):
+            return sample.flatten().tolist(), 0
         if isinstance(sample, Mapping):
-            if set(sample) != {"prompt", "completion"}:
+            if set(sample) != PAIR_KEYS:
                 raise ValueError(f"A calibration pair needs exactly the keys 'prompt' and 'completion', got {sorted(sample)}.")
+            if not all(isinstance(sample[key], str) for key in PAIR_KEYS):
+                raise ValueError("A calibration pair holds two strings (conversational message lists are not supported).")
             prompt = CalibrationData.tokenize(sample["prompt"], tokenizer)
             full = CalibrationData.tokenize(sample["prompt"] + sample["completion"], tokenizer)
             # Scoring starts where the two tokenizations part: robust to an appended EOS and to
@@ -72,7 +84,7 @@ class CalibrationData:
         raise ValueError(f"A calibration sample must be a text, a prompt/completion pair or token ids, got {sample!r:.80}.")
 
     @staticmethod
-    def tokenize(text: str, tokenizer) -> list[int]:
+    def tokenize(text: str, tokenizer: Callable | None) -> list[int]:
         if tokenizer is None:
             raise ValueError("Calibration texts need a tokenizer (pass tokenizer=...).")
         return tokenizer(text)["input_ids"]
@@ -86,7 +98,7 @@ class CalibrationData:
 def per_tenant_data(calibration, tenants: Sequence[str], tokenizer=None) -> dict[str, CalibrationData]:
     """Each tenant's calibration rows: its own entry when `calibration` maps tenant names to data
     (a tenant is then measured on what it serves), else the same data for all."""
-    if isinstance(calibration, Mapping):
+    if isinstance(calibration, Mapping) and set(calibration) != PAIR_KEYS:
         missing = [name for name in tenants if name not in calibration]
         if missing or len(calibration) != len(tenants):
             raise ValueError(f"Per-tenant calibration must name exactly the tenants {list(tenants)}; got {list(calibration)}.")

@@ -138,8 +138,8 @@ def replay_table(results: dict[tuple[int, float], list[ReplaySummary]]) -> str:
 
 def goals_table(results: dict[tuple[int, float], list[ReplaySummary]]) -> str:
     """Each goal per (tenants, rate), beside the single-model bound: one model serving one tenant
-    alone is as fast as any shared server can be, so where even it is not 85% below the partition,
-    no multi-tenant system can meet that goal on this machine."""
+    alone, which a shared server (more work per request) cannot beat beyond noise; where even it
+    is far from 85% below the partition, no multi-tenant system meets that goal on this machine."""
     lines = [
         "| tenants | rate (req/s) | multimoe mode | turnaround vs static partition (goal >= 85% lower) "
         "| single-model bound vs static partition | TTFT vs single-model bound (goal <= 1.05x) |",
@@ -211,7 +211,8 @@ def run(setup: Setup, *, docs: Path | None = None, command: str = "", ratio_only
         del four, pools
     mixed_text = (
         f"Decode, {setup.max_batch_size} rows: rows from 4 tenants vs all rows from one tenant (goal >= 0.85). "
-        "The second shape keeps Mixtral 8x7B's I/H = 3.5 at a quarter of its width.\n\n"
+        "Shapes beyond the model's come from `--ratio-shapes` (default 1024x3584: Mixtral 8x7B's I/H = 3.5 at a "
+        "quarter of its width).\n\n"
         "| shape | pool | entries / layer | 4-tenant batch tok/s | 1-tenant batch tok/s | ratio |\n"
         "|---|---|---:|---:|---:|---:|\n" + "\n".join(rows)
     )
@@ -256,9 +257,14 @@ def run(setup: Setup, *, docs: Path | None = None, command: str = "", ratio_only
 
 
 def shape_argument(text: str) -> tuple[int, int]:
+    """HIDDENxINTERMEDIATE; the bench's models have 8 attention heads, so HIDDEN must split 8 ways."""
     hidden, _, intermediate = text.partition("x")
-    if not (hidden.isdigit() and intermediate.isdigit()):
-        raise SystemExit(f"error: --ratio-shapes takes HIDDENxINTERMEDIATE, e.g. 1024x3584; got {text!r}")
+    if not (hidden.isdigit() and intermediate.isdigit() and int(intermediate) > 0 and int(hidden) > 0
+            and int(hidden) % 16 == 0):
+        raise SystemExit(
+            f"error: --ratio-shapes takes HIDDENxINTERMEDIATE with HIDDEN a positive multiple of 16 (8 heads of an "
+            f"even size), e.g. 1024x3584; got {text!r}"
+        )
     return int(hidden), int(intermediate)
 
 
