@@ -180,22 +180,24 @@ def most_sensitive_plan(
 ) -> Plan:
     """Re-plan around the tenant whose loss rises most when the planned groups are averaged.
 
-    The probe averages every merged group, so every merged expert of every tenant changes (the
-    first tenant's wherever any merge happens). The rise is absolute (nats per scored token): a
+    The probe merges every allowed candidate, not only the planned ones, and averages each group:
+    without a threshold every group then holds every tenant, so all tenants' experts change alike
+    (merging only the planned candidates would change the first tenant's, around which the groups
+    are built, in more groups than the others'). The rise is absolute (nats per scored token): a
     ratio explodes for a tenant whose loss is near 0.
     """
     planner = plan.planner
     if not any(c.distance > 0 for c in plan.allowed[: plan.count]):
         notes.append(f"anchor {planner.anchor!r}: no probe, only identical experts are shared")
         return plan
-    probe = losses(build(plan, plan.count, "average"))
+    probe = losses(build(plan, len(plan.allowed), "average"))
     increase = {name: probe[name] - stats.losses[name] for name in planner.tenants.names}
     chosen = max(increase, key=increase.get)
     figures = ", ".join(f"{name} {value:+.4f}" for name, value in increase.items())
     if increase[chosen] <= LOSS_NOISE:
         notes.append(f"anchor {planner.anchor!r}: the probe was inconclusive (loss rise, nats per token: {figures})")
         return plan
-    notes.append(f"anchor {chosen!r}: the most sensitive tenant (loss rise, nats per token, with the groups averaged: {figures})")
+    notes.append(f"anchor {chosen!r}: the most sensitive tenant (loss rise, nats per token, every allowed group averaged: {figures})")
     if chosen == planner.anchor:
         return plan
     replanned = Planner(planner.tenants, chosen, planner.metric, planner.grouping, stats, planner.progress)
