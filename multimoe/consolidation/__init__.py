@@ -8,7 +8,7 @@
     api.py          consolidate(): ranking, budgets, the quality guard, assembly
 """
 
-from .api import consolidate, parse_budget
+from .api import consolidate, needs_calibration, parse_budget
 from .grouping import GROUPINGS, register_grouping
 from .merging import MERGE_RULES, register_merge
 from .report import ConsolidationReport, LayerReport
@@ -21,6 +21,7 @@ __all__ = [
     "MERGE_RULES",
     "SIMILARITY_METRICS",
     "consolidate",
+    "needs_calibration",
     "parse_budget",
     "register_grouping",
     "register_merge",

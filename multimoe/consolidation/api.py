@@ -42,6 +42,13 @@ class Candidate:
     tenant: str
 
 
+def needs_calibration(similarity: str, merge: str, anchor: str = "first", max_quality_loss: float | None = None) -> bool:
+    """Whether these `consolidate` settings need calibration data."""
+    return (
+        similarity in NEEDS_CALIBRATION or merge in NEEDS_USAGE or max_quality_loss is not None or anchor == "most_sensitive"
+    )
+
+
 def parse_budget(memory_budget: int | float | str | None, one_model_bytes: int) -> int | None:
     """Bytes from an int, or from a multiple of one source model such as "1.25x"."""
     if memory_budget is None:
@@ -174,11 +181,11 @@ def most_sensitive_plan(
     losses: Callable[[MultiTenantMixtralForCausalLM], dict[str, float]],
     build: Callable[..., MultiTenantMixtralForCausalLM],
     stats: CalibrationStats,
-    notes: list[str],
     threshold: float | None,
     budget: int | None,
-) -> Plan:
-    """Re-plan around the tenant whose loss rises most when the planned groups are averaged.
+) -> tuple[Plan, str]:
+    """Re-plan around the tenant whose loss rises most when the groups are averaged; also returns
+    the report's note on the choice.
 
     The probe merges every allowed candidate, not only the planned ones, and averages each group:
     without a threshold every group then holds every tenant, so all tenants' experts change alike
@@ -188,21 +195,19 @@ def most_sensitive_plan(
     """
     planner = plan.planner
     if not any(c.distance > 0 for c in plan.allowed[: plan.count]):
-        notes.append(f"anchor {planner.anchor!r}: no probe, only identical experts are shared")
-        return plan
+        return plan, f"anchor {planner.anchor!r}: no probe, only identical experts are shared"
     probe = losses(build(plan, len(plan.allowed), "average"))
     increase = {name: probe[name] - stats.losses[name] for name in planner.tenants.names}
     chosen = max(increase, key=increase.get)
     figures = ", ".join(f"{name} {value:+.4f}" for name, value in increase.items())
     if increase[chosen] <= LOSS_NOISE:
-        notes.append(f"anchor {planner.anchor!r}: the probe was inconclusive (loss rise, nats per token: {figures})")
-        return plan
-    notes.append(f"anchor {chosen!r}: the most sensitive tenant (loss rise, nats per token, every allowed group averaged: {figures})")
+        return plan, f"anchor {planner.anchor!r}: the probe was inconclusive (loss rise, nats per token: {figures})"
+    note = f"anchor {chosen!r}: the most sensitive tenant (loss rise, nats per token, every allowed group averaged: {figures})"
     if chosen == planner.anchor:
-        return plan
+        return plan, note
     replanned = Planner(planner.tenants, chosen, planner.metric, planner.grouping, stats, planner.progress)
     try:
-        return Plan.within(replanned, threshold, budget)
+        return Plan.within(replanned, threshold, budget), note
     except ValueError as error:
         raise ValueError(f"With the groups built around the most sensitive tenant {chosen!r}: {error}") from None
 
@@ -239,8 +244,9 @@ def consolidate(
             `usage_weighted`, `output_medoid`.
         anchor: the tenant whose experts every group is built around: `"first"`, a tenant name,
             or `"most_sensitive"` (needs calibration): the tenant whose calibration loss rises
-            most (absolute, nats per token) when the planned groups are averaged. With `keep_anchor` its experts survive
-            unchanged, so the tenant that merging would hurt most stays lossless.
+            most (absolute, nats per token) when every allowed group is averaged. With
+            `keep_anchor` its experts survive unchanged, so the tenant merging would hurt most
+            stays lossless.
         calibration: texts (with `tokenizer`) or token ids, shared by all tenants, or a mapping
             `{tenant: texts or ids}` so that each tenant is measured on what it serves (its loss,
             its router usage, the inputs its experts see); needed by `output`,
@@ -258,10 +264,7 @@ def consolidate(
         raise ValueError(f"anchor {anchor!r} is neither a tenant ({list(models)}) nor one of {list(ANCHOR_RULES)}.")
     if anchor in ANCHOR_RULES and anchor in models:
         raise ValueError(f"anchor {anchor!r} is ambiguous: it names a rule and a tenant; rename the tenant.")
-    needs_calibration = (
-        similarity in NEEDS_CALIBRATION or merge in NEEDS_USAGE or max_quality_loss is not None or anchor == "most_sensitive"
-    )
-    if needs_calibration and calibration is None:
+    if needs_calibration(similarity, merge, anchor, max_quality_loss) and calibration is None:
         raise ValueError(
             f"similarity={similarity!r}, merge={merge!r}, anchor={anchor!r}, max_quality_loss={max_quality_loss!r} "
             "need calibration data."
@@ -296,7 +299,8 @@ def consolidate(
 
     notes = []
     if anchor == "most_sensitive":
-        plan = most_sensitive_plan(plan, losses, build, stats, notes, threshold, budget)
+        plan, note = most_sensitive_plan(plan, losses, build, stats, threshold, budget)
+        notes.append(note)
 
     count = plan.count
     model = build(plan, count)
@@ -349,4 +353,4 @@ def consolidate(
     return model
 
 
-__all__ = ["consolidate", "parse_budget"]
+__all__ = ["consolidate", "needs_calibration", "parse_budget"]

@@ -39,7 +39,7 @@ class CalibrationData:
         prompt-completion format: only the completion is scored, as a fine-tune is judged on its
         answers), lists of token ids, or a 2-D tensor of token ids."""
         if isinstance(calibration, torch.Tensor):
-            calibration = [row.tolist() for row in calibration.reshape(-1, calibration.shape[-1])]
+            calibration = list(calibration.reshape(-1, calibration.shape[-1]))
         elif isinstance(calibration, (str, Mapping)):
             calibration = [calibration]
         if not isinstance(calibration, Sequence):

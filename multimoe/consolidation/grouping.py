@@ -1,8 +1,9 @@
 """Grouping: which experts of different tenants are candidates to become one pool entry.
 
-Every grouping is built around the anchor tenant (see `consolidate(anchor=...)`): a group holds one anchor expert and, for each other
-tenant, the one local expert matched to it, with that expert's distance to the anchor. Each local
-expert belongs to exactly one group, so a pool entry can serve at most one expert per tenant.
+Every grouping is built around the anchor tenant (see `consolidate(anchor=...)`): a group holds
+one anchor expert and, for each other tenant, the one local expert matched to it, with that
+expert's distance to the anchor. Each local expert belongs to exactly one group, so a pool entry
+can serve at most one expert per tenant.
 """
 
 from __future__ import annotations

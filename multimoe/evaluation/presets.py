@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from transformers import MixtralForCausalLM
 
-from ..consolidation import consolidate
+from ..consolidation import consolidate, needs_calibration
 from ..modeling import MultiTenantMixtralForCausalLM
 from ..testbed import TASKS
 
@@ -36,7 +36,7 @@ def consolidate_preset(
     """`consolidate` with a named preset; each tenant is calibrated on its own task's training
     prompts, so distances, usage and losses reflect what that tenant serves."""
     settings = PRESETS[preset]
-    needs_data = settings["similarity"] == "output" or settings.get("anchor") == "most_sensitive"
+    needs_data = needs_calibration(settings["similarity"], settings["merge"], settings.get("anchor", "first"))
     return consolidate(
         dict(models),
         **settings,
