@@ -25,6 +25,8 @@ from safetensors import SafetensorError, safe_open
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+from .alignment import realign
+
 TenantSource = Union[str, os.PathLike, PreTrainedModel]
 
 LEGACY_MOE_PREFIX = ".block_sparse_moe."
@@ -322,7 +324,9 @@ def strict_from_pretrained(
             f"implies {list(expected)}."
         )
     check_finite(model.named_parameters())
+    realign(model)
     return (model, loading_info) if wants_loading_info else model
+
 
 
 def effective(config: MixtralConfig, field: str):
