@@ -32,16 +32,33 @@ def validate_tenant_name(name: object) -> str:
     return name
 
 
+def tenants_from_entries(entries: list) -> dict[str, dict]:
+    """The tenants mapping, in list order, from config.json's list of entries."""
+    tenants = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ValueError(f"Each entry of tenants must be an object with a 'name', got {entry!r}.")
+        spec = dict(entry)
+        name = spec.pop("name")
+        if name in tenants:
+            raise ValueError(f"Tenant {name!r} is listed more than once in tenants.")
+        tenants[name] = spec
+    return tenants
+
+
 @strict
 class MultiTenantMixtralConfig(MixtralConfig):
     r"""
     Configuration of a [`MultiTenantMixtralForCausalLM`]: every `MixtralConfig` field, plus
 
     tenants (`dict[str, dict]`):
-        One entry per tenant, in a stable order. Each entry holds `expert_map`, a list with one
-        list per layer mapping the tenant's local expert index to a pool index;
-        `tie_word_embeddings`, whether this tenant's lm_head shares its embedding matrix; and
-        `source`, where the tenant came from (informational, may be `None`).
+        One entry per tenant, in the tenants' order (a row's `tenant_ids` index into it). Each entry
+        holds `expert_map`, a list with one list per layer mapping the tenant's local expert index
+        to a pool index; `tie_word_embeddings`, whether this tenant's lm_head shares its embedding
+        matrix; and `source`, where the tenant came from (informational, may be `None`).
+        config.json stores it as a list of entries with a `name` each, because transformers writes
+        JSON with sorted keys, which would reorder a mapping; the mapping form of earlier releases
+        still loads, in its stored order.
     default_tenant (`str`):
         The tenant a forward uses when none is named and none was activated.
     pool_sizes (`list[int]`):
@@ -52,7 +69,7 @@ class MultiTenantMixtralConfig(MixtralConfig):
 
     model_type = "multitenant_mixtral"
 
-    tenants: dict | None = None
+    tenants: dict | list | None = None
     default_tenant: str | None = None
     pool_sizes: list[int] | None = None
 
@@ -60,10 +77,17 @@ class MultiTenantMixtralConfig(MixtralConfig):
         super().__post_init__(**kwargs)
         if self.tenants is None:
             self.tenants = {}
+        if isinstance(self.tenants, list):
+            self.tenants = tenants_from_entries(self.tenants)
         if not isinstance(self.tenants, dict):
             raise ValueError(f"tenants must map tenant names to their specs, got {type(self.tenants).__name__}.")
         if self.tenants:
             self.check_tenant_maps()
+
+    def to_dict(self) -> dict:
+        fields = super().to_dict()
+        fields["tenants"] = [{"name": name} | spec for name, spec in self.tenants.items()]
+        return fields
 
     @property
     def tenant_names(self) -> list[str]:

@@ -225,7 +225,7 @@ def draw(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the whole first paragraph
     parser.add_argument("--tenants", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "quality.md")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "quality_memory.png")

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import math
+import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +17,7 @@ from multimoe.consolidation.calibration import CalibrationData, language_model_l
 from multimoe.consolidation.merging import MERGE_RULES, MergeGroup
 from multimoe.testing import fine_tune, random_mixtral, tiny_mixtral_config
 
+UNOPENED = {"a": object(), "b": object()}  # opening either fails: errors that come first never touch them
 CALIBRATION = ["hello there how are you", "what is 2+2? it is 4", "sort: dcba -> abcd", "reverse abc", "ok then"]
 
 
@@ -157,8 +163,103 @@ def test_report_markdown_and_heatmap(family, tmp_path):
     model = consolidate(family, memory_budget="1.5x", progress=False)
     text = model.consolidation_report.to_markdown()
     assert "Deciding limit: **memory_budget**" in text and "| 0 | 4 |" in text
+    assert "Groups are built around the experts of 'base'." in text
     path = model.consolidation_report.heatmap(tmp_path / "similarity.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quality_report_help_is_its_whole_first_paragraph(capsys, monkeypatch):
+    path = Path(__file__).resolve().parents[1] / "scripts" / "quality_report.py"
+    spec = importlib.util.spec_from_file_location("quality_report", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(sys, "argv", [path.name, "--help"])
+    with pytest.raises(SystemExit):
+        script.main()
+    text = " ".join(capsys.readouterr().out.split())
+    assert "each tenant's exact match when 2, 3 or 4 fine-tunes share one model" in text
+    assert "Writes docs/quality.md and docs/img/quality_memory.png." in text
+
+
+@pytest.mark.parametrize(
+    "option, error, message",
+    [
+        ({"threshold": float("nan")}, ValueError, "threshold must be a finite number"),
+        ({"threshold": -0.1}, ValueError, "threshold must be at least 0"),
+        ({"threshold": "0.5"}, TypeError, "threshold must be a number"),
+        ({"max_quality_loss": float("nan")}, ValueError, "max_quality_loss must be a finite number"),
+        ({"max_quality_loss": -0.01}, ValueError, "max_quality_loss must be at least 0"),
+        ({"memory_budget": float("nan")}, ValueError, "memory_budget must be a finite number"),
+        ({"memory_budget": float("inf")}, ValueError, "memory_budget must be a finite number"),
+        ({"memory_budget": -1}, ValueError, "memory_budget must be positive"),
+        ({"memory_budget": 0}, ValueError, "memory_budget must be positive"),
+        ({"memory_budget": True}, TypeError, "memory_budget must be a number, got bool"),
+        ({"memory_budget": "nanx"}, ValueError, "memory_budget 'nanx' must be a finite number"),
+        ({"memory_budget": "infx"}, ValueError, "memory_budget 'infx' must be a finite number"),
+        ({"memory_budget": "-1x"}, ValueError, "memory_budget '-1x' must be positive"),
+        ({"memory_budget": "0x"}, ValueError, "memory_budget '0x' must be positive"),
+        ({"memory_budget": "lots"}, ValueError, "memory_budget 'lots': give bytes"),
+        ({"max_calibration_rows": 0}, ValueError, "max_calibration_rows must be positive"),
+        ({"max_calibration_rows": 2.5}, TypeError, "max_calibration_rows must be an int"),
+    ],
+)
+def test_numeric_options_are_checked_before_any_tenant_is_opened(option, error, message):
+    with pytest.raises(error, match=message):
+        consolidate(UNOPENED, progress=False, **option)
+
+
+@pytest.mark.parametrize(
+    "limits, deciding, pools",
+    [
+        ({}, "threshold", [10, 10]),  # the default threshold 0 keeps every non-identical pair apart
+        ({"threshold": math.inf}, "none (every expert shared)", [4, 4]),
+        ({"memory_budget": "3x"}, "none (identical experts only; the budget does not bind)", [10, 10]),
+        ({"memory_budget": 300_000}, "memory_budget", [5, 5]),
+    ],
+)
+def test_deciding_limit_is_the_one_that_stopped_sharing(family, limits, deciding, pools):
+    model = consolidate(family, progress=False, **limits)
+    assert model.consolidation_report.deciding_limit == deciding
+    assert model.config.pool_sizes == pools
+
+
+def test_quality_bound_alone_shares_as_much_as_it_allows(family, tokenizer):
+    bound = 0.02
+    model = consolidate(family, calibration=CALIBRATION, tokenizer=tokenizer, max_quality_loss=bound, progress=False)
+    report = model.consolidation_report
+    assert report.deciding_limit == "max_quality_loss"
+    assert sum(model.config.pool_sizes) < 20  # beyond the identical experts (10 per layer)
+    for name in family:
+        assert report.loss_after[name] <= report.loss_before[name] * (1 + bound) + 1e-6, name
+
+
+def test_quality_bound_stops_short_of_a_budget_and_says_so(family, tokenizer):
+    two = {"base": family["base"], "chat": family["chat"]}
+    model = consolidate(two, memory_budget="1.6x", similarity="output", calibration=CALIBRATION, tokenizer=tokenizer,
+                        max_quality_loss=0.0, progress=False)
+    report = model.consolidation_report
+    assert report.deciding_limit == "max_quality_loss"
+    assert report.bytes_after == model.memory_report().total_bytes > report.budget_bytes
+    assert re.search(r"memory_budget not reached: .* stops at \d+ bytes \(2x one model\), above the budget of "
+                     r"\d+ bytes \(1.6x one model\)", report.to_markdown())
+
+
+@pytest.mark.parametrize(
+    "limits, reason",
+    [
+        ({"memory_budget": 1000}, "at all"),  # below one model's experts
+        ({"memory_budget": "1x"}, "at all"),  # above them, below them plus both tenants' own layers
+        ({"memory_budget": "1.6x", "threshold": 0.0}, "within threshold 0.0"),
+    ],
+)
+def test_unreachable_budget_names_its_multiple_and_the_smallest_reachable_one(family, limits, reason):
+    two = {"base": family["base"], "chat": family["chat"]}
+    pattern = rf"of \d+ bytes \([\d.]+x one model\) is unreachable {reason}.*smallest reachable budget is '([\d.]+x)'"
+    with pytest.raises(ValueError, match=pattern) as error:
+        consolidate(two, progress=False, **limits)
+    smallest = re.search(pattern, str(error.value)).group(1)
+    report = consolidate(two, progress=False, **{**limits, "memory_budget": smallest}).consolidation_report
+    assert report.bytes_after <= report.budget_bytes
 
 
 def test_clear_errors(family, tokenizer):
@@ -185,15 +286,6 @@ def test_clear_errors(family, tokenizer):
     with pytest.raises(ValueError, match="two strings"):
         consolidate(two, similarity="output", calibration=[{"prompt": [{"role": "user"}], "completion": "4"}],
                     tokenizer=tokenizer, progress=False)
-    with pytest.raises(ValueError, match="smaller than one model's experts"):
-        consolidate(two, memory_budget=1000, progress=False)
-    with pytest.raises(ValueError, match="unreachable within threshold 0.0"):
-        consolidate(two, memory_budget="1.6x", threshold=0.0, progress=False)
-    with pytest.raises(ValueError, match="unreachable at all"):
-        consolidate(two, memory_budget="1x", progress=False)
-    with pytest.raises(ValueError, match="below what max_quality_loss=0.0 allows"):
-        consolidate(two, memory_budget="1.6x", similarity="output", calibration=CALIBRATION, tokenizer=tokenizer,
-                    max_quality_loss=0.0, progress=False)
     other = random_mixtral(tiny_mixtral_config(hidden_size=64), seed=3)
     with pytest.raises(IncompatibleTenantsError, match="hidden_size"):
         consolidate({"base": family["base"], "other": other}, progress=False)

@@ -121,18 +121,24 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def tenant_spec(config: dict, name: str) -> dict:
+    """One tenant's entry in config.json's list of tenants (edited in place)."""
+    return next(entry for entry in config["tenants"] if entry["name"] == name)
+
+
 def rename_tenant(old: str, new: str):
     def change(config):
-        config["tenants"] = {new if name == old else name: spec for name, spec in config["tenants"].items()}
+        tenant_spec(config, old)["name"] = new
 
     return change
 
 
 def duplicate_tenant_key(directory: Path) -> None:
-    """A hand edit that lists `chat` twice, the second time with base's expert map: json.loads
-    keeps the last, so chat's weights would run through base's experts."""
+    """A hand edit of an earlier release's mapping of tenants that names `chat` twice, the second
+    time with base's expert map: json.loads keeps the last, so chat's weights would run through
+    base's experts."""
     config = json.loads((directory / "config.json").read_text())
-    tenants = config["tenants"]
+    tenants = {entry.pop("name"): entry for entry in config["tenants"]}
     entries = [("base", tenants["base"]), ("chat", tenants["chat"]), ("chat", tenants["base"])]
     config["tenants"] = "TENANTS"
     text = json.dumps(config).replace(
@@ -143,7 +149,7 @@ def duplicate_tenant_key(directory: Path) -> None:
 
 def set_map_entry(value):
     def change(config):
-        config["tenants"]["chat"]["expert_map"][0][0] = value
+        tenant_spec(config, "chat")["expert_map"][0][0] = value
 
     return change
 
@@ -231,14 +237,20 @@ HOSTILE_SAVED_CHECKPOINTS = {
     "boolean expert map entry": Hostile(
         lambda d: edit_config(d, set_map_entry(True)), ValueError, r"'chat', layer 0: pool index True is not an int"),
     "expert map row too short": Hostile(
-        lambda d: edit_config(d, lambda c: c["tenants"]["chat"]["expert_map"][1].pop()), ValueError,
+        lambda d: edit_config(d, lambda c: tenant_spec(c, "chat")["expert_map"][1].pop()), ValueError,
         r"'chat', layer 1: expert_map row must list 4 pool indices"),
     "expert map with one row too many": Hostile(
-        lambda d: edit_config(d, lambda c: c["tenants"]["chat"]["expert_map"].append([0, 1, 2, 3])), ValueError,
+        lambda d: edit_config(d, lambda c: tenant_spec(c, "chat")["expert_map"].append([0, 1, 2, 3])), ValueError,
         r"'chat': expert_map must have one row per layer \(2\)"),
-    "tenants not a mapping": Hostile(
-        lambda d: edit_config(d, lambda c: c.__setitem__("tenants", [c["tenants"]["base"]])), ValueError,
-        r"tenants must map tenant names to their specs, got list"),
+    "tenants neither a list nor a mapping": Hostile(
+        lambda d: edit_config(d, lambda c: c.__setitem__("tenants", "base")), ValueError,
+        r"tenants must map tenant names to their specs, got str"),
+    "tenant entry without a name": Hostile(
+        lambda d: edit_config(d, lambda c: tenant_spec(c, "base").pop("name")), ValueError,
+        r"Each entry of tenants must be an object with a 'name'"),
+    "tenant listed twice": Hostile(
+        lambda d: edit_config(d, lambda c: c["tenants"].append(tenant_spec(c, "chat"))), ValueError,
+        r"Tenant 'chat' is listed more than once"),
     "tenant named twice": Hostile(
         duplicate_tenant_key, CheckpointError, r"config\.json: key 'chat' appears more than once"),
     "empty tenant name": Hostile(

@@ -4,14 +4,14 @@
 2. Per layer: distances between every tenant's experts and the anchor tenant's, then groups. The
    anchor is the first tenant, a named one, or the most sensitive one (found by a probe build).
 3. Rank every (layer, group, tenant) candidate merge by distance, across all layers, and take the
-   closest first until the threshold, the memory budget or the quality guard says stop.
+   closest first until the threshold, the memory budget or the quality guard says stop (or none
+   does: every candidate is merged, or a budget that does not bind keeps only identical experts).
 4. Assemble the model, layer by layer, merging each group's chosen members with the merge rule.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..assembly import TenantSet, assemble
 from ..checkpoints import TenantSource, is_expert_key
 from ..modeling import MultiTenantMixtralForCausalLM
+from ..validation import check_number
 from .calibration import CalibrationStats, collect, language_model_loss, per_tenant_data
 from .grouping import ExpertGroup, get_grouping
 from .merging import NEEDS_USAGE, MergeGroup, get_merge
@@ -49,46 +50,109 @@ def needs_calibration(similarity: str, merge: str, anchor: str = "first", max_qu
     )
 
 
+@dataclass(frozen=True)
+class MemoryBudget:
+    """A memory budget as given, checked before any tenant is opened: bytes, or a multiple of one
+    source model (`per_model`), whose size is known only once the tenants are open."""
+
+    amount: float
+    per_model: bool
+
+    @classmethod
+    def parse(cls, memory_budget: int | float | str) -> MemoryBudget:
+        if not isinstance(memory_budget, str):
+            return cls(check_number("memory_budget", memory_budget, positive=True), per_model=False)
+        text = memory_budget.strip()
+        try:
+            amount = float(text.removesuffix("x"))
+        except ValueError:
+            raise ValueError(
+                f"memory_budget {memory_budget!r}: give bytes (a number) or a multiple of one model, e.g. '1.25x'."
+            ) from None
+        return cls(check_number(f"memory_budget {memory_budget!r}", amount, positive=True), text.endswith("x"))
+
+    def bytes(self, one_model_bytes: int) -> int:
+        return int(self.amount * one_model_bytes) if self.per_model else int(self.amount)
+
+
 def parse_budget(memory_budget: int | float | str | None, one_model_bytes: int) -> int | None:
-    """Bytes from an int, or from a multiple of one source model such as "1.25x"."""
-    if memory_budget is None:
-        return None
-    if isinstance(memory_budget, str):
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*x\s*", memory_budget)
-        if match:
-            return int(float(match.group(1)) * one_model_bytes)
-        if memory_budget.strip().isdigit():
-            return int(memory_budget)
-        raise ValueError(f"memory_budget {memory_budget!r}: give bytes (an int) or a multiple of one model, e.g. '1.25x'.")
-    if isinstance(memory_budget, (int, float)) and memory_budget > 0:
-        return int(memory_budget)
-    raise ValueError(f"memory_budget must be positive, got {memory_budget!r}.")
+    """Bytes from a number of bytes, or from a multiple of one source model such as "1.25x"."""
+    return None if memory_budget is None else MemoryBudget.parse(memory_budget).bytes(one_model_bytes)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Sizes in bytes, known from the tenants' configs alone: a budget that no sharing can reach is
+    refused before any weight is read."""
+
+    own: dict[str, int]  # each tenant's non-expert parameters (a tied lm_head is stored once)
+    expert: int  # one expert
+    experts_per_model: int  # layers x experts
+
+    @classmethod
+    def of(cls, tenants: TenantSet) -> Footprint:
+        config = tenants.reference
+        itemsize = torch.empty((), dtype=tenants.dtype).element_size()
+        own = {}
+        for name, checkpoint in tenants.checkpoints.items():
+            keys = [k for k in tenants.shapes if not is_expert_key(k)]
+            if checkpoint.tie_word_embeddings:
+                keys.remove("lm_head.weight")
+            own[name] = sum(math.prod(tenants.shapes[k]) for k in keys) * itemsize
+        expert = 3 * config.intermediate_size * config.hidden_size * itemsize
+        return cls(own, expert, tenants.num_layers * config.num_local_experts)
+
+    @property
+    def one_model(self) -> int:
+        """One source model, the first tenant, as `"1.25x"` budgets count it."""
+        return next(iter(self.own.values())) + self.experts_per_model * self.expert
+
+    @property
+    def smallest(self) -> int:
+        """Every expert shared: each tenant's own layers plus one model's experts."""
+        return self.total((len(self.own) - 1) * self.experts_per_model)
+
+    def total(self, merges: int) -> int:
+        """The consolidated model once `merges` local experts have joined another tenant's entry."""
+        return sum(self.own.values()) + (len(self.own) * self.experts_per_model - merges) * self.expert
+
+    def merges_for(self, budget: int) -> int:
+        return max(0, math.ceil((self.total(0) - budget) / self.expert))
+
+    def describe(self, size: int) -> str:
+        return f"{size} bytes ({size / self.one_model:.3g}x one model)"
+
+    def unreachable(self, budget: int, reason: str, smallest: int) -> ValueError:
+        """The error for a budget below `smallest`, with the least budget string that reaches it:
+        the multiple rounded up to two decimals, which `MemoryBudget` turns into enough bytes."""
+        hundredths = math.ceil(smallest / self.one_model * 100)
+        if int(hundredths / 100 * self.one_model) < smallest:  # the float fell just below the exact decimal
+            hundredths += 1
+        return ValueError(
+            f"memory_budget of {self.describe(budget)} is unreachable {reason} {self.describe(smallest)}; the "
+            f"smallest reachable budget is '{hundredths / 100:g}x'."
+        )
 
 
 class Planner:
     """Everything decided before assembly: groups per layer, ranked candidates, bytes."""
 
     def __init__(
-        self, tenants: TenantSet, anchor: str, metric: str, grouping: str, stats: CalibrationStats | None, progress: bool
+        self,
+        tenants: TenantSet,
+        footprint: Footprint,
+        anchor: str,
+        metric: str,
+        grouping: str,
+        stats: CalibrationStats | None,
+        progress: bool,
     ):
-        self.tenants = tenants
+        self.tenants, self.footprint = tenants, footprint
         self.anchor = anchor
         self.others = [name for name in tenants.names if name != anchor]
         self.metric, self.grouping, self.progress = metric, grouping, progress
         config = tenants.reference
         self.experts = config.num_local_experts
-        itemsize = torch.empty((), dtype=tenants.dtype).element_size()
-        self.expert_bytes = 3 * config.intermediate_size * config.hidden_size * itemsize
-        self.own_bytes = {}
-        for name, checkpoint in tenants.checkpoints.items():
-            keys = [k for k in tenants.shapes if not is_expert_key(k)]
-            if checkpoint.tie_word_embeddings:
-                keys.remove("lm_head.weight")
-            self.own_bytes[name] = sum(math.prod(tenants.shapes[k]) for k in keys) * itemsize
-        self.one_model_experts_bytes = tenants.num_layers * self.experts * self.expert_bytes
-        self.one_model_bytes = self.own_bytes[tenants.names[0]] + self.one_model_experts_bytes
-        self.sources_bytes = sum(self.own_bytes.values()) + len(tenants.names) * self.one_model_experts_bytes
-
         measure, group = get_metric(metric), get_grouping(grouping)
         self.groups: list[list[ExpertGroup]] = []
         self.compared_distances: list[torch.Tensor] = []
@@ -115,17 +179,11 @@ class Planner:
             return None
         return torch.cat([stats.layer_inputs[name][layer_idx], stats.layer_inputs[self.anchor][layer_idx]])
 
-    def total_bytes(self, merges: int) -> int:
-        experts = len(self.tenants.names) * self.tenants.num_layers * self.experts - merges
-        return sum(self.own_bytes.values()) + experts * self.expert_bytes
-
-    def merges_for_budget(self, budget: int) -> int:
-        return max(0, math.ceil((self.total_bytes(0) - budget) / self.expert_bytes))
-
 
 @dataclass(frozen=True)
 class Plan:
-    """The candidates a threshold allows (closest first) and how many of them to merge."""
+    """The candidates a threshold allows (closest first), how many of them to merge, and which
+    limit stopped further merging (the report's `deciding_limit`)."""
 
     planner: Planner
     allowed: list[Candidate]
@@ -136,16 +194,19 @@ class Plan:
     def within(cls, planner: Planner, threshold: float | None, budget: int | None) -> Plan:
         allowed = [c for c in planner.candidates if threshold is None or c.distance <= threshold]
         if budget is None:
-            return cls(planner, allowed, len(allowed), "threshold")
-        needed = planner.merges_for_budget(budget)
-        if needed > len(allowed):
-            limit = f"within threshold {threshold}" if threshold is not None else "at all"
-            raise ValueError(
-                f"memory_budget of {budget} bytes is unreachable {limit}: sharing every allowed expert leaves "
-                f"{planner.total_bytes(len(allowed))} bytes."
+            everything = len(allowed) == len(planner.candidates)
+            return cls(planner, allowed, len(allowed), "none (every expert shared)" if everything else "threshold")
+        footprint = planner.footprint
+        if footprint.total(len(allowed)) > budget:  # without a threshold, refused before planning
+            raise footprint.unreachable(
+                budget, f"within threshold {threshold}: sharing every expert within it leaves",
+                footprint.total(len(allowed)),
             )
+        needed = footprint.merges_for(budget)
         identical = sum(1 for c in allowed if c.distance == 0)  # sharing these costs no quality
-        return cls(planner, allowed, max(needed, identical), "memory_budget")
+        if needed > identical:
+            return cls(planner, allowed, needed, "memory_budget")
+        return cls(planner, allowed, identical, "none (identical experts only; the budget does not bind)")
 
 
 def pool_builder(planner: Planner, chosen: Sequence[Candidate], merge: str, stats: CalibrationStats | None):
@@ -205,7 +266,9 @@ def most_sensitive_plan(
     note = f"anchor {chosen!r}: the most sensitive tenant (loss rise, nats per token, every allowed group averaged: {figures})"
     if chosen == planner.anchor:
         return plan, note
-    replanned = Planner(planner.tenants, chosen, planner.metric, planner.grouping, stats, planner.progress)
+    replanned = Planner(
+        planner.tenants, planner.footprint, chosen, planner.metric, planner.grouping, stats, planner.progress
+    )
     try:
         return Plan.within(replanned, threshold, budget), note
     except ValueError as error:
@@ -237,9 +300,9 @@ def consolidate(
         similarity: a registered metric: `weight_l2` (the paper's), `weight_cosine`, `output`.
         grouping: `cross_index` (optimal assignment of each tenant's experts to the anchor
             tenant's) or `same_index` (expert i with expert i, the paper's).
-        threshold: merge only candidates at most this far apart.
+        threshold: merge only candidates at most this far apart (`math.inf`: no distance limit).
         memory_budget: bytes, or a multiple of one source model (`"1.25x"`); merges closest-first
-            until the model fits.
+            until the model fits, and no further (identical experts are always shared).
         merge: a registered rule: `select` (keep one member), `keep_anchor`, `average`,
             `usage_weighted`, `output_medoid`.
         anchor: the tenant whose experts every group is built around: `"first"`, a tenant name,
@@ -253,10 +316,21 @@ def consolidate(
             `usage_weighted` and `max_quality_loss`.
         max_quality_loss: the largest relative increase of calibration loss any tenant may
             suffer; sharing is undone, farthest merges first, until every tenant is within it.
+            Alone, it shares as much as it allows; with a budget, it may stop short of the
+            budget, and the report says so.
+        max_calibration_rows: the most hidden states kept per tenant and layer, the inputs on which
+            `output` similarity and `output_medoid` compare experts.
 
-    With neither `threshold` nor `memory_budget`, only identical experts are shared (threshold 0):
-    the result is lossless. The returned model carries `consolidation_report`.
+    With no limit at all, only identical experts are shared (threshold 0): the result is lossless.
+    Every numeric option is checked before any tenant is opened, and a budget no sharing can reach
+    before any weight is read. The returned model carries `consolidation_report`, whose
+    `deciding_limit` names the limit that stopped further sharing, or says that none did.
     """
+    if threshold != math.inf:  # infinity: no distance limit, every expert may be shared
+        check_number("threshold", threshold, optional=True)
+    check_number("max_quality_loss", max_quality_loss, optional=True)
+    check_number("max_calibration_rows", max_calibration_rows, positive=True, integer=True)
+    requested_budget = None if memory_budget is None else MemoryBudget.parse(memory_budget)
     get_metric(similarity), get_grouping(grouping), get_merge(merge)
     if not isinstance(models, Mapping) or len(models) < 2:
         raise ValueError("consolidate needs at least two tenants; for one, use MultiTenantMixtralForCausalLM.from_models.")
@@ -269,21 +343,20 @@ def consolidate(
             f"similarity={similarity!r}, merge={merge!r}, anchor={anchor!r}, max_quality_loss={max_quality_loss!r} "
             "need calibration data."
         )
-    if max_quality_loss is not None and max_quality_loss < 0:
-        raise ValueError(f"max_quality_loss must be >= 0, got {max_quality_loss}.")
     data = per_tenant_data(calibration, list(models), tokenizer) if calibration is not None else None
     tenants = TenantSet.open(models, default_tenant=default_tenant, dtype=dtype, revision=revision)
+    footprint = Footprint.of(tenants)
+    budget = None if requested_budget is None else requested_budget.bytes(footprint.one_model)
+    if budget is not None and budget < footprint.smallest:
+        raise footprint.unreachable(
+            budget, "at all: each tenant's own layers plus one model's experts take", footprint.smallest
+        )
+    if threshold is None and budget is None and max_quality_loss is None:
+        threshold = DEFAULT_THRESHOLD
 
     stats = collect(tenants, data, max_calibration_rows) if data is not None else None
-    planner = Planner(tenants, tenants.names[0] if anchor in ANCHOR_RULES else anchor, similarity, grouping, stats, progress)
-    budget = parse_budget(memory_budget, planner.one_model_bytes)
-    if budget is not None and budget < planner.one_model_experts_bytes:
-        raise ValueError(
-            f"memory_budget of {budget} bytes is smaller than one model's experts ({planner.one_model_experts_bytes} "
-            "bytes): no sharing can reach it."
-        )
-    if threshold is None and budget is None:
-        threshold = DEFAULT_THRESHOLD
+    first_anchor = tenants.names[0] if anchor in ANCHOR_RULES else anchor
+    planner = Planner(tenants, footprint, first_anchor, similarity, grouping, stats, progress)
     plan = Plan.within(planner, threshold, budget)
 
     def build(plan: Plan, merges: int, rule: str = merge) -> MultiTenantMixtralForCausalLM:
@@ -315,14 +388,14 @@ def consolidate(
                 low = middle
             else:
                 high = middle - 1
-        if budget is not None:
-            raise ValueError(
-                f"memory_budget of {budget} bytes is below what max_quality_loss={max_quality_loss} allows: the "
-                f"smallest model within it takes {plan.planner.total_bytes(low)} bytes."
-            )
         count, deciding = low, "max_quality_loss"
         model = build(plan, count)
         after = losses(model)
+        if budget is not None:  # the guard undid merges the budget needed (identical ones cost nothing)
+            notes.append(
+                f"memory_budget not reached: max_quality_loss={max_quality_loss} stops at "
+                f"{footprint.describe(footprint.total(count))}, above the budget of {footprint.describe(budget)}."
+            )
 
     layer_reports = []
     for layer_idx, distances in enumerate(plan.planner.compared_distances):
@@ -343,8 +416,9 @@ def consolidate(
         anchor=plan.planner.anchor,
         compared=plan.planner.others[0],
         layers=layer_reports,
-        bytes_before=planner.sources_bytes,
-        bytes_after=plan.planner.total_bytes(count),
+        bytes_before=footprint.total(0),
+        bytes_after=footprint.total(count),
+        budget_bytes=budget,
         deciding_limit=deciding,
         loss_before=stats.losses if stats is not None else None,
         loss_after=after,

@@ -26,7 +26,8 @@ class ConsolidationReport:
     layers: list[LayerReport]
     bytes_before: int  # the N source models
     bytes_after: int  # the consolidated model
-    deciding_limit: str
+    deciding_limit: str  # the limit that stopped further sharing, or "none (...)" with the reason
+    budget_bytes: int | None = None  # below bytes_after only when max_quality_loss stopped short of it
     loss_before: dict[str, float] | None = None
     loss_after: dict[str, float] | None = None
     notes: list[str] = field(default_factory=list)
@@ -45,7 +46,7 @@ class ConsolidationReport:
             "",
             f"Memory: {self.bytes_before / mib:.2f} MiB in the sources -> {self.bytes_after / mib:.2f} MiB "
             f"({1 - self.bytes_after / self.bytes_before:.1%} saved). Deciding limit: **{self.deciding_limit}**. "
-            f"Groups are built around {self.anchor!r}'s experts.",
+            f"Groups are built around the experts of {self.anchor!r}.",
             "",
             "| layer | pool size | merged experts | mean merged distance | max merged distance |",
             "|---:|---:|---:|---:|---:|",
