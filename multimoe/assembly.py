@@ -11,10 +11,11 @@ import hashlib
 from collections.abc import Callable, Mapping
 
 import torch
-from transformers import MixtralForCausalLM
+from transformers import MixtralConfig, MixtralForCausalLM
 
 from .checkpoints import (
     CheckpointError,
+    IncompatibleTenantsError,
     TenantCheckpoint,
     TenantSource,
     check_compatible,
@@ -23,6 +24,7 @@ from .checkpoints import (
     is_finite,
 )
 from .configuration import MultiTenantMixtralConfig, validate_tenant_name
+from .validation import check_number
 
 ExpertPair = tuple[torch.Tensor, torch.Tensor]
 
@@ -111,24 +113,79 @@ def identical_expert_pool(layer_experts: Mapping[str, ExpertPair]) -> tuple[list
     return pool, maps
 
 
-def resolve_dtype(checkpoint: TenantCheckpoint, dtype: torch.dtype | str | None) -> torch.dtype:
-    dtype = dtype if dtype is not None else checkpoint.config.dtype
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+# Settings that one model applies to every tenant although they change no shape: the loss
+# (`router_aux_loss_coef`, `output_router_logits`) and training noise (`router_jitter_noise`,
+# `attention_dropout`). Tenants that differ in one are built only when the caller gives its value.
+SHARED_SETTINGS = ("router_aux_loss_coef", "output_router_logits", "router_jitter_noise", "attention_dropout")
+
+
+def check_settings(settings: Mapping[str, object]) -> dict[str, object]:
+    """The caller's values for shared settings, checked before any source is opened."""
+    unknown = sorted(set(settings) - set(SHARED_SETTINGS))
+    if unknown:
+        raise TypeError(f"Unexpected keyword arguments {unknown}; settings given for every tenant are {list(SHARED_SETTINGS)}.")
+    for key, value in settings.items():
+        if key == "output_router_logits":
+            if not isinstance(value, bool):
+                raise TypeError(f"output_router_logits must be a bool, got {value!r}.")
+        elif check_number(key, value) > 1 and key == "attention_dropout":
+            raise ValueError(f"attention_dropout is a probability, at most 1; got {value!r}.")
+    return dict(settings)
+
+
+def shared_settings(configs: Mapping[str, MixtralConfig], given: Mapping[str, object]) -> dict[str, object]:
+    """One value per shared setting: the caller's, else the one every tenant has."""
+    resolved = {}
+    for key in SHARED_SETTINGS:
+        values = {name: getattr(config, key) for name, config in configs.items()}
+        if key not in given and len(set(values.values())) > 1:
+            raise IncompatibleTenantsError(
+                f"Tenants differ in {key} ({values}), which one model applies to every tenant; pass the value to "
+                f"use, e.g. from_models(..., {key}=...) or consolidate(..., {key}=...)."
+            )
+        resolved[key] = given.get(key, next(iter(values.values())))
+    return resolved
+
+
+def checked_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype or its name (e.g. 'bfloat16'), got {dtype!r}.")
+    return resolved
+
+
+def target_dtype(checkpoints: Mapping[str, TenantCheckpoint], dtype: torch.dtype | str | None) -> torch.dtype:
+    """The caller's dtype, else the one the sources' weights are in (not what their configs say:
+    a model turned to bf16 with `.to()` still has an fp32 config)."""
+    if dtype is not None:
+        return checked_dtype(dtype)
+    found = {name: checkpoint.dtype for name, checkpoint in checkpoints.items()}
+    if len(set(found.values())) > 1:
+        readable = {name: str(value).removeprefix("torch.") for name, value in found.items()}
+        raise IncompatibleTenantsError(
+            f"Tenants hold their weights in different dtypes ({readable}); pass dtype= to choose the one to build in."
+        )
+    return next(iter(found.values()))
 
 
 class TenantSet:
     """Opened, mutually compatible tenant checkpoints, read layer by layer in one target dtype."""
 
-    def __init__(self, checkpoints: dict[str, TenantCheckpoint], default_tenant: str | None, dtype):
+    def __init__(
+        self,
+        checkpoints: dict[str, TenantCheckpoint],
+        default_tenant: str | None,
+        dtype,
+        settings: Mapping[str, object] | None = None,
+    ):
         self.checkpoints = checkpoints
         self.names = list(checkpoints)
         self.default_tenant = self.names[0] if default_tenant is None else default_tenant
         if self.default_tenant not in checkpoints:
             raise ValueError(f"default_tenant {self.default_tenant!r} is not one of the tenants {self.names}.")
         self.reference = checkpoints[self.names[0]].config
-        self.dtype = resolve_dtype(checkpoints[self.names[0]], dtype)
+        self.settings = shared_settings({name: c.config for name, c in checkpoints.items()}, settings or {})
+        self.dtype = target_dtype(checkpoints, dtype)
         self.shapes = expected_shapes(checkpoints[self.names[0]])
         for name, checkpoint in checkpoints.items():
             unexpected = sorted(set(checkpoint.names()) - set(self.shapes))
@@ -143,8 +200,13 @@ class TenantSet:
         default_tenant: str | None = None,
         dtype: torch.dtype | str | None = None,
         revision: str | None = None,
+        **settings,
     ) -> TenantSet:
-        return cls(open_checkpoints(models, revision), default_tenant, dtype)
+        """Check the caller's options, then open (lazily) and check every source."""
+        settings = check_settings(settings)
+        if dtype is not None:
+            checked_dtype(dtype)
+        return cls(open_checkpoints(models, revision), default_tenant, dtype, settings)
 
     @property
     def num_layers(self) -> int:
@@ -173,6 +235,10 @@ class TenantSet:
             )
         return tensors
 
+    def generation_configs(self) -> dict:
+        """Each tenant's generation settings, from its source."""
+        return {name: checkpoint.generation_config for name, checkpoint in self.checkpoints.items()}
+
     def config(self, pool_sizes: list[int], expert_maps: dict[str, list[list[int]]]) -> MultiTenantMixtralConfig:
         fields = self.reference.to_dict()
         for field in ("model_type", "architectures", "transformers_version", "auto_map"):
@@ -188,6 +254,7 @@ class TenantSet:
         }
         return MultiTenantMixtralConfig(
             **fields
+            | self.settings
             | {
                 "dtype": self.dtype,
                 "tie_word_embeddings": False,
@@ -224,15 +291,8 @@ def assemble(tenants: TenantSet, pool_for_layer: PoolBuilder) -> tuple[MultiTena
     return tenants.config(pool_sizes, expert_maps), state_dict
 
 
-def assemble_lossless(
-    models: Mapping[str, TenantSource],
-    *,
-    default_tenant: str | None = None,
-    dtype: torch.dtype | str | None = None,
-    revision: str | None = None,
-) -> tuple[MultiTenantMixtralConfig, dict[str, torch.Tensor]]:
+def assemble_lossless(tenants: TenantSet) -> tuple[MultiTenantMixtralConfig, dict[str, torch.Tensor]]:
     """Share only experts that are bit-identical across tenants; keep everything else."""
-    tenants = TenantSet.open(models, default_tenant=default_tenant, dtype=dtype, revision=revision)
     return assemble(tenants, lambda layer_idx, experts: identical_expert_pool(experts))
 
 

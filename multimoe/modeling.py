@@ -15,6 +15,7 @@ re-pointed, copied or registered twice, and the cost does not depend on model si
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 from collections.abc import Iterator, Mapping
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, StoppingCriteriaList
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -50,9 +51,10 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .checkpoints import TenantSource, strict_from_pretrained
 from .configuration import MultiTenantMixtralConfig
+from .generation import generation_for_rows
 from .hub import push_to_hub, write_model_card
 from .memory import MemoryReport
-from .routing import SCOPED_TENANTS, TenantRouting, UnknownTenantError, claim_cache
+from .routing import CALL_GENERATION_CONFIGS, SCOPED_TENANTS, TenantRouting, UnknownTenantError, claim_cache
 from .saving import atomic_save_pretrained
 
 
@@ -67,6 +69,31 @@ def build_time(module: str):
         return importlib.import_module(f"multimoe.{module}")
     except ModuleNotFoundError as error:
         raise ImportError(f"Building or editing a multi-tenant model needs the multimoe package: {error}") from error
+
+
+# Each tenant's own files (its generation config) lie in `tenants/<name>/` of a checkpoint.
+TENANTS_FOLDER = "tenants"
+HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+
+def read_tenant_generation_configs(model, pretrained_model_name_or_path, options: dict) -> dict[str, GenerationConfig]:
+    """Each tenant's generation config from `tenants/<name>/generation_config.json`; a checkpoint
+    of an earlier release has none, and then every tenant gets the one transformers loaded."""
+    hub = {key: options[key] for key in HUB_OPTIONS if key in options}
+    folder = "/".join(part for part in (hub.pop("subfolder", ""), TENANTS_FOLDER) if part)
+    configs = {}
+    for name in model.tenants:
+        # A local directory is read by path: `GenerationConfig.from_pretrained` ignores `subfolder`
+        # there when the directory itself holds a generation_config.json.
+        if os.path.isdir(pretrained_model_name_or_path):
+            location, where = os.path.join(pretrained_model_name_or_path, folder, name), {}
+        else:
+            location, where = pretrained_model_name_or_path, hub | {"subfolder": f"{folder}/{name}"}
+        try:
+            configs[name] = GenerationConfig.from_pretrained(location, **where)
+        except OSError:
+            configs[name] = copy.deepcopy(model.generation_config)
+    return configs
 
 
 @use_experts_implementation
@@ -302,14 +329,24 @@ class MultiTenantMixtralModel(MultiTenantMixtralPreTrainedModel):
         """The tenant a call runs as: the one it names, else the innermost `active()` block's, else
         the active tenant."""
         name = tenant if tenant is not None else SCOPED_TENANTS.get().get(id(self), self.active_tenant)
+        return self.known_tenant(name)
+
+    def known_tenant(self, name: str) -> str:
+        """`name` itself if this model holds that tenant; `None` never names one."""
+        if name is None:
+            raise UnknownTenantError(f"Name a tenant: got None; known tenants: {self.tenant_names}.")
         if not isinstance(name, str) or name not in self.embed_tokens:
             raise UnknownTenantError(f"Unknown tenant {name!r}; known tenants: {self.tenant_names}.")
         return name
 
     def tenant_ids(self, tenant_names: list[str], device: torch.device | None = None) -> torch.LongTensor:
         """Row tenant names as indices into `tenant_names`, the form generate() expands with beams."""
-        if isinstance(tenant_names, str):
-            raise ValueError("tenant_names takes one name per row; use tenant= for a single tenant.")
+        if isinstance(tenant_names, str) or not isinstance(tenant_names, (list, tuple)):
+            raise ValueError(
+                f"tenant_names takes a list with one name per row, got {tenant_names!r}; use tenant= for a single tenant."
+            )
+        if not tenant_names:
+            raise ValueError("tenant_names is empty: give one tenant name per row of a non-empty batch.")
         names = self.tenant_names
         return torch.tensor([names.index(self.resolve_tenant(name)) for name in tenant_names], device=device)
 
@@ -323,23 +360,33 @@ class MultiTenantMixtralModel(MultiTenantMixtralPreTrainedModel):
         """Resolve, once per call, which tenant each row runs as."""
         if sum(value is not None for value in (tenant, tenant_names, tenant_ids)) > 1:
             raise ValueError("Name the tenant once: pass only one of tenant, tenant_names or tenant_ids.")
+        if batch_size == 0:
+            raise ValueError("The batch has no rows: give at least one input row.")
         if tenant_names is not None:
             tenant_ids = self.tenant_ids(tenant_names)
         if tenant_ids is None:
             return TenantRouting.single(self.resolve_tenant(tenant), batch_size)
+        if not isinstance(tenant_ids, torch.Tensor) or tenant_ids.dtype not in (torch.int32, torch.int64):
+            kind = tenant_ids.dtype if isinstance(tenant_ids, torch.Tensor) else type(tenant_ids).__name__
+            raise ValueError(
+                f"tenant_ids must be an integer tensor with one index into {self.tenant_names} per row, got {kind}; "
+                "tenant_names takes a list of names."
+            )
         if tenant_ids.shape != (batch_size,):
             raise ValueError(
                 f"Give one tenant per row: {batch_size} rows, tenant ids of shape {tuple(tenant_ids.shape)}."
             )
-        if batch_size and not 0 <= int(tenant_ids.min()) <= int(tenant_ids.max()) < len(self.tenant_names):
+        if not 0 <= int(tenant_ids.min()) <= int(tenant_ids.max()) < len(self.tenant_names):
             raise UnknownTenantError(f"tenant_ids must index {self.tenant_names}; got {tenant_ids.tolist()}.")
         return TenantRouting.from_ids(tenant_ids, self.tenant_names)
 
     def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens[self.active_tenant]
+        """The current tenant's embedding (see `resolve_tenant`), so `inputs_embeds` built from it
+        match what a call without `tenant=` runs as."""
+        return self.embed_tokens[self.resolve_tenant(None)]
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens[self.active_tenant] = value
+        self.embed_tokens[self.resolve_tenant(None)] = value
 
     @merge_with_config_defaults
     @capture_outputs
@@ -436,8 +483,9 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         models: Mapping[str, TenantSource],
         *,
         default_tenant: str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         revision: str | None = None,
+        **shared_settings,
     ) -> MultiTenantMixtralForCausalLM:
         """Build losslessly from N Mixtral checkpoints keyed by tenant name.
 
@@ -445,10 +493,28 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         per-expert or the v5 fused layout. Experts that are bit-identical across tenants in the same
         layer are stored once; every other tensor is kept per tenant. All sources are checked for
         compatibility before any weight is read.
+
+        The model is built in `dtype`, else in the dtype the sources' weights are in (refused when
+        they differ). `shared_settings` give the value of a setting one model applies to every
+        tenant (`router_aux_loss_coef`, `output_router_logits`, `router_jitter_noise`,
+        `attention_dropout`); without one, tenants that differ in it are refused. Each tenant keeps
+        its own generation config (see `generation_configs`).
         """
-        assemble_lossless = build_time("assembly").assemble_lossless
-        config, state_dict = assemble_lossless(models, default_tenant=default_tenant, dtype=dtype, revision=revision)
-        return cls.from_pretrained(None, config=config, state_dict=state_dict, dtype=config.dtype)
+        assembly = build_time("assembly")
+        tenants = assembly.TenantSet.open(
+            models, default_tenant=default_tenant, dtype=dtype, revision=revision, **shared_settings
+        )
+        return cls.from_assembly(tenants, *assembly.assemble_lossless(tenants))
+
+    @classmethod
+    def from_assembly(
+        cls, tenants, config: MultiTenantMixtralConfig, state_dict: dict[str, torch.Tensor]
+    ) -> MultiTenantMixtralForCausalLM:
+        """The model of an assembled config and state dict, with each tenant's generation config
+        from its source (`tenants`, a `multimoe.assembly.TenantSet`)."""
+        model = cls.from_pretrained(None, config=config, state_dict=state_dict, dtype=config.dtype)
+        model.generation_configs = tenants.generation_configs()
+        return model
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -458,7 +524,11 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         tensor to float, keep NaN values and fall back to pickle; here each is a `CheckpointError`
         naming the file, tensor or key (see `multimoe.checkpoints.strict_from_pretrained`).
         """
-        return strict_from_pretrained(super().from_pretrained, *args, **kwargs)
+        model = strict_from_pretrained(super().from_pretrained, *args, **kwargs)
+        loaded = model[0] if isinstance(model, tuple) else model
+        if args and args[0] is not None:
+            loaded.generation_configs = read_tenant_generation_configs(loaded, args[0], kwargs)
+        return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`, plus a model card (README.md), made atomic: an
@@ -469,6 +539,8 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         def save(directory, **options) -> None:
             super(MultiTenantMixtralForCausalLM, self).save_pretrained(directory, **options)
             if options.get("is_main_process", True):
+                for name, generation_config in self.generation_configs.items():
+                    generation_config.save_pretrained(Path(directory, TENANTS_FOLDER, name))
                 write_model_card(self, directory, title)
 
         atomic_save_pretrained(save, save_directory, **kwargs)
@@ -506,7 +578,7 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
 
         Generations already running keep the tenant they started with.
         """
-        self.model.active_tenant = self.model.resolve_tenant(name)
+        self.model.active_tenant = self.model.known_tenant(name)
 
     @contextmanager
     def active(self, name: str) -> Iterator[MultiTenantMixtralForCausalLM]:
@@ -514,7 +586,7 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
 
         Other threads keep their own tenant, so this is the safe way to switch in a server.
         """
-        name = self.model.resolve_tenant(name)
+        name = self.model.known_tenant(name)
         token = SCOPED_TENANTS.set(SCOPED_TENANTS.get() | {id(self.model): name})
         try:
             yield self
@@ -534,7 +606,7 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
     def tenant_modules(self, name: str) -> dict[str, nn.Module]:
         """Every module that belongs to tenant `name` alone, keyed by qualified name, in a fixed
         order (embedding, final norm, lm_head, then one entry per layer)."""
-        name = self.model.resolve_tenant(name)
+        name = self.model.known_tenant(name)
         modules = {
             f"model.embed_tokens.{name}": self.model.embed_tokens[name],
             f"model.norm.{name}": self.model.norm[name],
@@ -559,9 +631,28 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head[self.model.resolve_tenant(None)] = new_embeddings
 
+    @property
+    def generation_config(self) -> GenerationConfig | None:
+        """The generation settings of the tenant a call runs as now (see [`active`]); inside
+        `generate`, those of that call's rows. Each tenant's are in `generation_configs`."""
+        scoped = CALL_GENERATION_CONFIGS.get().get(id(self))
+        if scoped is not None:
+            return scoped
+        return self.generation_configs[self.model.resolve_tenant(None)]
+
+    @generation_config.setter
+    def generation_config(self, value: GenerationConfig | None) -> None:
+        # transformers sets it while constructing (then every tenant starts from it) and after
+        # loading generation_config.json (then it is the current tenant's; see `from_pretrained`).
+        if "model" not in self._modules:
+            self.__dict__["generation_configs"] = {name: copy.deepcopy(value) for name in self.config.tenants}
+        else:
+            self.generation_configs[self.model.resolve_tenant(None)] = value
+
     def generate(
         self,
         inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
         *args,
         tenant: str | None = None,
         tenant_names: list[str] | None = None,
@@ -572,6 +663,10 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         `tenant="a"` runs every row as `a`; `tenant_names=[...]` gives one tenant per row (rows
         are expanded with their beams and return sequences). Without either, the current tenant
         (see [`active`] and [`set_active_model`]) is pinned for the whole generation.
+
+        Without a `generation_config`, each row runs with its own tenant's generation settings
+        (`generation_configs`): in a mixed batch each row stops at its own tenant's EOS, and a
+        setting the batch's tenants disagree on must be passed (see `multimoe.generation`).
         """
         if tenant_names is not None:
             if kwargs.get("tenant_ids") is not None:
@@ -579,8 +674,20 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
             kwargs["tenant_ids"] = self.model.tenant_ids(tenant_names, device=self.device)
         if kwargs.get("tenant_ids") is None:
             tenant = self.model.resolve_tenant(tenant)
-        # Whatever is named goes on to every forward, whose `route` refuses a tenant named twice.
-        return super().generate(inputs, *args, tenant=tenant, **kwargs)
+        rows = next((kwargs[key] for key in ("input_ids", "inputs_embeds") if kwargs.get(key) is not None), inputs)
+        routing = self.model.route(1 if rows is None else rows.shape[0], tenant=tenant, tenant_ids=kwargs.get("tenant_ids"))
+        scope = CALL_GENERATION_CONFIGS.get()
+        if generation_config is None:
+            call_config, stopping = generation_for_rows(self.generation_configs, routing.row_tenants, kwargs)
+            scope = scope | {id(self): call_config}
+            if stopping:
+                kwargs["stopping_criteria"] = StoppingCriteriaList([*stopping, *(kwargs.get("stopping_criteria") or [])])
+        token = CALL_GENERATION_CONFIGS.set(scope)
+        try:
+            # Whatever is named goes on to every forward, whose `route` refuses a tenant named twice.
+            return super().generate(inputs, generation_config, *args, tenant=tenant, **kwargs)
+        finally:
+            CALL_GENERATION_CONFIGS.reset(token)
 
     # -- forward ------------------------------------------------------------------------------
 

@@ -12,7 +12,9 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 from itertools import accumulate
+from types import MethodType
 from typing import Union
 
 import torch
@@ -21,6 +23,8 @@ RowFunction = Callable[[str, torch.Tensor], Union[torch.Tensor, tuple[torch.Tens
 
 # id(model) -> tenant for the current thread / asyncio task; set by `model.active(name)`.
 SCOPED_TENANTS: ContextVar[dict[int, str]] = ContextVar("multimoe_scoped_tenants", default={})
+# id(model) -> the generation config of the `generate` call running in this thread / task.
+CALL_GENERATION_CONFIGS: ContextVar[dict[int, object]] = ContextVar("multimoe_call_generation_configs", default={})
 
 
 class UnknownTenantError(ValueError):
@@ -106,11 +110,33 @@ def claim_cache(cache, routing: TenantRouting) -> None:
     owners = getattr(cache, "multimoe_row_tenants", None)
     if owners is None or cache.get_seq_length() == 0:
         cache.multimoe_row_tenants = routing.row_tenants
+        follow_row_edits(cache)
     elif owners != routing.row_tenants:
         raise CacheTenantMismatchError(
             f"This KV cache holds keys and values of tenants {list(owners)} (one per row); continuing it as "
             f"{list(routing.row_tenants)} would mix tenants. Start a new cache for a new tenant."
         )
+
+
+# The cache methods that move, drop or repeat rows (beam search, serving engines); the tag follows.
+ROW_EDITS = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
+
+
+def follow_row_edits(cache) -> None:
+    """Make the cache's own row edits move its tenant tag with the rows. Bound to the instance (a
+    `MethodType`), so that a deep copy of the cache edits the copy's tag."""
+    for method in ROW_EDITS:
+        if method not in vars(cache) and hasattr(type(cache), method):
+            setattr(cache, method, MethodType(partial(edit_rows, method=method), cache))
+
+
+def edit_rows(cache, argument, *, method: str) -> None:
+    getattr(type(cache), method)(cache, argument)
+    owners = cache.multimoe_row_tenants
+    if method == "batch_repeat_interleave":
+        cache.multimoe_row_tenants = tuple(owner for owner in owners for _ in range(argument))
+    else:
+        cache.multimoe_row_tenants = tuple(owners[row] for row in torch.as_tensor(argument).tolist())
 
 
 __all__ = ["CacheTenantMismatchError", "TenantRouting", "UnknownTenantError", "claim_cache", "tenant_order"]

@@ -13,11 +13,12 @@ from torch import nn
 from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
 from transformers.utils.output_capturing import OutputRecorder, recursively_install_hooks
 
-from .assembly import TenantSet
-from .checkpoints import TenantCheckpoint, TenantSource, check_compatible
+from .assembly import TenantSet, shared_settings
+from .checkpoints import IncompatibleTenantsError, TenantCheckpoint, TenantSource, check_compatible
 from .configuration import validate_tenant_name
 from .consolidation.similarity import NEEDS_CALIBRATION, get_metric
 from .modeling import MultiTenantMixtralForCausalLM, TenantLayer
+from .validation import check_number
 
 
 def match_to_pool(distances: torch.Tensor, threshold: float) -> list[int | None]:
@@ -60,6 +61,7 @@ def add_tenant(
     revision: str | None = None,
 ) -> None:
     validate_tenant_name(name)
+    check_number("threshold", threshold)
     if name in model.tenants:
         raise ValueError(f"Tenant {name!r} already exists; remove it first to replace it.")
     if similarity in NEEDS_CALIBRATION:
@@ -68,6 +70,12 @@ def add_tenant(
     checkpoint = TenantCheckpoint.open(source, tenant=name, revision=revision)
     reference = model.tenants[0]
     check_compatible({reference: model.config, name: checkpoint.config})
+    shared_settings({reference: model.config, name: checkpoint.config}, {})  # a tenant that differs is refused
+    if checkpoint.dtype != model.dtype:
+        raise IncompatibleTenantsError(
+            f"Tenant {name!r} holds {checkpoint.dtype} weights and the model {model.dtype} ones; convert the source "
+            f"first (e.g. source.to({model.dtype})) so that no cast happens unseen."
+        )
     incoming = TenantSet({name: checkpoint}, None, model.dtype)
     own_tensors = incoming.non_expert_tensors(name)  # read and checked before anything changes
 
@@ -101,6 +109,7 @@ def add_tenant(
     model.model.embed_tokens[name] = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
     model.model.norm[name] = MixtralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
     model.lm_head[name] = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    model.generation_configs[name] = checkpoint.generation_config
     modules = model.tenant_modules(name)
     for module in modules.values():
         module.to(device=device, dtype=model.dtype)
@@ -113,7 +122,7 @@ def add_tenant(
 
 
 def remove_tenant(model: MultiTenantMixtralForCausalLM, name: str) -> None:
-    name = model.model.resolve_tenant(name)
+    name = model.model.known_tenant(name)
     if len(model.tenants) == 1:
         raise ValueError(f"Cannot remove {name!r}: it is the only tenant.")
     config = model.config
@@ -133,7 +142,7 @@ def remove_tenant(model: MultiTenantMixtralForCausalLM, name: str) -> None:
             layer.tenants[tenant].expert_map.copy_(torch.tensor(row))
         config.pool_sizes[layer_idx] = len(kept)
         del layer.tenants[name]
-    del model.model.embed_tokens[name], model.model.norm[name], model.lm_head[name]
+    del model.model.embed_tokens[name], model.model.norm[name], model.lm_head[name], model.generation_configs[name]
     del config.tenants[name]
     if config.default_tenant == name:
         config.default_tenant = survivors[0]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..assembly import TenantSet, assemble
+from ..assembly import TenantSet, assemble, check_settings
 from ..checkpoints import TenantSource, is_expert_key
 from ..modeling import MultiTenantMixtralForCausalLM
 from ..validation import check_number
@@ -292,6 +292,7 @@ def consolidate(
     revision: str | None = None,
     max_calibration_rows: int = 256,
     progress: bool = True,
+    **shared_settings,
 ) -> MultiTenantMixtralForCausalLM:
     """Build one multi-tenant model from N Mixtral fine-tunes, sharing experts that are close.
 
@@ -320,6 +321,8 @@ def consolidate(
             budget, and the report says so.
         max_calibration_rows: the most hidden states kept per tenant and layer, the inputs on which
             `output` similarity and `output_medoid` compare experts.
+        shared_settings: the value of a setting one model applies to every tenant, as in
+            `MultiTenantMixtralForCausalLM.from_models` (e.g. `router_aux_loss_coef=0.02`).
 
     With no limit at all, only identical experts are shared (threshold 0): the result is lossless.
     Every numeric option is checked before any tenant is opened, and a budget no sharing can reach
@@ -330,6 +333,7 @@ def consolidate(
         check_number("threshold", threshold, optional=True)
     check_number("max_quality_loss", max_quality_loss, optional=True)
     check_number("max_calibration_rows", max_calibration_rows, positive=True, integer=True)
+    check_settings(shared_settings)
     requested_budget = None if memory_budget is None else MemoryBudget.parse(memory_budget)
     get_metric(similarity), get_grouping(grouping), get_merge(merge)
     if not isinstance(models, Mapping) or len(models) < 2:
@@ -344,7 +348,7 @@ def consolidate(
             "need calibration data."
         )
     data = per_tenant_data(calibration, list(models), tokenizer) if calibration is not None else None
-    tenants = TenantSet.open(models, default_tenant=default_tenant, dtype=dtype, revision=revision)
+    tenants = TenantSet.open(models, default_tenant=default_tenant, dtype=dtype, revision=revision, **shared_settings)
     footprint = Footprint.of(tenants)
     budget = None if requested_budget is None else requested_budget.bytes(footprint.one_model)
     if budget is not None and budget < footprint.smallest:
@@ -361,7 +365,7 @@ def consolidate(
 
     def build(plan: Plan, merges: int, rule: str = merge) -> MultiTenantMixtralForCausalLM:
         config, state_dict = assemble(tenants, pool_builder(plan.planner, plan.allowed[:merges], rule, stats))
-        return MultiTenantMixtralForCausalLM.from_pretrained(None, config=config, state_dict=state_dict, dtype=tenants.dtype).eval()
+        return MultiTenantMixtralForCausalLM.from_assembly(tenants, config, state_dict).eval()
 
     def losses(model) -> dict[str, float]:
         return {name: language_model_loss(model, data[name], tenant=name) for name in tenants.names}
