@@ -9,21 +9,27 @@ multi-tenant model never holds N full source models in memory. Pickle files are 
 `strict_from_pretrained` wraps transformers' loading of a saved multi-tenant checkpoint so that
 what transformers would accept quietly (a corrupt shard, an integer tensor cast to float, a
 tensor of the wrong shape initialised at random, NaN weights, a config.json with a key given
-twice) is refused with the file, tensor or key named.
+twice) is refused with the file, tensor or key named; `check_saved_directory` refuses from the
+config and the headers alone what would not load, before anything is allocated.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import re
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Union
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedModel
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from transformers import GenerationConfig, MixtralConfig, MixtralForCausalLM, PreTrainedConfig, PreTrainedModel
+from transformers.utils import GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .alignment import realign
 
@@ -31,6 +37,10 @@ TenantSource = Union[str, os.PathLike, PreTrainedModel]
 
 LEGACY_MOE_PREFIX = ".block_sparse_moe."
 FUSED_MOE_PREFIX = ".mlp."
+# Legacy names, with indices as written by transformers (no leading zeros, so no two names alias).
+LEGACY_LAYER = r"model\.layers\.(?P<layer>0|[1-9]\d*)\.block_sparse_moe"
+LEGACY_EXPERT = re.compile(LEGACY_LAYER + r"\.experts\.(?P<expert>0|[1-9]\d*)\.w[123]\.weight")
+LEGACY_ROUTER = re.compile(LEGACY_LAYER + r"\.gate\.weight")
 
 # Fields that must agree for tenants to share one expert pool and one forward.
 COMPATIBILITY_FIELDS = (
@@ -48,6 +58,9 @@ COMPATIBILITY_FIELDS = (
     "rope_parameters",
     "sliding_window",
 )
+
+
+SAVED_CHECKPOINT = "Multi-tenant checkpoint"  # how errors about a saved checkpoint start
 
 
 class IncompatibleTenantsError(ValueError):
@@ -70,11 +83,19 @@ def fused_expert_keys(layer_idx: int) -> tuple[str, str]:
 class TenantCheckpoint:
     """A read-only, lazy view of one Mixtral checkpoint in v5 fused naming."""
 
-    def __init__(self, label: str, config: MixtralConfig, tensors: Mapping[str, torch.Tensor] | None, files=None):
+    def __init__(
+        self,
+        label: str,
+        config: MixtralConfig,
+        tensors: Mapping[str, torch.Tensor] | None,
+        files=None,
+        generation_source: GenerationConfig | None = None,
+    ):
         self.label = label
         self.config = config
         self._tensors = tensors
         self._files = files
+        self.generation_source = generation_source
 
     # -- construction -------------------------------------------------------------------------
 
@@ -87,7 +108,8 @@ class TenantCheckpoint:
                     f"Tenant {tenant!r}: expected a MixtralForCausalLM, got {type(source).__name__}."
                 )
             state = dict(source.state_dict())
-            return cls(source.name_or_path or type(source).__name__, source.config, state)
+            return cls(source.name_or_path or type(source).__name__, source.config, state,
+                       generation_source=source.generation_config)
         if not isinstance(source, (str, os.PathLike)):
             raise CheckpointError(
                 f"Tenant {tenant!r}: a source must be a MixtralForCausalLM, a local directory or a Hub repo id, "
@@ -99,25 +121,63 @@ class TenantCheckpoint:
 
     # -- access -------------------------------------------------------------------------------
 
-    @property
+    @cached_property
     def tie_word_embeddings(self) -> bool:
-        return bool(self.config.tie_word_embeddings)
+        """Whether the source computes its logits with its embedding matrix, whatever its config
+        says. A loaded model does when its lm_head is the embedding tensor. A directory does when
+        its config ties and it stores no lm_head, or one equal to the embedding: with other values,
+        transformers leaves the two untied and uses the stored lm_head."""
+        if self._tensors is not None:
+            head, embedding = self._tensors["lm_head.weight"], self._tensors["model.embed_tokens.weight"]
+            return head.data_ptr() == embedding.data_ptr() and head.shape == embedding.shape
+        if not self.config.tie_word_embeddings or "lm_head.weight" not in self._files:
+            return bool(self.config.tie_word_embeddings)
+        return torch.equal(self._files.get("lm_head.weight"), self._files.get("model.embed_tokens.weight"))
 
-    def names(self) -> Iterator[str]:
-        """Parameter names in v5 naming; legacy per-expert keys appear as the two fused names."""
+    @cached_property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype most of the source's weights are in (by element count), read from the
+        tensors or the headers: what the source computes in, whatever its config says."""
+        if self._tensors is not None:
+            found = ((tensor.dtype, tensor.numel()) for tensor in self._tensors.values())
+        else:
+            found = ((self._files.dtypes[key], math.prod(self._files.shapes[key])) for key in self._files.keys())
+        counts = Counter()
+        for dtype, numel in found:
+            if dtype is not None and dtype.is_floating_point:
+                counts[dtype] += numel
+        return counts.most_common(1)[0][0] if counts else None
+
+    @cached_property
+    def generation_config(self) -> GenerationConfig:
+        """The source's generation settings: a loaded model's own, a directory's
+        generation_config.json, else the defaults transformers derives from its config."""
+        if self._tensors is not None:
+            return copy.deepcopy(self.generation_source or GenerationConfig.from_model_config(self.config))
+        if (self._files.directory / GENERATION_CONFIG_NAME).is_file():
+            return GenerationConfig.from_pretrained(self._files.directory)
+        return GenerationConfig.from_model_config(self.config)
+
+    def names(self) -> list[str]:
+        """Parameter names in v5 naming, each once; legacy per-expert keys appear as the two fused names."""
         keys = self._tensors.keys() if self._tensors is not None else self._files.keys()
-        seen = set()
-        for key in keys:
-            name = key.replace(LEGACY_MOE_PREFIX, FUSED_MOE_PREFIX)
-            if is_expert_key(name):
-                layer_idx = int(name.split(".")[2])
-                for fused in fused_expert_keys(layer_idx):
-                    if fused not in seen:
-                        seen.add(fused)
-                        yield fused
-            elif name not in seen:
-                seen.add(name)
-                yield name
+        return list(dict.fromkeys(name for key in keys for name in self.v5_names(key)))
+
+    def v5_names(self, key: str) -> tuple[str, ...]:
+        """What a stored key stands for in v5 naming. Only exact legacy names are translated (a
+        per-expert weight of an expert this config has, a router); any other key stands for itself,
+        so that a stray tensor is refused by its own name instead of vanishing into a fused one."""
+        expert = LEGACY_EXPERT.fullmatch(key)
+        if (
+            expert
+            and int(expert["layer"]) < self.config.num_hidden_layers
+            and int(expert["expert"]) < self.config.num_local_experts
+        ):
+            return fused_expert_keys(int(expert["layer"]))
+        router = LEGACY_ROUTER.fullmatch(key)
+        if router:
+            return (f"model.layers.{router['layer']}.mlp.gate.weight",)
+        return (key,)
 
     def tensor(self, name: str) -> torch.Tensor:
         """One non-expert tensor by its v5 name; a tied lm_head reads the embedding matrix."""
@@ -171,13 +231,18 @@ def read_json(path: Path, *, owner: str) -> dict:
         raise CheckpointError(f"{owner}: cannot read {path}: {error}") from error
 
 
+# The floating dtypes a safetensors header names.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 class SafetensorsFiles:
     """Key -> file index over a directory's safetensors shards; tensors are read on demand.
 
     Opening checks what the headers alone can tell, before any tensor is read: every shard lies in
-    the directory and parses, and every tensor is floating point. `owner` starts each error message
-    ("Tenant 'chat'", "Multi-tenant checkpoint"). Each read maps its shard only for that read, so
-    pages already read do not stay resident in this process.
+    the directory and parses, and every tensor is floating point; `shapes` keeps each tensor's shape
+    from the headers. `owner` starts each error message ("Tenant 'chat'", "Multi-tenant
+    checkpoint"). Each read maps its shard only for that read, so pages already read do not stay
+    resident in this process.
     """
 
     def __init__(self, directory: Path, *, owner: str, variant: str | None = None):
@@ -197,29 +262,32 @@ class SafetensorsFiles:
             hint = f" Found {pickled}, which are pickle files and are never loaded." if pickled else ""
             raise CheckpointError(f"{owner}: no safetensors weights in {directory}.{hint}")
         self._paths = {}
+        self.shapes: dict[str, list[int]] = {}
+        self.dtypes: dict[str, torch.dtype | None] = {}
         for file_name in files:
             path = directory / file_name
             if path.resolve().parent != directory.resolve():
                 raise CheckpointError(f"{owner}: shard {file_name!r} lies outside {directory}.")
             try:
                 with safe_open(str(path), framework="pt") as handle:
-                    self.check_floating(handle, file_name)
-                    keys = list(handle.keys())
+                    for key in handle.keys():
+                        header = handle.get_slice(key)
+                        self.check_floating(key, header.get_dtype(), file_name)
+                        self.shapes[key] = header.get_shape()
+                        self.dtypes[key] = SAFETENSORS_DTYPES.get(header.get_dtype())
             except (OSError, SafetensorError) as error:
                 raise CheckpointError(f"{owner}: cannot read {path}: {error}") from error
             self._paths[file_name] = str(path)
         if weight_map is None:
-            weight_map = dict.fromkeys(keys, weights_name)
+            weight_map = dict.fromkeys(self.shapes, weights_name)
         self._weight_map = weight_map
 
-    def check_floating(self, handle, file_name: str) -> None:
+    def check_floating(self, key: str, dtype: str, file_name: str) -> None:
         """Refuse integer or bool tensors from the headers: a loader would cast them to float silently."""
-        for key in handle.keys():
-            dtype = handle.get_slice(key).get_dtype()
-            if not dtype.startswith(("F", "BF")):
-                raise CheckpointError(
-                    f"{self.owner}: tensor {key!r} in {file_name} has dtype {dtype}; weights must be floating."
-                )
+        if not dtype.startswith(("F", "BF")):
+            raise CheckpointError(
+                f"{self.owner}: tensor {key!r} in {file_name} has dtype {dtype}; weights must be floating."
+            )
 
     def keys(self):
         return self._weight_map.keys()
@@ -267,13 +335,73 @@ def read_config(directory: Path, *, tenant: str) -> MixtralConfig:
     return MixtralConfig.from_pretrained(directory)
 
 
-def check_saved_directory(directory: Path, *, variant: str | None = None) -> None:
-    """What can be refused in a saved multi-tenant checkpoint before transformers reads a weight:
-    a config.json with a key given twice, a shard that is missing, corrupt or outside the
-    directory, a non-floating tensor, and pickle-only weights."""
-    owner = "Multi-tenant checkpoint"
-    read_json(directory / "config.json", owner=owner)
-    SafetensorsFiles(directory, owner=owner, variant=variant)
+def check_saved_directory(directory: Path, model_class: type[PreTrainedModel], *, variant: str | None = None) -> None:
+    """Refuse, from config.json and the safetensors headers alone, a saved checkpoint that would not
+    load as `model_class` exactly: a config.json with a key given twice, of another model type or
+    invalid; a shard that is missing, corrupt or outside the directory; pickle-only weights; a
+    non-floating tensor; tensors missing, unexpected or misshapen for the config. No weight is
+    read or allocated, so a config claiming a huge pool costs no memory before it is refused."""
+    config = read_saved_config(directory, model_class)
+    found = SafetensorsFiles(directory, owner=SAVED_CHECKPOINT, variant=variant).shapes
+    implied = implied_shapes(model_class, config)
+    prefix = f"{model_class.base_model_prefix}."
+    if not any(key.startswith(prefix) for key in implied) and any(key.startswith(prefix) for key in found):
+        # The base model loaded from a checkpoint of the model with its head: transformers strips the
+        # prefix and leaves the head's tensors out.
+        found = {key.removeprefix(prefix): shape for key, shape in found.items() if key.startswith(prefix)}
+    both = implied.keys() & found.keys()
+    check_matches_config(
+        f"{SAVED_CHECKPOINT} {directory}",
+        missing=implied.keys() - found.keys(),
+        unexpected=found.keys() - implied.keys(),
+        mismatched=[(key, found[key], implied[key]) for key in both if found[key] != list(implied[key])],
+    )
+
+
+def read_saved_config(directory: Path, model_class: type[PreTrainedModel]) -> PreTrainedConfig:
+    """The checkpoint's config, refused if it is another model type's: transformers would build the
+    model from it and fail deep inside with a bare TypeError."""
+    model_type = read_json(directory / "config.json", owner=SAVED_CHECKPOINT).get("model_type")
+    expected = model_class.config_class.model_type
+    if model_type != expected:
+        raise CheckpointError(
+            f"{SAVED_CHECKPOINT}: {directory} holds a single {model_type!r} model, not a multi-tenant one "
+            f"({expected!r}); build one from it with "
+            f"{model_class.__name__}.from_models({{'name': {str(directory)!r}}})."
+        )
+    return model_class.config_class.from_pretrained(directory)
+
+
+def implied_shapes(model_class: type[PreTrainedModel], config: PreTrainedConfig) -> dict[str, torch.Size]:
+    """The shape of every tensor a saved `model_class` with `config` holds, measured on the meta
+    device, which allocates nothing whatever sizes the config claims. Tied weights are left out:
+    transformers saves only the tensor each is tied to."""
+    with torch.device("meta"):
+        model = model_class(config)
+    tied = model.all_tied_weights_keys
+    return {name: tensor.shape for name, tensor in model.state_dict().items() if name not in tied}
+
+
+def check_matches_config(
+    checkpoint: str,
+    missing: Collection[str],
+    unexpected: Collection[str],
+    mismatched: Collection[tuple[str, Sequence[int], Sequence[int]]],
+) -> None:
+    """Refuse tensors missing, unexpected or misshapen (name, found shape, implied shape) for the
+    config, naming the first few in sorted order, so that a checkpoint always gets the same message."""
+    for problem, keys in (("missing keys", missing), ("unexpected keys", unexpected)):
+        keys = sorted(keys)
+        if keys:
+            raise CheckpointError(
+                f"{checkpoint} does not match its config: {problem} {keys[:5]}{' and more' if len(keys) > 5 else ''}."
+            )
+    if mismatched:
+        key, found, implied = min(mismatched)
+        raise CheckpointError(
+            f"{checkpoint} does not match its config: tensor {key!r} has shape {list(found)}, the config implies "
+            f"{list(implied)}."
+        )
 
 
 def is_finite(tensor: torch.Tensor) -> bool:
@@ -298,35 +426,30 @@ def strict_from_pretrained(
     *model_args,
     **kwargs,
 ):
-    """`load` (transformers' `from_pretrained`), refusing with a `CheckpointError` what it would
-    otherwise accept: tensors missing (initialised at random), unexpected, or of the wrong shape
-    (initialised at random with `ignore_mismatched_sizes`), NaN/Inf weights, and, for a local
-    directory before any weight is read, what `check_saved_directory` refuses. Pickle weights are
-    never loaded (`use_safetensors=True`).
+    """`load` (transformers' `from_pretrained` bound to the model class, as `super().from_pretrained`
+    in an override is), refusing with a `CheckpointError` what it would otherwise accept.
+
+    A local directory first goes through `check_saved_directory`, which refuses from config.json
+    and the headers, before any weight is read or allocated, tensors missing (initialised at
+    random), unexpected (a stray lm_head of a tied tenant would untie it) or of the wrong shape
+    (initialised at random with `ignore_mismatched_sizes`). Once loaded, which is all a Hub
+    checkpoint gets, the missing, unexpected and misshapen keys transformers reports and NaN/Inf
+    weights are refused. Pickle weights are never loaded (`use_safetensors=True`).
     """
     wants_loading_info = kwargs.pop("output_loading_info", False)
     if pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path):
         directory = Path(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
-        check_saved_directory(directory, variant=kwargs.get("variant"))
+        check_saved_directory(directory, load.__self__, variant=kwargs.get("variant"))
     kwargs |= {"use_safetensors": True, "ignore_mismatched_sizes": True, "output_loading_info": True}
     model, loading_info = load(pretrained_model_name_or_path, *model_args, **kwargs)
-    for problem in ("missing_keys", "unexpected_keys"):
-        keys = sorted(loading_info[problem])
-        if keys:
-            raise CheckpointError(
-                f"The checkpoint does not match its config: {problem.replace('_', ' ')} {keys[:5]}"
-                f"{' and more' if len(keys) > 5 else ''}."
-            )
-    if loading_info["mismatched_keys"]:
-        key, found, expected = sorted(loading_info["mismatched_keys"])[0]
-        raise CheckpointError(
-            f"The checkpoint does not match its config: tensor {key!r} has shape {list(found)}, the config "
-            f"implies {list(expected)}."
-        )
+    unexpected = loading_info["unexpected_keys"]
+    if model.base_model is model and type(model).__name__ not in (model.config.architectures or []):
+        # The base model from a checkpoint of the model with its head: the head's tensors stay unread.
+        unexpected = {key for key in unexpected if key.startswith(f"{model.base_model_prefix}.")}
+    check_matches_config("The checkpoint", loading_info["missing_keys"], unexpected, loading_info["mismatched_keys"])
     check_finite(model.named_parameters())
     realign(model)
     return (model, loading_info) if wants_loading_info else model
-
 
 
 def effective(config: MixtralConfig, field: str):

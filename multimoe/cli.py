@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from .validation import check_number
 
 
 def tenant_argument(text: str) -> tuple[str, str]:
@@ -25,6 +30,48 @@ def budget_argument(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
+def number_argument(name: str, *, integer: bool = False, **limits) -> Callable[[str], int | float]:
+    """An argparse `type` refusing, with exit status 2 before any work, what `check_number` refuses
+    (NaN, infinities, out of range, a fraction for a count), so the flag behaves as the API does."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            value = text  # not a number: check_number says what it should be
+        try:
+            return check_number(name, value, integer=integer, **limits)
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+def threshold_argument(text: str) -> float:
+    """A distance limit, or "inf" for none (every expert may be shared), as `consolidate` takes it."""
+    return math.inf if text.lower().lstrip("+") in ("inf", "infinity") else number_argument("threshold")(text)
+
+
+def output_argument(kind: str) -> Callable[[str], str]:
+    """An argparse `type` for a path written only after the consolidation (`kind`: "directory" or
+    "file"): refused now, with exit status 2, where writing it then would fail."""
+
+    def parse(text: str) -> str:
+        path = Path(text)
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if existing == path and path.is_dir() != (kind == "directory"):
+            problem = f"{text} exists and is not a {kind}"
+        elif existing != path and not existing.is_dir():
+            problem = f"cannot create {text}: {existing} is a file"
+        elif not os.access(existing, os.W_OK):
+            problem = f"cannot write {text}: {existing} is not writable"
+        else:
+            return text
+        raise argparse.ArgumentTypeError(problem)
+
+    return parse
+
+
 def read_calibration(path: Path) -> list:
     """One text per line, or (.jsonl) one prompt/completion pair per line."""
     lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
@@ -35,7 +82,7 @@ def read_calibration(path: Path) -> list:
         try:
             samples.append(json.loads(line))
         except json.JSONDecodeError as error:
-            raise SystemExit(f"error: {path} line {number} is not JSON ({error.msg})") from None
+            raise ValueError(f"{path} line {number} is not JSON ({error.msg})") from None
     return samples
 
 
@@ -44,13 +91,15 @@ def consolidate_command(args: argparse.Namespace) -> None:
 
     from .consolidation import consolidate
 
+    names = [name for name, _ in args.tenant]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"each --tenant needs its own name; given more than once: {', '.join(repeated)}")
     tenants = dict(args.tenant)
-    if len(tenants) != len(args.tenant):
-        raise SystemExit("error: a tenant name is given more than once")
+    calibration = read_calibration(Path(args.calibration)) if args.calibration else None
     tokenizer = None
     if args.calibration or args.tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.tenant[0][1])
-    calibration = read_calibration(Path(args.calibration)) if args.calibration else None
     model = consolidate(
         tenants,
         similarity=args.similarity,
@@ -69,6 +118,7 @@ def consolidate_command(args: argparse.Namespace) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(args.out)
     if args.heatmap:
+        Path(args.heatmap).parent.mkdir(parents=True, exist_ok=True)
         model.consolidation_report.heatmap(args.heatmap)
     print(model.consolidation_report.to_markdown())
     print()
@@ -93,11 +143,12 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
     command = commands.add_parser("consolidate", help="merge N Mixtral fine-tunes into one multi-tenant model")
     command.add_argument("--tenant", type=tenant_argument, action="append", required=True, metavar="NAME=SOURCE")
-    command.add_argument("--out", required=True, help="directory to save the consolidated model in")
+    command.add_argument("--out", type=output_argument("directory"), required=True,
+                         help="directory to save the consolidated model in")
     command.add_argument("--similarity", default="weight_l2", choices=sorted(SIMILARITY_METRICS))
     command.add_argument("--grouping", default="cross_index", choices=sorted(GROUPINGS))
     command.add_argument("--merge", default="select", choices=sorted(MERGE_RULES))
-    command.add_argument("--threshold", type=float)
+    command.add_argument("--threshold", type=threshold_argument)
     command.add_argument("--memory-budget", type=budget_argument, help="bytes, or a multiple of one model: 1.25x")
     command.add_argument("--anchor", default="first", help="first, most_sensitive, or a tenant name")
     command.add_argument(
@@ -105,16 +156,18 @@ def parser() -> argparse.ArgumentParser:
         help="a text file, one calibration sample per line, or a .jsonl file of {\"prompt\", \"completion\"} pairs",
     )
     command.add_argument("--tokenizer", help="tokenizer for the calibration text (default: the first tenant's)")
-    command.add_argument("--max-quality-loss", type=float)
+    command.add_argument("--max-quality-loss", type=number_argument("max_quality_loss"))
     command.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     command.add_argument("--revision")
     command.add_argument("--max-shard-size", default="5GB")
-    command.add_argument("--heatmap", help="write the expert-similarity heatmap to this PNG")
+    command.add_argument("--heatmap", type=output_argument("file"),
+                         help="write the expert-similarity heatmap to this PNG")
     command.set_defaults(run=consolidate_command)
     command = commands.add_parser("demo", help="consolidate the shipped task fine-tunes and show memory and quality")
     command.add_argument("--memory-budget", default="1.25x", help="a multiple of one model: 1.25x")
-    command.add_argument("--examples", type=int, default=50, help="held-out prompts per task for the quality table")
-    command.add_argument("--threads", type=int, default=2)
+    command.add_argument("--examples", type=number_argument("examples", integer=True, positive=True), default=50,
+                         help="held-out prompts per task for the quality table")
+    command.add_argument("--threads", type=number_argument("threads", integer=True, positive=True), default=2)
     command.set_defaults(run=demo_command)
     return root
 

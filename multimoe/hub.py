@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData
+from huggingface_hub.errors import HfHubHTTPError, HTTPError  # HTTPError: the HTTP client's base error
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TAGS = ["multimoe", "mixtral", "mixture-of-experts", "multi-tenant"]
@@ -30,8 +32,8 @@ def model_card(model, name: str = "multi-tenant Mixtral") -> str:
     sections = [
         f"---\n{metadata.to_yaml()}\n---",
         f"# {name}: {len(config.tenants)} Mixtral tenants, one shared expert pool",
-        "Made with [multimoe](https://pypi.org/project/multimoe/): each layer's experts are stored once in a shared "
-        "pool; every tenant keeps its own attention, norms, router, embeddings and lm_head.",
+        "Made with the `multimoe` library: each layer's experts are stored once in a shared pool; every tenant "
+        "keeps its own attention, norms, router, embeddings and lm_head.",
         "## Tenants\n\n| tenant | source | lm_head tied |\n|---|---|---|\n" + "\n".join(rows),
         f"Default tenant: `{config.default_tenant}`.",
         "## Pool\n\nExperts stored per layer: " + ", ".join(str(size) for size in config.pool_sizes)
@@ -54,6 +56,22 @@ def write_model_card(model, directory: str | os.PathLike, name: str) -> None:
     Path(directory, "README.md").write_text(model_card(model, name=name or "multi-tenant Mixtral"))
 
 
+@contextmanager
+def reaching_the_hub(api: HfApi, step: str):
+    """A Hub that cannot be reached (refused, DNS, timeout, proxy) surfaces as the HTTP client's own
+    error many frames deep; say instead which step failed, and where. The Hub's own answers
+    (`HfHubHTTPError`: credentials, names, quotas) already say why, and pass as they are."""
+    try:
+        yield
+    except HfHubHTTPError:
+        raise
+    except HTTPError as error:
+        raise ConnectionError(
+            f"push_to_hub could not reach the Hugging Face Hub at {api.endpoint} to {step} "
+            f"({type(error).__name__}: {error}); check the network connection, or HF_ENDPOINT."
+        ) from error
+
+
 def push_to_hub(
     model,
     repo_id: str,
@@ -69,7 +87,8 @@ def push_to_hub(
     """Save the model (weights, config with the maps, remote code, model card) and the tokenizer
     when given into one folder, and upload it as one commit."""
     api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with reaching_the_hub(api, f"create the repo {repo_id!r}"):
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as folder:
         staged = Path(folder, repo_id.split("/")[-1])
         model.save_pretrained(staged, max_shard_size=max_shard_size)
@@ -80,13 +99,14 @@ def push_to_hub(
             for path in sorted(staged.rglob("*"))
             if path.is_file()
         ]
-        return api.create_commit(
-            repo_id=repo_id,
-            operations=operations,
-            commit_message=commit_message or f"Upload multi-tenant model ({', '.join(model.tenants)})",
-            revision=revision,
-            create_pr=create_pr,
-        )
+        with reaching_the_hub(api, f"upload to {repo_id!r}"):
+            return api.create_commit(
+                repo_id=repo_id,
+                operations=operations,
+                commit_message=commit_message or f"Upload multi-tenant model ({', '.join(model.tenants)})",
+                revision=revision,
+                create_pr=create_pr,
+            )
 
 
 __all__ = ["model_card", "push_to_hub", "write_model_card"]

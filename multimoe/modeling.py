@@ -49,11 +49,13 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .checkpoints import TenantSource, strict_from_pretrained
+from .checkpoints import TenantSource, check_saved_directory, strict_from_pretrained
+from .concurrency import TenantLock
 from .configuration import MultiTenantMixtralConfig
 from .generation import generation_for_rows
 from .hub import push_to_hub, write_model_card
 from .memory import MemoryReport
+from .validation import check_number
 from .routing import CALL_GENERATION_CONFIGS, SCOPED_TENANTS, TenantRouting, UnknownTenantError, claim_cache
 from .saving import atomic_save_pretrained
 
@@ -288,6 +290,16 @@ class MultiTenantMixtralPreTrainedModel(PreTrainedModel):
         "attentions": MixtralAttention,
     }
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing what would silently serve the wrong weights.
+
+        transformers would initialise a missing or misshapen tensor at random, cast an integer
+        tensor to float, keep NaN values and fall back to pickle; here each is a `CheckpointError`
+        naming the file, tensor or key (see `multimoe.checkpoints.strict_from_pretrained`).
+        """
+        return strict_from_pretrained(super().from_pretrained, *args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
@@ -319,6 +331,7 @@ class MultiTenantMixtralModel(MultiTenantMixtralPreTrainedModel):
         self.rotary_emb = MixtralRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.active_tenant = config.default_tenant
+        self.tenant_lock = TenantLock()
         self.post_init()
 
     @property
@@ -418,7 +431,7 @@ class MultiTenantMixtralModel(MultiTenantMixtralPreTrainedModel):
 
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        if cache is not None:
+        if cache is not None and not torch.compiler.is_compiling():  # a compiled call: see `generate`
             claim_cache(cache, routing)
         if inputs_embeds is None:
             inputs_embeds = routing.map_rows(lambda name, rows: self.embed_tokens[name](rows), input_ids)
@@ -518,13 +531,9 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, refusing what would silently serve the wrong weights.
-
-        transformers would initialise a missing or misshapen tensor at random, cast an integer
-        tensor to float, keep NaN values and fall back to pickle; here each is a `CheckpointError`
-        naming the file, tensor or key (see `multimoe.checkpoints.strict_from_pretrained`).
-        """
-        model = strict_from_pretrained(super().from_pretrained, *args, **kwargs)
+        """The strict loading of every multi-tenant class, plus each tenant's generation config
+        (`tenants/<name>/generation_config.json`)."""
+        model = super().from_pretrained(*args, **kwargs)
         loaded = model[0] if isinstance(model, tuple) else model
         if args and args[0] is not None:
             loaded.generation_configs = read_tenant_generation_configs(loaded, args[0], kwargs)
@@ -543,7 +552,10 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
                     generation_config.save_pretrained(Path(directory, TENANTS_FOLDER, name))
                 write_model_card(self, directory, title)
 
-        atomic_save_pretrained(save, save_directory, **kwargs)
+        def verify(directory: Path) -> None:
+            check_saved_directory(directory, type(self), variant=kwargs.get("variant"))
+
+        atomic_save_pretrained(save, save_directory, verify=verify, **kwargs)
 
     def push_to_hub(self, repo_id: str, *, tokenizer=None, **kwargs):
         """Upload weights, config (with the tenant maps), remote code, the model card and, when
@@ -596,12 +608,29 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
     def add_tenant(self, name: str, model_or_path: TenantSource, **options) -> None:
         """Add a Mixtral tenant in place. Its experts join the pool: each shares the closest entry
         within `threshold` (default 0: identical only; `similarity=` picks the weight metric) or
-        gets a new one. The other tenants' weights and outputs stay bit-identical."""
-        build_time("tenancy").add_tenant(self, name, model_or_path, **options)
+        gets a new one. The other tenants' weights and outputs stay bit-identical.
+
+        Calls running in other threads finish first and new ones wait (see `TenantLock`)."""
+        with self.model.tenant_lock.writing():
+            build_time("tenancy").add_tenant(self, name, model_or_path, **options)
 
     def remove_tenant(self, name: str) -> None:
-        """Remove a tenant in place: its layers and every pool entry no other tenant reads."""
-        build_time("tenancy").remove_tenant(self, name)
+        """Remove a tenant in place: its layers and every pool entry no other tenant reads.
+
+        Calls running in other threads finish first and new ones wait (see `TenantLock`)."""
+        with self.model.tenant_lock.writing():
+            build_time("tenancy").remove_tenant(self, name)
+
+    def _resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """Every tenant's embedding and lm_head, as `resize_token_embeddings` means for one model
+        (the vocabulary size is one config field for all); returns the current tenant's embedding."""
+        check_number("new_num_tokens", new_num_tokens, positive=True, integer=True, optional=True)
+        check_number("pad_to_multiple_of", pad_to_multiple_of, positive=True, integer=True, optional=True)
+        with self.model.tenant_lock.writing():
+            for name in self.tenants:
+                with self.active(name):
+                    super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        return self.get_input_embeddings()
 
     def tenant_modules(self, name: str) -> dict[str, nn.Module]:
         """Every module that belongs to tenant `name` alone, keyed by qualified name, in a fixed
@@ -668,26 +697,40 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         (`generation_configs`): in a mixed batch each row stops at its own tenant's EOS, and a
         setting the batch's tenants disagree on must be passed (see `multimoe.generation`).
         """
-        if tenant_names is not None:
-            if kwargs.get("tenant_ids") is not None:
-                raise ValueError("Name the tenant once: pass only one of tenant, tenant_names or tenant_ids.")
-            kwargs["tenant_ids"] = self.model.tenant_ids(tenant_names, device=self.device)
-        if kwargs.get("tenant_ids") is None:
-            tenant = self.model.resolve_tenant(tenant)
-        rows = next((kwargs[key] for key in ("input_ids", "inputs_embeds") if kwargs.get(key) is not None), inputs)
-        routing = self.model.route(1 if rows is None else rows.shape[0], tenant=tenant, tenant_ids=kwargs.get("tenant_ids"))
-        scope = CALL_GENERATION_CONFIGS.get()
-        if generation_config is None:
-            call_config, stopping = generation_for_rows(self.generation_configs, routing.row_tenants, kwargs)
-            scope = scope | {id(self): call_config}
-            if stopping:
+        with self.model.tenant_lock.reading():  # names -> ids -> every forward: one tenant set
+            if tenant_names is not None:
+                if kwargs.get("tenant_ids") is not None:
+                    raise ValueError("Name the tenant once: pass only one of tenant, tenant_names or tenant_ids.")
+                kwargs["tenant_ids"] = self.model.tenant_ids(tenant_names, device=self.device)
+            if kwargs.get("tenant_ids") is None:
+                tenant = self.model.resolve_tenant(tenant)
+            scope = CALL_GENERATION_CONFIGS.get()
+            if generation_config is None:
+                call_config, stopping = self.rows_generation(inputs, tenant, kwargs)
+                scope = scope | {id(self): call_config}
                 kwargs["stopping_criteria"] = StoppingCriteriaList([*stopping, *(kwargs.get("stopping_criteria") or [])])
-        token = CALL_GENERATION_CONFIGS.set(scope)
-        try:
-            # Whatever is named goes on to every forward, whose `route` refuses a tenant named twice.
-            return super().generate(inputs, generation_config, *args, tenant=tenant, **kwargs)
-        finally:
-            CALL_GENERATION_CONFIGS.reset(token)
+            token = CALL_GENERATION_CONFIGS.set(scope)
+            try:
+                # Whatever is named goes on to every forward, whose `route` refuses a tenant named twice.
+                return super().generate(inputs, generation_config, *args, tenant=tenant, **kwargs)
+            finally:
+                CALL_GENERATION_CONFIGS.reset(token)
+
+    def rows_generation(self, inputs, tenant: str | None, kwargs: dict) -> tuple[GenerationConfig, list]:
+        """The generation config and extra stopping criteria of a `generate` call, from its rows'
+        tenants (see `multimoe.generation.generation_for_rows`)."""
+        rows = next((kwargs[key] for key in ("input_ids", "inputs_embeds") if kwargs.get(key) is not None), inputs)
+        batch_size = 1 if rows is None else rows.shape[0]
+        routing = self.model.route(batch_size, tenant=tenant, tenant_ids=kwargs.get("tenant_ids"))
+        return generation_for_rows(self.generation_configs, routing.row_tenants, kwargs)
+
+    def __call__(self, *args, **kwargs):
+        # Calls see the tenant set whole: an edit in another thread waits (see `TenantLock`). A
+        # compiled call runs inside `generate` or its caller's own synchronisation: locks do not trace.
+        if torch.compiler.is_compiling():
+            return super().__call__(*args, **kwargs)
+        with self.model.tenant_lock.reading():
+            return super().__call__(*args, **kwargs)
 
     # -- forward ------------------------------------------------------------------------------
 

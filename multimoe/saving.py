@@ -5,7 +5,8 @@ crash, a full disk, Ctrl-C) leaves a new config.json next to a mix of new and ol
 may load without error and serve the wrong weights. Here the save goes into a temporary sibling
 directory, is flushed to disk, and is swapped into place with two renames, so the target holds
 one complete checkpoint at every moment but the instant between the renames (and a failure there
-puts the previous checkpoint back).
+puts the previous checkpoint back). Given a `verify` check, a staged save that would not load is
+refused before the swap, so a loadable checkpoint is never replaced by one that does not load.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import CheckpointError
+
 # Weights of any earlier save: replaced as a whole, so that no stale shard or index survives next to
 # the new ones (transformers' in-place save keeps an old `model.safetensors` beside a new index).
 WEIGHTS_FILE = re.compile(
@@ -27,17 +30,27 @@ WEIGHTS_FILE = re.compile(
 )
 
 
-def atomic_save_pretrained(save: Callable[..., object], save_directory: str | os.PathLike, **kwargs) -> None:
+def atomic_save_pretrained(
+    save: Callable[..., object],
+    save_directory: str | os.PathLike,
+    *,
+    verify: Callable[[Path], object] | None = None,
+    **kwargs,
+) -> None:
     """Run `save(directory, **kwargs)`, transformers' `save_pretrained`, so that `save_directory`
     ends up holding the new checkpoint or, if the save fails, the previous one, untouched.
 
-    Files of the previous directory that are not weights (a tokenizer, a README) are kept unless
-    the save rewrote them. Where no sibling directory can be swapped in (a mount point, the
-    working directory or one of its parents, a parent that is not writable) the save runs in place
-    with a warning; on processes that do not write files (see `writes_files`) it runs in place.
+    `verify(directory)` checks the staged checkpoint before it is swapped in, raising a `ValueError`
+    if it would not load; the save is then refused with the reason. Files of the previous
+    directory that are not weights (a tokenizer, a README) are kept unless the save rewrote them.
+    Where no sibling directory can be swapped in (a mount point, the working directory or one of
+    its parents, a parent that is not writable) the save runs in place, unverified, with a warning;
+    on processes that do not write files (see `writes_files`) it runs in place.
     """
     target = Path(save_directory).resolve()
-    if not writes_files(kwargs) or target.is_file():
+    if target.is_file():
+        raise NotADirectoryError(f"save_pretrained: {os.fspath(save_directory)!r} is a file; give a directory.")
+    if not writes_files(kwargs):
         save(save_directory, **kwargs)  # transformers' own behaviour: nothing to swap
         return
     if kwargs.get("push_to_hub"):
@@ -58,11 +71,24 @@ def atomic_save_pretrained(save: Callable[..., object], save_directory: str | os
         save(staging, **kwargs)
         if target.is_dir():
             carry_over(target, staging)
+        if verify is not None:
+            check_loads(verify, staging, target)
         sync_tree(staging)
         swap(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def check_loads(verify: Callable[[Path], object], staging: Path, target: Path) -> None:
+    """Run `verify` on the staged checkpoint; its refusal becomes the refusal of the save."""
+    try:
+        verify(staging)
+    except ValueError as error:
+        raise CheckpointError(
+            f"save_pretrained refused: the checkpoint it wrote would not load, so {target} is left as it was. "
+            f"{error}"
+        ) from error
 
 
 def writes_files(kwargs: dict) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import HfApi, constants
+from huggingface_hub.errors import HTTPError
 
 from multimoe import MultiTenantMixtralForCausalLM
 from multimoe.hub import model_card
@@ -52,6 +54,12 @@ def test_model_card_names_hub_sources_as_base_models(multi):
     assert metadata["base_model"] == ["mistralai/Mixtral-8x7B-Instruct-v0.1", "mistralai/Mixtral-8x7B-v0.1"]
 
 
+def test_model_card_links_no_package_index_page(multi):
+    readme = model_card(multi)
+    assert "pypi.org" not in readme  # multimoe has no package index page
+    assert "Made with the `multimoe` library" in readme
+
+
 def test_saved_checkpoint_carries_auto_map_and_code(saved):
     config = json.loads((saved / "config.json").read_text())
     assert config["auto_map"] == {
@@ -87,7 +95,9 @@ def test_loads_with_trust_remote_code_where_multimoe_is_not_installed(multi, sav
     result = subprocess.run(
         [sys.executable, "-c", REMOTE_CODE, str(saved), str(inputs_path), str(out_path)],
         capture_output=True, text=True, cwd=tmp_path, env={"HF_MODULES_CACHE": str(tmp_path / "modules"),
-                                                         "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+                                                         "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                                                         # the same kernels as this process: same thread count
+                                                         "OMP_NUM_THREADS": str(torch.get_num_threads())},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     remote = torch.load(out_path)
@@ -123,21 +133,52 @@ def test_push_to_hub_uploads_exactly_the_checkpoint_and_it_loads_back(multi, tok
     (commit,) = fake_hub
     assert commit["repo_id"] == "acme/four-tenants" and commit["commit_message"] == "first"
     files = commit["files"]
-    python_files = {"configuration.py", "modeling.py", "routing.py", "checkpoints.py", "memory.py", "saving.py",
-                    "hub.py"}
+    python_files = {"configuration.py", "modeling.py", "routing.py", "checkpoints.py", "alignment.py", "memory.py",
+                    "saving.py", "hub.py", "generation.py", "validation.py", "concurrency.py"}
+    tenant_files = {f"tenants/{name}/generation_config.json" for name in multi.tenants}
     assert set(files) == {"config.json", "generation_config.json", "model.safetensors", "README.md",
-                          "tokenizer.json", "tokenizer_config.json"} | python_files
+                          "tokenizer.json", "tokenizer_config.json"} | python_files | tenant_files
     config = json.loads(files["config.json"])
-    assert config["tenants"] == multi.config.tenants and config["pool_sizes"] == multi.config.pool_sizes
+    assert config["tenants"] == [{"name": name} | spec for name, spec in multi.config.tenants.items()]
+    assert config["pool_sizes"] == multi.config.pool_sizes
     assert "# four-tenants: 4 Mixtral tenants" in files["README.md"].decode()
     pulled = tmp_path / "pulled"
     pulled.mkdir()
     for name, content in files.items():
+        (pulled / name).parent.mkdir(parents=True, exist_ok=True)
         (pulled / name).write_bytes(content)
     loaded = MultiTenantMixtralForCausalLM.from_pretrained(pulled).eval()
     with torch.no_grad():
         for name in multi.tenants:
             assert torch.equal(loaded(**batch, tenant=name).logits, multi(**batch, tenant=name).logits)
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """The Hub endpoint: a local port that nothing listens on (just freed), so every request is refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return endpoint
+
+
+def test_push_to_hub_without_network_says_what_failed(multi, unreachable_hub):
+    message = (rf"push_to_hub could not reach the Hugging Face Hub at {unreachable_hub} to create the repo "
+               r"'acme/four-tenants' \(ConnectError: .+\); check the network connection, or HF_ENDPOINT")
+    with pytest.raises(ConnectionError, match=message) as raised:
+        multi.push_to_hub("acme/four-tenants", token="hf_offline")
+    assert type(raised.value.__cause__).__name__ == "ConnectError"
+
+
+def test_push_to_hub_names_the_upload_when_the_connection_drops_there(multi, fake_hub, monkeypatch):
+    def create_commit(self, **kwargs):
+        raise HTTPError("Server disconnected without sending a response.")
+
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    with pytest.raises(ConnectionError, match=r"to upload to 'acme/four-tenants' \(HTTPError: Server disconnected"):
+        multi.push_to_hub("acme/four-tenants")
 
 
 def test_from_pretrained_hub_id_and_revision_through_the_offline_cache(multi, saved, batch, tmp_path, monkeypatch):

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 
 from multimoe.serving import (
     Replay,
+    Request,
     SharedPoolBackend,
     SingleModelBackend,
     partial_reconfiguration,
     poisson_trace,
     read_jsonl,
+    replay,
     replay_partitioned,
     whole_model_swap,
     write_jsonl,
@@ -49,8 +54,12 @@ def test_poisson_trace_is_seeded_and_ordered(trace):
     arrivals = [request.arrival_s for request in trace]
     assert arrivals == sorted(arrivals) and arrivals[0] > 0
     assert {request.tenant for request in trace} == {"base", "chat", "code", "tied"}
-    with pytest.raises(ValueError, match="positive arrival rate"):
+    with pytest.raises(ValueError, match="arrival rate of tenant 'a' must be positive"):
         poisson_trace({"a": 0.0}, num_requests=1, prompts=PROMPTS, max_new_tokens=1)
+    with pytest.raises(ValueError, match="arrival rate of tenant 'a' must be a finite number, got nan"):
+        poisson_trace({"a": float("nan")}, num_requests=1, prompts=PROMPTS, max_new_tokens=1)
+    with pytest.raises(ValueError, match="num_requests must be positive, got 0"):
+        poisson_trace({"a": 1.0}, num_requests=0, prompts=PROMPTS, max_new_tokens=1)
 
 
 def test_jsonl_round_trip(trace, tmp_path):
@@ -71,6 +80,81 @@ def test_shared_pool_serves_every_request_its_tenants_tokens(multi, tokenizer, t
         assert record.tokens == expected[record.request.request_id], (scheduler, record.request)
         assert record.request.arrival_s <= record.start_s < record.first_token_s <= record.finish_s
         assert record.ttft_s <= record.turnaround_s
+
+
+def test_a_right_padding_tokenizer_gets_the_same_tokens(multi, tokenizer, trace, expected):
+    right_padding = copy.deepcopy(tokenizer)
+    right_padding.padding_side = "right"
+    # All arriving at once, prompts of different lengths are prefilled together, so padding matters.
+    at_once = [dataclasses.replace(request, arrival_s=0.0) for request in trace]
+    records = Replay(SharedPoolBackend(multi), right_padding, scheduler="static", max_batch_size=4).run(at_once)
+    assert {record.request.request_id: record.tokens for record in records} == expected
+
+
+@pytest.mark.parametrize(
+    "field, value, error, message",
+    [
+        ("prompt", "", ValueError, "prompt of request 7 must not be empty"),
+        ("prompt", None, TypeError, "prompt of request 7 must be a string"),
+        ("tenant", "", ValueError, "tenant of request 7 must not be empty"),
+        ("max_new_tokens", 0, ValueError, "max_new_tokens of request 7 must be positive, got 0"),
+        ("max_new_tokens", -3, ValueError, "max_new_tokens of request 7 must be positive, got -3"),
+        ("max_new_tokens", 2.5, TypeError, "max_new_tokens of request 7 must be an int"),
+        ("arrival_s", float("nan"), ValueError, "arrival_s of request 7 must be a finite number, got nan"),
+        ("arrival_s", -1.0, ValueError, "arrival_s of request 7 must be at least 0, got -1.0"),
+        ("request_id", "7", TypeError, "request_id must be an int, got str '7'"),
+    ],
+)
+def test_request_refuses_what_a_replay_would_crash_on_or_answer(field, value, error, message):
+    fields = {"request_id": 7, "tenant": "base", "arrival_s": 0.5, "prompt": "hi", "max_new_tokens": 2}
+    with pytest.raises(error, match=message):
+        Request(**{**fields, field: value})
+
+
+@pytest.fixture
+def spied_backend(multi):
+    """The shared pool, recording every batch it prepares: a refused trace must prepare none."""
+    backend = SharedPoolBackend(multi)
+    backend.prepared = []
+    backend.prepare = lambda row_tenants: backend.prepared.append(row_tenants) or {"tenant_names": list(row_tenants)}
+    return backend
+
+
+def test_replay_refuses_a_bad_trace_before_running_any_of_it(spied_backend, tenants, tokenizer, trace):
+    repeated = [*trace, dataclasses.replace(trace[-1], request_id=trace[3].request_id)]
+    unknown = [*trace, Request(99, "nobody", trace[-1].arrival_s, "hi", 1)]
+    for bad, message in [
+        ([], "The trace has no requests"),
+        (repeated, rf"given more than once: \[{trace[3].request_id}\]"),
+        (unknown, r"tenants \['nobody'\], which this system does not serve"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            replay(spied_backend, bad, tokenizer, scheduler="continuous")
+        with pytest.raises(ValueError, match=message):
+            Replay(spied_backend, tokenizer, scheduler="continuous").run(bad)
+    assert spied_backend.prepared == []
+    # A partition per tenant used to drop the requests of a tenant it has no partition for.
+    with pytest.raises(ValueError, match=r"tenants \['chat', 'code', 'tied'\], which this system does not serve"):
+        replay_partitioned({"base": tenants["base"]}, trace, tokenizer, scheduler="fcfs")
+
+
+@pytest.mark.parametrize(
+    "option, value, error, message",
+    [
+        ("max_batch_size", 0, ValueError, "max_batch_size must be positive, got 0"),
+        ("max_batch_size", 2.0, TypeError, "max_batch_size must be an int"),
+        ("time_scale", float("nan"), ValueError, "time_scale must be a finite number"),
+        ("time_scale", 0.0, ValueError, "time_scale must be positive"),
+    ],
+)
+def test_replay_refuses_bad_options(multi, tokenizer, option, value, error, message):
+    with pytest.raises(error, match=message):
+        Replay(SharedPoolBackend(multi), tokenizer, scheduler="static", **{option: value})
+
+
+def test_engine_refuses_an_empty_prefill(multi, tokenizer):
+    with pytest.raises(ValueError, match="prefill needs at least one request"):
+        Engine(multi, tokenizer, SharedPoolBackend(multi).prepare).prefill([])
 
 
 def test_engine_keeps_rows_grouped_by_tenant(multi, tokenizer, trace, expected):

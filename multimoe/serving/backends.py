@@ -9,7 +9,7 @@ baselines). The replay measures that work as part of the request's service, as t
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from itertools import chain
 
 import torch
@@ -25,11 +25,13 @@ def tensor_bytes(tensors) -> int:
 
 
 class Backend:
-    """A serving system: `model`, whether one batch may mix tenants, and the per-batch preparation."""
+    """A serving system: `model`, whether one batch may mix tenants, the tenants it serves (`None`:
+    any, for a model that ignores them) and the per-batch preparation."""
 
     name: str
     mixes_tenants: bool
     model: nn.Module
+    tenants: Collection[str] | None
 
     def prepare(self, row_tenants: Sequence[str]) -> dict:
         raise NotImplementedError
@@ -50,6 +52,7 @@ class SharedPoolBackend(Backend):
         self.model = model
         self.mixes_tenants = mix_tenants
         self.name = "multimoe" if mix_tenants else "multimoe (one tenant per batch)"
+        self.tenants = model.tenants
 
     def prepare(self, row_tenants: Sequence[str]) -> dict:
         return {"tenant_names": list(row_tenants)}
@@ -60,6 +63,7 @@ class SingleModelBackend(Backend):
 
     name = "single model"
     mixes_tenants = True
+    tenants = None
 
     def __init__(self, model: MixtralForCausalLM):
         self.model = model
@@ -76,6 +80,7 @@ class CopyInBackend(Backend):
     def __init__(self, model: nn.Module, host_copies: Mapping[str, Mapping[str, torch.Tensor]], resident: str):
         self.model = model
         self.host_copies = host_copies
+        self.tenants = list(host_copies)
         self.resident = resident
         self.switches = 0
 

@@ -102,9 +102,13 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self, requests: Sequence[Request]) -> RunningBatch:
-        """Run the prompts (left-padded together, grouped by tenant) and pick each row's first token."""
+        """Run the prompts (grouped by tenant) and pick each row's first token. Padding goes on the
+        left whatever the tokenizer's `padding_side`: every row's first token is read at the last
+        position, and rows join a running batch by left-padding."""
+        if not requests:
+            raise ValueError("prefill needs at least one request.")
         requests = [requests[row] for row in tenant_order([request.tenant for request in requests])]
-        inputs = self.tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True)
+        inputs = self.tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True, padding_side="left")
         mask = inputs["attention_mask"].to(self.model.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         routing = self.prepare([r.tenant for r in requests])

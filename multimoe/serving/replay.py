@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..memory import parameter_bytes
+from ..validation import check_number
 from .backends import Backend, SingleModelBackend
 from .engine import Engine, RunningBatch
 from .trace import Request
@@ -82,6 +84,22 @@ class ReplaySummary:
         )
 
 
+def check_trace(trace: Sequence[Request], tenants: Collection[str] | None) -> None:
+    """Refuse, before anything runs, a trace that a replay would crash on midway or summarize
+    wrongly: no requests, a request id given twice (records are matched by id), or a tenant that
+    the system does not serve (`tenants`; `None` serves any)."""
+    if not trace:
+        raise ValueError("The trace has no requests.")
+    counts = Counter(request.request_id for request in trace)
+    repeated = sorted(request_id for request_id, count in counts.items() if count > 1)
+    if repeated:
+        raise ValueError(f"Request ids must be unique in a trace; given more than once: {repeated}.")
+    unknown = set() if tenants is None else {request.tenant for request in trace} - set(tenants)
+    if unknown:
+        raise ValueError(f"The trace asks for tenants {sorted(unknown)}, which this system does not serve; "
+                         f"it serves {sorted(tenants)}.")
+
+
 class Replay:
     """One server: a backend, a scheduler and a clock. `time_scale` stretches measured compute
     (a partition that owns 1/N of the machine runs each step N times slower)."""
@@ -89,6 +107,8 @@ class Replay:
     def __init__(self, backend: Backend, tokenizer, *, scheduler: str, max_batch_size: int = 8, time_scale: float = 1.0):
         if scheduler not in SCHEDULERS:
             raise ValueError(f"Unknown scheduler {scheduler!r}; choose one of {SCHEDULERS}.")
+        check_number("max_batch_size", max_batch_size, integer=True, positive=True)
+        check_number("time_scale", time_scale, positive=True)
         self.backend = backend
         self.engine = Engine(backend.model, tokenizer, backend.prepare)
         self.scheduler = scheduler
@@ -115,6 +135,7 @@ class Replay:
         return eligible[:room]
 
     def run(self, trace: Sequence[Request]) -> list[RequestRecord]:
+        check_trace(trace, self.backend.tenants)
         pending = sorted(trace, key=lambda request: request.arrival_s)
         waiting: list[Request] = []
         running: RunningBatch | None = None
@@ -155,6 +176,7 @@ WARM_UP_REQUESTS = 2
 
 def warmed_up_run(backend: Backend, tokenizer, trace: Sequence[Request], **options) -> list[RequestRecord]:
     """Run `trace` after a throwaway run of its first requests (first calls allocate and pick kernels)."""
+    check_trace(trace, backend.tenants)  # the whole trace, not only the warm-up's part
     Replay(backend, tokenizer, **options).run(trace[:WARM_UP_REQUESTS])
     return Replay(backend, tokenizer, **options).run(trace)
 
@@ -173,6 +195,7 @@ def replay_partitioned(
     also gets only a 1/N time share of a core, modelled by stretching its measured compute by N / T.
     On CUDA, where partitions cannot be carved here, each partition's compute is stretched by N.
     """
+    check_trace(trace, models)  # a tenant without a partition would be dropped from the summary
     device = next(iter(models.values())).device
     threads = torch.get_num_threads()
     partitions = len(models)

@@ -8,6 +8,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..validation import check_number
+
+
+def check_text(name: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__} {value!r}.")
+    if not value:
+        raise ValueError(f"{name} must not be empty.")
+
 
 @dataclass(frozen=True)
 class Request:
@@ -18,6 +27,17 @@ class Request:
     arrival_s: float
     prompt: str
     max_new_tokens: int
+
+    def __post_init__(self):
+        """Refused here, where every trace (and trace file) passes, what a replay would crash on
+        midway or answer wrongly: an empty prompt leaves nothing to predict from, and prefill
+        always yields a first token, so `max_new_tokens` below 1 would still get one."""
+        check_number("request_id", self.request_id, integer=True, minimum=None)
+        request = f"request {self.request_id}"
+        check_text(f"tenant of {request}", self.tenant)
+        check_number(f"arrival_s of {request}", self.arrival_s)
+        check_text(f"prompt of {request}", self.prompt)
+        check_number(f"max_new_tokens of {request}", self.max_new_tokens, integer=True, positive=True)
 
 
 def poisson_trace(
@@ -30,8 +50,11 @@ def poisson_trace(
 ) -> list[Request]:
     """`num_requests` requests merged from independent Poisson processes, one per tenant, with
     `rates[tenant]` requests per second; prompts are drawn from `prompts`."""
-    if not rates or any(rate <= 0 for rate in rates.values()):
-        raise ValueError(f"Every tenant needs a positive arrival rate, got {dict(rates)}.")
+    check_number("num_requests", num_requests, integer=True, positive=True)
+    if not rates:
+        raise ValueError("Give at least one tenant's arrival rate.")
+    for tenant, rate in rates.items():
+        check_number(f"arrival rate of tenant {tenant!r}", rate, positive=True)
     if not prompts:
         raise ValueError("Give at least one prompt.")
     generator = random.Random(seed)
