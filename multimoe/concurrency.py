@@ -15,16 +15,19 @@ from contextlib import contextmanager
 
 
 class TenantLock:
-    """A readers-writer lock: calls read, edits write.
+    """A phase-fair readers-writer lock: calls read, edits write.
 
-    Reading is re-entrant per thread (`generate` holds it around the forwards it makes), and an
-    edit waiting holds new calls back, so a steady stream of calls cannot starve it. An edit from
-    inside a call of the same thread would wait for itself, so it is refused.
+    An edit waiting holds new calls back, so a steady stream of calls cannot starve it; the calls
+    held back go before the next edit, so a steady stream of edits cannot starve them either.
+    Reading is re-entrant per thread (`generate` holds it around the forwards it makes). An edit
+    from inside a call of the same thread would wait for itself, so it is refused.
     """
 
     def __init__(self):
         self._condition = threading.Condition()
         self._readers = 0
+        self._readers_held = 0  # calls waiting for an edit; let in together when it is done
+        self._releases = 0  # how many times held calls were let in
         self._writers_waiting = 0
         self._writing = False
         self._depth = threading.local()
@@ -37,9 +40,7 @@ class TenantLock:
     def reading(self) -> Iterator[None]:
         depth = getattr(self._depth, "value", 0)
         if depth == 0:
-            with self._condition:
-                self._condition.wait_for(lambda: not self._writing and not self._writers_waiting)
-                self._readers += 1
+            self._enter_reading()
         self._depth.value = depth + 1
         try:
             yield
@@ -49,6 +50,15 @@ class TenantLock:
                 with self._condition:
                     self._readers -= 1
                     self._condition.notify_all()
+
+    def _enter_reading(self) -> None:
+        with self._condition:
+            if not self._writing and not self._writers_waiting:
+                self._readers += 1
+                return
+            self._readers_held += 1
+            held_at = self._releases
+            self._condition.wait_for(lambda: self._releases != held_at)  # the edit counted us in
 
     @contextmanager
     def writing(self) -> Iterator[None]:
@@ -67,6 +77,10 @@ class TenantLock:
         finally:
             with self._condition:
                 self._writing = False
+                if self._readers_held:  # hand over to the calls held back, before any other edit
+                    self._readers += self._readers_held
+                    self._readers_held = 0
+                    self._releases += 1
                 self._condition.notify_all()
 
 

@@ -41,7 +41,9 @@ def test_tenants_in_runs_need_no_gathering_and_give_the_same_rows(multi, mixed_b
     with torch.no_grad():
         expected = multi(**mixed_batch, tenant_names=ROW_TENANTS).logits[order]
         actual = multi(**grouped, tenant_names=grouped_tenants).logits
-    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+    # The rows reach the kernels in other batch positions, so the sums may round differently (up to
+    # a few ulps of logits around 3, seen on AVX-512); the routing itself is checked exactly above.
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
 
 
 def test_mixed_batch_leaves_the_active_tenant_alone(multi, mixed_batch):

@@ -1,4 +1,5 @@
-"""Concurrent generation for different tenants never mixes tenants."""
+"""Concurrent generation for different tenants never mixes tenants, and edits of the tenants
+wait for the calls running in other threads."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
+
+from multimoe import MultiTenantMixtralForCausalLM
 
 SETTINGS = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
 NAMES = ["base", "chat", "code", "tied"]
@@ -85,3 +89,46 @@ def test_active_block_is_local_to_its_thread(multi):
     thread.join()
     assert seen == {"worker": "chat", "main": "base"}
     assert multi.active_model == "base"
+
+
+def test_adding_and_removing_tenants_while_others_generate(tenants, batch):
+    """An edit renumbers the pool and the tenants' order; calls running in other threads see the
+    tenant set before or after it, never half-edited (`matrix batch sizes have to match` before)."""
+    model = MultiTenantMixtralForCausalLM.from_models({name: tenants[name] for name in ("base", "chat")}).eval()
+    expected = references(tenants, batch)
+    mixed_batch = {key: torch.cat([rows, rows]) for key, rows in batch.items()}
+    stop = threading.Event()
+
+    def edit() -> int:
+        edits = 0
+        while not stop.is_set():
+            model.add_tenant("code", tenants["code"])
+            model.add_tenant("tied", tenants["tied"])
+            model.remove_tenant("code")
+            model.remove_tenant("tied")
+            edits += 1
+        return edits
+
+    def job(index: int) -> tuple[list[str], torch.Tensor]:
+        rows = ["chat", "base", "base", "chat"] if index % 2 else ["base", "chat", "chat", "base"]
+        return rows, model.generate(**mixed_batch, **SETTINGS, tenant_names=rows)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        editor = pool.submit(edit)
+        results = list(pool.map(job, range(12)))
+        stop.set()
+        assert editor.result() > 0
+    for rows, output in results:
+        for row, name in enumerate(rows):
+            assert torch.equal(output[row], expected[name][row % 2]), (rows, row)
+
+
+def test_an_edit_from_inside_a_call_of_the_same_model_is_refused(multi, tenants, batch):
+    class AddTenant(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            multi.add_tenant("late", tenants["code"])
+            return scores
+
+    with pytest.raises(RuntimeError, match="cannot be edited from inside a forward or generate call"):
+        multi.generate(**batch, **SETTINGS, tenant="base", logits_processor=LogitsProcessorList([AddTenant()]))
+    assert "late" not in multi.tenants
