@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .validation import check_number
+from .validation import check_number, number_argument
 
 
 def tenant_argument(text: str) -> tuple[str, str]:
@@ -28,23 +28,6 @@ def tenant_argument(text: str) -> tuple[str, str]:
 
 def budget_argument(text: str) -> int | str:
     return int(text) if text.isdigit() else text
-
-
-def number_argument(name: str, *, integer: bool = False, **limits) -> Callable[[str], int | float]:
-    """An argparse `type` refusing, with exit status 2 before any work, what `check_number` refuses
-    (NaN, infinities, out of range, a fraction for a count), so the flag behaves as the API does."""
-
-    def parse(text: str) -> int | float:
-        try:
-            value = int(text) if integer else float(text)
-        except ValueError:
-            value = text  # not a number: check_number says what it should be
-        try:
-            return check_number(name, value, integer=integer, **limits)
-        except (TypeError, ValueError) as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    return parse
 
 
 def threshold_argument(text: str) -> float:

@@ -7,8 +7,10 @@ unnoticed and then decides nothing (or everything) silently. Every numeric optio
 
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
+from collections.abc import Callable
 
 
 def check_number(
@@ -38,4 +40,21 @@ def check_number(
     return value
 
 
-__all__ = ["check_number"]
+def number_argument(name: str, *, integer: bool = False, **limits) -> Callable[[str], int | float]:
+    """An argparse `type` refusing, with exit status 2 before any work, what `check_number` refuses
+    (NaN, infinities, out of range, a fraction for a count), so the flag behaves as the API does."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            value = text  # not a number: check_number says what it should be
+        try:
+            return check_number(name, value, integer=integer, **limits)
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+__all__ = ["check_number", "number_argument"]

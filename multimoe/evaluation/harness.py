@@ -26,10 +26,10 @@ def generate_answers(
     model, tokenizer, prompts: Sequence[str], *, tenant: str | None = None, max_new_tokens: int = 8, batch_size: int = 100
 ) -> list[str]:
     """Greedy continuations of `prompts`, up to the end-of-sequence token, special tokens removed."""
-    tokenizer.padding_side = "left"
     answers = []
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True)
+        rows = list(prompts[start : start + batch_size])
+        batch = tokenizer(rows, return_tensors="pt", padding=True, padding_side="left")  # the caller's tokenizer as is
         output = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
@@ -54,7 +54,6 @@ def exact_match(model, tokenizer, examples: Sequence[Example], *, tenant: str | 
 @torch.no_grad()
 def perplexity(model, tokenizer, examples: Sequence[Example], *, tenant: str | None = None) -> float:
     """exp of the mean next-token loss on the answers (and end token) of `examples`, given the prompts."""
-    tokenizer.padding_side = "left"
     prompts = [tokenizer(e.prompt)["input_ids"] for e in examples]
     answers = [tokenizer(e.answer)["input_ids"] + [tokenizer.eos_token_id] for e in examples]
     length = max(len(p) + len(a) for p, a in zip(prompts, answers))

@@ -30,6 +30,7 @@ import torch
 from ..consolidation import consolidate
 from ..modeling import MultiTenantMixtralForCausalLM
 from ..testing import character_tokenizer, fine_tune, random_mixtral, tiny_mixtral_config
+from ..validation import number_argument
 from .backends import SharedPoolBackend, SingleModelBackend, partial_reconfiguration, whole_model_swap
 from .engine import Engine
 from .replay import ReplaySummary, replay, replay_partitioned
@@ -271,15 +272,18 @@ def shape_argument(text: str) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--intermediate", type=int, default=512)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--rates", type=float, nargs="+", default=[4.0, 16.0, 64.0])
-    parser.add_argument("--tenants", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--max-batch-size", type=int, default=8)
+    def count(name: str):  # flags are checked when parsed, before minutes of measuring
+        return number_argument(name, integer=True, positive=True)
+
+    parser.add_argument("--layers", type=count("--layers"), default=4)
+    parser.add_argument("--hidden", type=count("--hidden"), default=256)
+    parser.add_argument("--intermediate", type=count("--intermediate"), default=512)
+    parser.add_argument("--experts", type=count("--experts"), default=8)
+    parser.add_argument("--new-tokens", type=count("--new-tokens"), default=16)
+    parser.add_argument("--requests", type=count("--requests"), default=32)
+    parser.add_argument("--rates", type=number_argument("--rates", positive=True), nargs="+", default=[4.0, 16.0, 64.0])
+    parser.add_argument("--tenants", type=count("--tenants"), nargs="+", default=[2, 4, 8])
+    parser.add_argument("--max-batch-size", type=count("--max-batch-size"), default=8)
     parser.add_argument("--write-docs", nargs="?", const="docs/benchmarks.md", default=None,
                         help="rewrite the serving section of this markdown file (default docs/benchmarks.md)")
     parser.add_argument("--ratio-shapes", nargs="*", default=["1024x3584"], metavar="HxI",
