@@ -7,6 +7,7 @@ each tenant. Everything is read and checked tensor by tensor, layer by layer.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Callable, Mapping
 
@@ -123,7 +124,9 @@ def check_settings(settings: Mapping[str, object]) -> dict[str, object]:
     """The caller's values for shared settings, checked before any source is opened."""
     unknown = sorted(set(settings) - set(SHARED_SETTINGS))
     if unknown:
-        raise TypeError(f"Unexpected keyword arguments {unknown}; settings given for every tenant are {list(SHARED_SETTINGS)}.")
+        raise TypeError(
+            f"Unexpected keyword arguments {unknown}; the settings given for every tenant are {list(SHARED_SETTINGS)}."
+        )
     for key, value in settings.items():
         if key == "output_router_logits":
             if not isinstance(value, bool):
@@ -236,8 +239,8 @@ class TenantSet:
         return tensors
 
     def generation_configs(self) -> dict:
-        """Each tenant's generation settings, from its source."""
-        return {name: checkpoint.generation_config for name, checkpoint in self.checkpoints.items()}
+        """Each tenant's generation settings, from its source (a copy per model built)."""
+        return {name: copy.deepcopy(checkpoint.generation_config) for name, checkpoint in self.checkpoints.items()}
 
     def config(self, pool_sizes: list[int], expert_maps: dict[str, list[list[int]]]) -> MultiTenantMixtralConfig:
         fields = self.reference.to_dict()

@@ -356,7 +356,7 @@ class MultiTenantMixtralModel(MultiTenantMixtralPreTrainedModel):
         """Row tenant names as indices into `tenant_names`, the form generate() expands with beams."""
         if isinstance(tenant_names, str) or not isinstance(tenant_names, (list, tuple)):
             raise ValueError(
-                f"tenant_names takes a list with one name per row, got {tenant_names!r}; use tenant= for a single tenant."
+                f"tenant_names takes a list with one name per row, got {tenant_names!r}; use tenant= for one tenant."
             )
         if not tenant_names:
             raise ValueError("tenant_names is empty: give one tenant name per row of a non-empty batch.")
@@ -708,7 +708,8 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
             if generation_config is None:
                 call_config, stopping = self.rows_generation(inputs, tenant, kwargs)
                 scope = scope | {id(self): call_config}
-                kwargs["stopping_criteria"] = StoppingCriteriaList([*stopping, *(kwargs.get("stopping_criteria") or [])])
+                given = kwargs.get("stopping_criteria") or []
+                kwargs["stopping_criteria"] = StoppingCriteriaList([*stopping, *given])
             token = CALL_GENERATION_CONFIGS.set(scope)
             try:
                 # Whatever is named goes on to every forward, whose `route` refuses a tenant named twice.

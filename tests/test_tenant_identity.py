@@ -15,11 +15,19 @@ from multimoe import CacheTenantMismatchError, IncompatibleTenantsError, MultiTe
 from multimoe.testing import fine_tune, random_mixtral, tiny_mixtral_config
 
 GREEDY = dict(max_new_tokens=12, do_sample=False)
+# Separately built models run their experts through grouped_mm over pools of other sizes, whose sums
+# may round differently on some CPUs (in practice they are bit-identical); running another tenant,
+# another head or another dtype moves logits by 1e-2 to 10.
+TOLERANCE = 1e-5
 
 
 def logits(model, batch, **tenant):
     with torch.no_grad():
         return model(**batch, **tenant).logits
+
+
+def assert_same_logits(actual: torch.Tensor, expected: torch.Tensor, atol: float = TOLERANCE) -> None:
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
 
 
 # -- order -------------------------------------------------------------------------------------
@@ -33,7 +41,7 @@ def test_tenant_order_survives_save_and_load(tenants, batch, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.tenants == ["zeta", "alpha"]
     ids = torch.tensor([0, 0])
-    assert torch.equal(logits(loaded, batch, tenant_ids=ids), logits(tenants["chat"], batch))
+    assert_same_logits(logits(loaded, batch, tenant_ids=ids), logits(tenants["chat"], batch))
 
 
 def test_a_checkpoint_with_the_earlier_mapping_of_tenants_loads_in_its_stored_order(tenants, tmp_path):
@@ -59,7 +67,7 @@ def untied_despite_config(tenants):
 def test_an_in_memory_source_whose_head_is_not_its_embedding_keeps_its_head(untied_despite_config, batch):
     multi = MultiTenantMixtralForCausalLM.from_models({"a": untied_despite_config}).eval()
     assert not multi.config.tenants["a"]["tie_word_embeddings"]
-    assert torch.equal(logits(multi, batch), logits(untied_despite_config, batch))
+    assert_same_logits(logits(multi, batch), logits(untied_despite_config, batch))
 
 
 def test_a_directory_storing_its_own_head_under_a_tied_config_keeps_it(untied_despite_config, batch, tmp_path):
@@ -69,7 +77,7 @@ def test_a_directory_storing_its_own_head_under_a_tied_config_keeps_it(untied_de
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     reference = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # transformers unties: different values
     multi = MultiTenantMixtralForCausalLM.from_models({"a": str(tmp_path)}).eval()
-    assert torch.equal(logits(multi, batch), logits(reference, batch))
+    assert_same_logits(logits(multi, batch), logits(reference, batch))
 
 
 # -- per-tenant settings ---------------------------------------------------------------------------
@@ -163,7 +171,7 @@ def test_the_dtype_comes_from_the_source_tensors_not_their_config(tenants, batch
     # frequencies of the in-memory source, which a loaded model keeps in fp32.
     bf16.save_pretrained(tmp_path)
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
-    assert torch.equal(logits(model, batch), logits(reference, batch))
+    assert_same_logits(logits(model, batch), logits(reference, batch), atol=2e-2)  # a few bf16 ulps
 
 
 def test_tenants_in_different_dtypes_are_refused_unless_a_dtype_is_given(tenants, batch):
@@ -171,7 +179,7 @@ def test_tenants_in_different_dtypes_are_refused_unless_a_dtype_is_given(tenants
     with pytest.raises(IncompatibleTenantsError, match=r"different dtypes .*pass dtype="):
         MultiTenantMixtralForCausalLM.from_models({"bf16": bf16, "fp32": tenants["chat"]})
     model = MultiTenantMixtralForCausalLM.from_models({"bf16": bf16, "fp32": tenants["chat"]}, dtype=torch.float32)
-    assert torch.equal(logits(model, batch, tenant="fp32"), logits(tenants["chat"], batch))
+    assert_same_logits(logits(model, batch, tenant="fp32"), logits(tenants["chat"], batch))
     with pytest.raises(IncompatibleTenantsError, match="convert the source first"):
         model.add_tenant("another", fine_tune(tenants["base"], seed=2, changed_experts={0}).to(torch.bfloat16))
 
@@ -254,7 +262,7 @@ def test_resize_token_embeddings_resizes_every_tenant_and_the_result_saves_and_l
     for name in model.tenants:
         assert model.model.embed_tokens[name].weight.shape[0] == model.config.vocab_size
         assert model.lm_head[name].weight.shape[0] == model.config.vocab_size
-        assert torch.equal(logits(model, batch, tenant=name)[..., :-5], before[name]), name
+        assert_same_logits(logits(model, batch, tenant=name)[..., :-5], before[name])  # a wider head matmul
     assert model.lm_head["tied"].weight is model.model.embed_tokens["tied"].weight
     out = model.generate(**batch, max_new_tokens=2, tenant_names=["chat", "tied"], pad_token_id=0)
     assert out.shape[0] == 2
