@@ -9,6 +9,7 @@ and docs/img/quality_memory.png.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -138,8 +139,9 @@ def write(results: dict, orders: dict, seconds: float, plot: Path, out: Path) ->
     text = [
         "# Quality at small scale: the paper's scalability table",
         "",
-        f"Produced by `{COMMAND}` ({seconds / 60:.1f} min on 2 CPU cores), on the testbed shipped in",
-        "`multimoe/testbed/` (made by `python scripts/make_testbed.py`).",
+        f"Produced by `{COMMAND}` ({seconds / 60:.1f} min with {torch.get_num_threads()} torch threads on "
+        f"{os.cpu_count()} CPU cores, nothing else running: a second busy process makes it many times slower), on",
+        "the testbed shipped in `multimoe/testbed/` (made by `python scripts/make_testbed.py`).",
         "",
         f"**Goal**: with {GOAL_TENANTS} tenants at {GOAL_BUDGET} one model's memory, every tenant keeps >= "
         f"{GOAL_KEEP:.0%} of its original accuracy, and multimoe's best settings beat the paper's preset and every "

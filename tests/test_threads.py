@@ -115,8 +115,10 @@ def test_adding_and_removing_tenants_while_others_generate(tenants, batch):
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         editor = pool.submit(edit)
-        results = list(pool.map(job, range(12)))
-        stop.set()
+        try:
+            results = list(pool.map(job, range(12)))
+        finally:
+            stop.set()  # also when a job failed: the editor must not keep the pool open
         assert editor.result() > 0
     for rows, output in results:
         for row, name in enumerate(rows):
