@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -28,11 +27,6 @@ def tenant_argument(text: str) -> tuple[str, str]:
 
 def budget_argument(text: str) -> int | str:
     return int(text) if text.isdigit() else text
-
-
-def threshold_argument(text: str) -> float:
-    """A distance limit, or "inf" for none (every expert may be shared), as `consolidate` takes it."""
-    return math.inf if text.lower().lstrip("+") in ("inf", "infinity") else number_argument("threshold")(text)
 
 
 def output_argument(kind: str) -> Callable[[str], str]:
@@ -131,7 +125,8 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--similarity", default="weight_l2", choices=sorted(SIMILARITY_METRICS))
     command.add_argument("--grouping", default="cross_index", choices=sorted(GROUPINGS))
     command.add_argument("--merge", default="select", choices=sorted(MERGE_RULES))
-    command.add_argument("--threshold", type=threshold_argument)
+    command.add_argument("--threshold", type=number_argument("threshold", unbounded=True),
+                         help="a distance limit; inf: none, every expert may be shared")
     command.add_argument("--memory-budget", type=budget_argument, help="bytes, or a multiple of one model: 1.25x")
     command.add_argument("--anchor", default="first", help="first, most_sensitive, or a tenant name")
     command.add_argument(

@@ -55,9 +55,9 @@ from .configuration import MultiTenantMixtralConfig
 from .generation import generation_for_rows
 from .hub import push_to_hub, write_model_card
 from .memory import MemoryReport
-from .validation import check_number
 from .routing import CALL_GENERATION_CONFIGS, SCOPED_TENANTS, TenantRouting, UnknownTenantError, claim_cache
 from .saving import atomic_save_pretrained
+from .validation import check_number
 
 
 def build_time(module: str):

@@ -61,7 +61,7 @@ def add_tenant(
     revision: str | None = None,
 ) -> None:
     validate_tenant_name(name)
-    check_number("threshold", threshold)
+    check_number("threshold", threshold, unbounded=True)  # math.inf: every expert shares its closest entry
     if name in model.tenants:
         raise ValueError(f"Tenant {name!r} already exists; remove it first to replace it.")
     if similarity in NEEDS_CALIBRATION:

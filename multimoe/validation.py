@@ -21,12 +21,14 @@ def check_number(
     positive: bool = False,
     integer: bool = False,
     optional: bool = False,
+    unbounded: bool = False,
 ):
     """`value` itself when it is a finite real number (an int when `integer`), at least `minimum`
     (above 0 when `positive`); otherwise a `ValueError` (`TypeError` for a non-number) naming
-    the option. `None` passes when `optional`. Bools are refused: `True` is not the number 1."""
-    if value is None and optional:
-        return None
+    the option. `None` passes when `optional`, `math.inf` when `unbounded` (a limit that does not
+    limit). Bools are refused: `True` is not the number 1."""
+    if (value is None and optional) or (unbounded and value == math.inf and not isinstance(value, bool)):
+        return value
     kind = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kind):
         expected = "an int" if integer else "a number"

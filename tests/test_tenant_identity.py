@@ -244,7 +244,7 @@ def test_a_batch_without_rows_gets_a_clear_error(multi):
         multi(input_ids=torch.zeros(0, 3, dtype=torch.long), tenant_names=[])
 
 
-@pytest.mark.parametrize("threshold", [float("nan"), -1.0, float("inf"), "0.1", True])
+@pytest.mark.parametrize("threshold", [float("nan"), -1.0, -float("inf"), "0.1", True])
 def test_add_tenant_refuses_a_threshold_that_is_not_a_distance(tenants, threshold):
     model = MultiTenantMixtralForCausalLM.from_models({"base": tenants["base"]})
     with pytest.raises((ValueError, TypeError), match="threshold"):

@@ -329,8 +329,7 @@ def consolidate(
     before any weight is read. The returned model carries `consolidation_report`, whose
     `deciding_limit` names the limit that stopped further sharing, or says that none did.
     """
-    if threshold != math.inf:  # infinity: no distance limit, every expert may be shared
-        check_number("threshold", threshold, optional=True)
+    check_number("threshold", threshold, optional=True, unbounded=True)  # math.inf: every expert may be shared
     check_number("max_quality_loss", max_quality_loss, optional=True)
     check_number("max_calibration_rows", max_calibration_rows, positive=True, integer=True)
     check_settings(shared_settings)
