@@ -145,17 +145,17 @@ def test_loss_settings_that_differ_are_refused_unless_given(tenants):
 
 
 @pytest.mark.parametrize(
-    "settings, error",
+    "settings, error, message",
     [
-        (dict(router_aux_loss_coef=float("nan")), ValueError),
-        (dict(router_aux_loss_coef=-1.0), ValueError),
-        (dict(attention_dropout=2.0), ValueError),
-        (dict(output_router_logits=1), TypeError),
-        (dict(router_aux_loss_coeff=0.1), TypeError),
+        (dict(router_aux_loss_coef=float("nan")), ValueError, "router_aux_loss_coef must be a finite number"),
+        (dict(router_aux_loss_coef=-1.0), ValueError, "router_aux_loss_coef must be at least 0"),
+        (dict(attention_dropout=2.0), ValueError, "attention_dropout is a probability"),
+        (dict(output_router_logits=1), TypeError, "output_router_logits must be a bool"),
+        (dict(router_aux_loss_coeff=0.1), TypeError, r"Unexpected keyword arguments \['router_aux_loss_coeff'\]"),
     ],
 )
-def test_given_settings_are_checked_before_any_source_is_opened(settings, error):
-    with pytest.raises(error):
+def test_given_settings_are_checked_before_any_source_is_opened(settings, error, message):
+    with pytest.raises(error, match=message):
         MultiTenantMixtralForCausalLM.from_models({"a": object()}, **settings)
 
 
