@@ -189,6 +189,8 @@ class TenantSet:
         self.reference = checkpoints[self.names[0]].config
         self.settings = shared_settings({name: c.config for name, c in checkpoints.items()}, settings or {})
         self.dtype = target_dtype(checkpoints, dtype)
+        for checkpoint in checkpoints.values():
+            checkpoint.generation_config  # read now: a broken file is refused before any weight is read
         self.shapes = expected_shapes(checkpoints[self.names[0]])
         for name, checkpoint in checkpoints.items():
             unexpected = sorted(set(checkpoint.names()) - set(self.shapes))

@@ -154,9 +154,13 @@ class TenantCheckpoint:
         generation_config.json, else the defaults transformers derives from its config."""
         if self._tensors is not None:
             return copy.deepcopy(self.generation_source or GenerationConfig.from_model_config(self.config))
-        if (self._files.directory / GENERATION_CONFIG_NAME).is_file():
+        path = self._files.directory / GENERATION_CONFIG_NAME
+        if not path.is_file():
+            return GenerationConfig.from_model_config(self.config)
+        try:
             return GenerationConfig.from_pretrained(self._files.directory)
-        return GenerationConfig.from_model_config(self.config)
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{self._files.owner}: cannot read {path}: {error}") from error
 
     def names(self) -> list[str]:
         """Parameter names in v5 naming, each once; legacy per-expert keys appear as the two fused names."""

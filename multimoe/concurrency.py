@@ -20,7 +20,9 @@ class TenantLock:
     An edit waiting holds new calls back, so a steady stream of calls cannot starve it; the calls
     held back go before the next edit, so a steady stream of edits cannot starve them either.
     Reading is re-entrant per thread (`generate` holds it around the forwards it makes). An edit
-    from inside a call of the same thread would wait for itself, so it is refused.
+    from inside a call of the same thread would wait for itself, so it is refused. A call that
+    waits on another thread's new call (a bounded queue drained by a thread that also calls the
+    model) deadlocks once an edit is waiting: make such calls from one thread.
     """
 
     def __init__(self):
@@ -58,7 +60,15 @@ class TenantLock:
                 return
             self._readers_held += 1
             held_at = self._releases
-            self._condition.wait_for(lambda: self._releases != held_at)  # the edit counted us in
+            try:
+                self._condition.wait_for(lambda: self._releases != held_at)  # the edit counted us in
+            except BaseException:  # e.g. KeyboardInterrupt: leave no count behind, or edits wait forever
+                if self._releases != held_at:
+                    self._readers -= 1
+                else:
+                    self._readers_held -= 1
+                self._condition.notify_all()
+                raise
 
     @contextmanager
     def writing(self) -> Iterator[None]:
@@ -69,8 +79,11 @@ class TenantLock:
             )
         with self._condition:
             self._writers_waiting += 1
-            self._condition.wait_for(lambda: not self._writing and not self._readers)
-            self._writers_waiting -= 1
+            try:
+                self._condition.wait_for(lambda: not self._writing and not self._readers)
+            finally:  # also when interrupted: a waiting edit holds calls back
+                self._writers_waiting -= 1
+                self._condition.notify_all()
             self._writing = True
         try:
             yield

@@ -45,22 +45,32 @@ class TenantEosCriteria(StoppingCriteria):
         return (input_ids[:, -1:] == table).any(dim=-1)
 
 
-def settings(config: GenerationConfig) -> dict:
+def comparable_settings(config: GenerationConfig) -> dict:
     return {key: value for key, value in config.to_dict().items() if key not in METADATA_FIELDS}
+
+
+# A setting the caller gives also decides these: `max_new_tokens` replaces `max_length`.
+COVERS = {"max_new_tokens": "max_length", "min_new_tokens": "min_length"}
+# What transformers applies through the one EOS of the generation config, so not per row.
+EOS_BOUND = ("min_length", "min_new_tokens", "exponential_decay_length_penalty")
+UNSET = object()
 
 
 def generation_for_rows(
     configs: Mapping[str, GenerationConfig], row_tenants: Sequence[str], given: Mapping[str, object]
 ) -> tuple[GenerationConfig, StoppingCriteriaList]:
     """The generation config and extra stopping criteria for a batch whose rows run as
-    `row_tenants`, when the caller passed `given` as generation keyword arguments."""
+    `row_tenants`, when the caller gave the generation settings `given`."""
     present = list(dict.fromkeys(row_tenants))
     config = copy.deepcopy(configs[present[0]])
     if len(present) == 1:
         return config, StoppingCriteriaList()
-    first, others = settings(configs[present[0]]), [settings(configs[name]) for name in present[1:]]
+    tenants = [comparable_settings(configs[name]) for name in present]
+    decided = set(given) | {COVERS[key] for key in given if key in COVERS} | {"eos_token_id"}
     differing = sorted(
-        key for key in first if key not in given and key != "eos_token_id" and any(o[key] != first[key] for o in others)
+        key
+        for key in set().union(*tenants) - decided
+        if any(settings.get(key, UNSET) != tenants[0].get(key, UNSET) for settings in tenants[1:])
     )
     if differing:
         raise ValueError(
@@ -70,11 +80,18 @@ def generation_for_rows(
     per_tenant_eos = {name: eos_ids(configs[name]) for name in present}
     if "eos_token_id" in given or len({tuple(tokens) for tokens in per_tenant_eos.values()}) == 1:
         return config, StoppingCriteriaList()
+    refused = [key for key in EOS_BOUND if given.get(key, getattr(config, key, None)) not in (None, 0)]
     if (given.get("num_beams") or config.num_beams or 1) > 1:
+        refused.insert(0, "num_beams")
+    if refused:
         raise ValueError(
-            f"The tenants of this batch stop at different EOS tokens ({per_tenant_eos}), which beam search cannot "
-            "apply per row; pass eos_token_id= for the whole batch, or run each tenant's rows in their own call."
+            f"The tenants of this batch stop at different EOS tokens ({per_tenant_eos}), which {refused} cannot apply "
+            "per row (transformers applies them through one EOS); pass eos_token_id= for the whole batch, or run "
+            "each tenant's rows in their own call."
         )
+    if given.get("pad_token_id", config.pad_token_id) is None:
+        # What transformers pads finished rows with when no pad token is set: an EOS token.
+        config.pad_token_id = next(token for tokens in per_tenant_eos.values() for token in tokens)
     config.eos_token_id = None
     return config, StoppingCriteriaList([TenantEosCriteria([per_tenant_eos[name] for name in row_tenants])])
 

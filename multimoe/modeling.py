@@ -49,7 +49,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .checkpoints import TenantSource, check_saved_directory, strict_from_pretrained
+from .checkpoints import CheckpointError, TenantSource, check_saved_directory, strict_from_pretrained
 from .concurrency import TenantLock
 from .configuration import MultiTenantMixtralConfig
 from .generation import generation_for_rows
@@ -79,22 +79,35 @@ HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "revi
 
 
 def read_tenant_generation_configs(model, pretrained_model_name_or_path, options: dict) -> dict[str, GenerationConfig]:
-    """Each tenant's generation config from `tenants/<name>/generation_config.json`; a checkpoint
-    of an earlier release has none, and then every tenant gets the one transformers loaded."""
+    """Each tenant's generation config from `tenants/<name>/generation_config.json`. A checkpoint
+    of an earlier release has none at all, and then every tenant gets the one transformers loaded;
+    a checkpoint that has some but not all, or an unreadable one, is refused: falling back would
+    run that tenant with another's EOS."""
     hub = {key: options[key] for key in HUB_OPTIONS if key in options}
     folder = "/".join(part for part in (hub.pop("subfolder", ""), TENANTS_FOLDER) if part)
-    configs = {}
+    local = os.path.isdir(pretrained_model_name_or_path)
+    if local and not os.path.isdir(os.path.join(pretrained_model_name_or_path, folder)):
+        return {name: copy.deepcopy(model.generation_config) for name in model.tenants}
+    configs, unreadable = {}, {}
     for name in model.tenants:
         # A local directory is read by path: `GenerationConfig.from_pretrained` ignores `subfolder`
         # there when the directory itself holds a generation_config.json.
-        if os.path.isdir(pretrained_model_name_or_path):
+        if local:
             location, where = os.path.join(pretrained_model_name_or_path, folder, name), {}
         else:
             location, where = pretrained_model_name_or_path, hub | {"subfolder": f"{folder}/{name}"}
         try:
             configs[name] = GenerationConfig.from_pretrained(location, **where)
-        except OSError:
-            configs[name] = copy.deepcopy(model.generation_config)
+        except OSError as error:
+            unreadable[name] = error
+    if not local and not configs:
+        return {name: copy.deepcopy(model.generation_config) for name in model.tenants}
+    if unreadable:
+        name, error = next(iter(unreadable.items()))
+        raise CheckpointError(
+            f"Tenant {name!r}: cannot read {folder}/{name}/generation_config.json of {pretrained_model_name_or_path} "
+            f"({error}); without it the tenant would generate with another tenant's settings."
+        )
     return configs
 
 
@@ -300,6 +313,14 @@ class MultiTenantMixtralPreTrainedModel(PreTrainedModel):
         """
         return strict_from_pretrained(super().from_pretrained, *args, **kwargs)
 
+    def __call__(self, *args, **kwargs):
+        # Calls see the tenant set whole: an edit in another thread waits (see `TenantLock`). A
+        # compiled call runs inside `generate` or its caller's own synchronisation: locks do not trace.
+        if torch.compiler.is_compiling():
+            return super().__call__(*args, **kwargs)
+        with self.base_model.tenant_lock.reading():
+            return super().__call__(*args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
@@ -361,7 +382,7 @@ class MultiTenantMixtralModel(MultiTenantMixtralPreTrainedModel):
         if not tenant_names:
             raise ValueError("tenant_names is empty: give one tenant name per row of a non-empty batch.")
         names = self.tenant_names
-        return torch.tensor([names.index(self.resolve_tenant(name)) for name in tenant_names], device=device)
+        return torch.tensor([names.index(self.known_tenant(name)) for name in tenant_names], device=device)
 
     def route(
         self,
@@ -530,13 +551,15 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         return model
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *args, **kwargs):
         """The strict loading of every multi-tenant class, plus each tenant's generation config
-        (`tenants/<name>/generation_config.json`)."""
-        model = super().from_pretrained(*args, **kwargs)
+        (`tenants/<name>/generation_config.json`); a `generation_config=` given serves every tenant."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         loaded = model[0] if isinstance(model, tuple) else model
-        if args and args[0] is not None:
-            loaded.generation_configs = read_tenant_generation_configs(loaded, args[0], kwargs)
+        if kwargs.get("generation_config") is not None:
+            loaded.generation_configs = {name: copy.deepcopy(kwargs["generation_config"]) for name in loaded.tenants}
+        elif pretrained_model_name_or_path is not None:
+            loaded.generation_configs = read_tenant_generation_configs(loaded, pretrained_model_name_or_path, kwargs)
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
@@ -621,15 +644,19 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         with self.model.tenant_lock.writing():
             build_time("tenancy").remove_tenant(self, name)
 
-    def _resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
-        """Every tenant's embedding and lm_head, as `resize_token_embeddings` means for one model
-        (the vocabulary size is one config field for all); returns the current tenant's embedding."""
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """`PreTrainedModel.resize_token_embeddings` for every tenant at once, as it means for one
+        model (the vocabulary size is one config field for all), while no call runs."""
         check_number("new_num_tokens", new_num_tokens, positive=True, integer=True, optional=True)
         check_number("pad_to_multiple_of", pad_to_multiple_of, positive=True, integer=True, optional=True)
         with self.model.tenant_lock.writing():
-            for name in self.tenants:
-                with self.active(name):
-                    super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+            return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+
+    def _resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """Each tenant's embedding and lm_head in turn; returns the current tenant's embedding."""
+        for name in self.tenants:
+            with self.active(name):
+                super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         return self.get_input_embeddings()
 
     def tenant_modules(self, name: str) -> dict[str, nn.Module]:
@@ -704,34 +731,25 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
                 kwargs["tenant_ids"] = self.model.tenant_ids(tenant_names, device=self.device)
             if kwargs.get("tenant_ids") is None:
                 tenant = self.model.resolve_tenant(tenant)
-            scope = CALL_GENERATION_CONFIGS.get()
-            if generation_config is None:
-                call_config, stopping = self.rows_generation(inputs, tenant, kwargs)
-                scope = scope | {id(self): call_config}
-                given = kwargs.get("stopping_criteria") or []
-                kwargs["stopping_criteria"] = StoppingCriteriaList([*stopping, *given])
-            token = CALL_GENERATION_CONFIGS.set(scope)
+            # The rows' own settings, under what the caller gives (transformers fills what a given
+            # `generation_config` leaves unset from `self.generation_config`, then these).
+            given = kwargs | (generation_config.to_diff_dict() if generation_config is not None else {})
+            call_config, stopping = self._rows_generation(inputs, tenant, given)
+            kwargs["stopping_criteria"] = StoppingCriteriaList([*stopping, *(kwargs.get("stopping_criteria") or [])])
+            token = CALL_GENERATION_CONFIGS.set(CALL_GENERATION_CONFIGS.get() | {id(self): call_config})
             try:
                 # Whatever is named goes on to every forward, whose `route` refuses a tenant named twice.
                 return super().generate(inputs, generation_config, *args, tenant=tenant, **kwargs)
             finally:
                 CALL_GENERATION_CONFIGS.reset(token)
 
-    def rows_generation(self, inputs, tenant: str | None, kwargs: dict) -> tuple[GenerationConfig, list]:
+    def _rows_generation(self, inputs, tenant: str | None, given: dict) -> tuple[GenerationConfig, list]:
         """The generation config and extra stopping criteria of a `generate` call, from its rows'
         tenants (see `multimoe.generation.generation_for_rows`)."""
-        rows = next((kwargs[key] for key in ("input_ids", "inputs_embeds") if kwargs.get(key) is not None), inputs)
+        rows = next((given[key] for key in ("input_ids", "inputs_embeds") if given.get(key) is not None), inputs)
         batch_size = 1 if rows is None else rows.shape[0]
-        routing = self.model.route(batch_size, tenant=tenant, tenant_ids=kwargs.get("tenant_ids"))
-        return generation_for_rows(self.generation_configs, routing.row_tenants, kwargs)
-
-    def __call__(self, *args, **kwargs):
-        # Calls see the tenant set whole: an edit in another thread waits (see `TenantLock`). A
-        # compiled call runs inside `generate` or its caller's own synchronisation: locks do not trace.
-        if torch.compiler.is_compiling():
-            return super().__call__(*args, **kwargs)
-        with self.model.tenant_lock.reading():
-            return super().__call__(*args, **kwargs)
+        routing = self.model.route(batch_size, tenant=tenant, tenant_ids=given.get("tenant_ids"))
+        return generation_for_rows(self.generation_configs, routing.row_tenants, given)
 
     # -- forward ------------------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate
-from types import MethodType
 from typing import Union
 
 import torch
@@ -123,11 +122,11 @@ ROW_EDITS = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave")
 
 
 def follow_row_edits(cache) -> None:
-    """Make the cache's own row edits move its tenant tag with the rows. Bound to the instance (a
-    `MethodType`), so that a deep copy of the cache edits the copy's tag."""
+    """Make the cache's own row edits move its tenant tag with the rows. Each is a `partial` on the
+    instance, which pickles, and which a deep copy rebinds to the copy (its memo maps the cache)."""
     for method in ROW_EDITS:
         if method not in vars(cache) and hasattr(type(cache), method):
-            setattr(cache, method, MethodType(partial(edit_rows, method=method), cache))
+            setattr(cache, method, partial(edit_rows, cache, method=method))
 
 
 def edit_rows(cache, argument, *, method: str) -> None:
@@ -135,8 +134,11 @@ def edit_rows(cache, argument, *, method: str) -> None:
     owners = cache.multimoe_row_tenants
     if method == "batch_repeat_interleave":
         cache.multimoe_row_tenants = tuple(owner for owner in owners for _ in range(argument))
-    else:
-        cache.multimoe_row_tenants = tuple(owners[row] for row in torch.as_tensor(argument).tolist())
+        return
+    rows = torch.as_tensor(argument)
+    if rows.dtype == torch.bool:  # a mask, as tensor indexing takes it
+        rows = rows.nonzero().flatten()
+    cache.multimoe_row_tenants = tuple(owners[row] for row in rows.tolist())
 
 
 __all__ = ["CacheTenantMismatchError", "TenantRouting", "UnknownTenantError", "claim_cache", "tenant_order"]

@@ -8,6 +8,8 @@ model is modified.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
@@ -70,7 +72,13 @@ def add_tenant(
     checkpoint = TenantCheckpoint.open(source, tenant=name, revision=revision)
     reference = model.tenants[0]
     check_compatible({reference: model.config, name: checkpoint.config})
-    shared_settings({reference: model.config, name: checkpoint.config}, {})  # a tenant that differs is refused
+    own = shared_settings({name: checkpoint.config}, {})
+    applied = {key: getattr(model.config, key) for key, value in own.items() if value != getattr(model.config, key)}
+    if applied:
+        raise IncompatibleTenantsError(
+            f"Tenant {name!r} has {({key: own[key] for key in applied})}, while the model applies {applied} to every "
+            "tenant; set the source's config to the model's values to add it."
+        )
     if checkpoint.dtype != model.dtype:
         raise IncompatibleTenantsError(
             f"Tenant {name!r} holds {checkpoint.dtype} weights and the model {model.dtype} ones; convert the source "
@@ -109,7 +117,7 @@ def add_tenant(
     model.model.embed_tokens[name] = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
     model.model.norm[name] = MixtralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
     model.lm_head[name] = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-    model.generation_configs[name] = checkpoint.generation_config
+    model.generation_configs[name] = copy.deepcopy(checkpoint.generation_config)  # read by TenantSet above
     modules = model.tenant_modules(name)
     for module in modules.values():
         module.to(device=device, dtype=model.dtype)

@@ -5,13 +5,14 @@ the KV cache tag through row edits, the dtype of the sources, and inputs that na
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig
 
-from multimoe import CacheTenantMismatchError, IncompatibleTenantsError, MultiTenantMixtralForCausalLM
+from multimoe import CacheTenantMismatchError, CheckpointError, IncompatibleTenantsError, MultiTenantMixtralForCausalLM
 from multimoe.testing import fine_tune, random_mixtral, tiny_mixtral_config
 
 GREEDY = dict(max_new_tokens=12, do_sample=False)
@@ -126,8 +127,41 @@ def test_generation_settings_the_tenants_of_a_batch_disagree_on_must_be_given(ow
     with pytest.raises(ValueError, match=r"different generation settings \['repetition_penalty'\]"):
         model.generate(**inputs, max_new_tokens=3, tenant_names=["chat", "base"])
     model.generate(**inputs, max_new_tokens=3, tenant_names=["chat", "base"], repetition_penalty=1.0)
-    with pytest.raises(ValueError, match="beam search cannot apply per row"):
-        model.generate(**inputs, max_new_tokens=3, tenant_names=["chat", "base"], repetition_penalty=1.0, num_beams=2)
+    for setting in (dict(num_beams=2), dict(min_new_tokens=2)):
+        with pytest.raises(ValueError, match=rf"\['{next(iter(setting))}'\] cannot apply per row"):
+            model.generate(**inputs, max_new_tokens=3, tenant_names=["chat", "base"], repetition_penalty=1.0, **setting)
+
+
+def test_per_row_eos_pads_with_an_eos_token_when_no_pad_token_is_set(own_eos, tokenizer):
+    for model in own_eos.values():
+        model.generation_config.pad_token_id = None  # as in Mixtral's own generation config
+    model = MultiTenantMixtralForCausalLM.from_models(own_eos).eval()
+    inputs = tokenizer(["hello there", "hello there"], return_tensors="pt")
+    out = model.generate(**inputs, **GREEDY, tenant_names=["chat", "base"])
+    chat = own_eos["chat"].generate(**{key: rows[:1] for key, rows in inputs.items()}, **GREEDY)
+    assert torch.equal(out[0, : chat.shape[1]], chat[0])
+
+
+def test_a_given_generation_config_leaves_the_rest_to_the_rows_tenant(own_eos, tokenizer):
+    """transformers fills what a given config leaves unset from `model.generation_config`: that must
+    be the called tenant's, not the active one's."""
+    model = MultiTenantMixtralForCausalLM.from_models(own_eos).eval()
+    inputs = tokenizer(["hello there"], return_tensors="pt")
+    model.set_active_model("base")
+    given = GenerationConfig(max_new_tokens=12, do_sample=False)
+    assert torch.equal(model.generate(**inputs, generation_config=given, tenant="chat"),
+                       own_eos["chat"].generate(**inputs, **GREEDY))
+
+
+def test_tenant_generation_configs_are_refused_when_some_are_missing_or_broken(own_eos, tmp_path):
+    model = MultiTenantMixtralForCausalLM.from_models(own_eos)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "tenants" / "chat" / "generation_config.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match=r"Tenant 'chat': cannot read tenants/chat/generation_config.json"):
+        MultiTenantMixtralForCausalLM.from_pretrained(tmp_path)
+    given = GenerationConfig(eos_token_id=42)
+    loaded = MultiTenantMixtralForCausalLM.from_pretrained(tmp_path, generation_config=given)
+    assert {config.eos_token_id for config in loaded.generation_configs.values()} == {42}
 
 
 def test_loss_settings_that_differ_are_refused_unless_given(tenants):
@@ -140,7 +174,7 @@ def test_loss_settings_that_differ_are_refused_unless_given(tenants):
     chat.config.output_router_logits = True
     with pytest.raises(IncompatibleTenantsError, match="output_router_logits"):
         MultiTenantMixtralForCausalLM.from_models({"base": tenants["base"], "chat": chat}, router_aux_loss_coef=0.1)
-    with pytest.raises(IncompatibleTenantsError, match="router_aux_loss_coef"):
+    with pytest.raises(IncompatibleTenantsError, match="while the model applies {'router_aux_loss_coef': 0.001"):
         MultiTenantMixtralForCausalLM.from_models({"base": tenants["base"]}).add_tenant("chat", chat)
 
 
@@ -197,8 +231,9 @@ def test_the_cache_tag_follows_reordered_rows(multi, tokenizer):
         with pytest.raises(CacheTenantMismatchError):
             multi(**step, cache=cache, tenant_names=["chat", "base"])
         multi(**step, cache=cache, tenant_names=["base", "chat"])
-        cache.batch_select_indices(torch.tensor([1]))
+        cache.batch_select_indices(torch.tensor([False, True]))  # a mask, as tensor indexing takes it
         cache.batch_repeat_interleave(2)
+        assert pickle.loads(pickle.dumps(cache)).multimoe_row_tenants == ("chat", "chat")
         with pytest.raises(CacheTenantMismatchError):
             multi(input_ids=step["input_ids"], cache=cache, tenant="base")
         multi(input_ids=step["input_ids"], cache=cache, tenant="chat")
@@ -232,6 +267,7 @@ def test_none_names_no_tenant(multi):
         (dict(tenant_ids=[0, 1]), "tenant_ids must be an integer tensor"),
         (dict(tenant_ids=torch.tensor([0.0, 1.0])), "tenant_ids must be an integer tensor"),
         (dict(tenant_names="chat"), "one name per row"),
+        (dict(tenant_names=["chat", None]), "Name a tenant: got None"),
     ],
 )
 def test_bad_row_tenants_get_a_clear_error(multi, batch, routing, message):

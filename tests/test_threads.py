@@ -12,6 +12,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from multimoe import MultiTenantMixtralForCausalLM
+from multimoe.concurrency import TenantLock
 
 SETTINGS = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
 NAMES = ["base", "chat", "code", "tied"]
@@ -134,3 +135,50 @@ def test_an_edit_from_inside_a_call_of_the_same_model_is_refused(multi, tenants,
     with pytest.raises(RuntimeError, match="cannot be edited from inside a forward or generate call"):
         multi.generate(**batch, **SETTINGS, tenant="base", logits_processor=LogitsProcessorList([AddTenant()]))
     assert "late" not in multi.tenants
+
+
+def test_an_interrupted_wait_leaves_the_lock_usable():
+    """A Ctrl-C while waiting must not leave a count behind: a stale waiting edit would hold every
+    call back, a stale call would keep every edit out."""
+    lock = TenantLock()
+
+    def interrupted(section, holder):
+        held, release = threading.Event(), threading.Event()
+
+        def hold():
+            with holder():
+                held.set()
+                release.wait(5)
+
+        thread = threading.Thread(target=hold)
+        thread.start()
+        held.wait(5)
+        waits = []
+        original = threading.Condition.wait_for
+
+        def interrupt(condition, predicate, timeout=None):
+            waits.append(predicate)
+            raise KeyboardInterrupt
+
+        threading.Condition.wait_for = interrupt
+        try:
+            with pytest.raises(KeyboardInterrupt), section():
+                pass
+        finally:
+            threading.Condition.wait_for = original
+            release.set()
+            thread.join()
+        assert waits
+
+    interrupted(lock.writing, lock.reading)  # an edit interrupted while calls run
+    interrupted(lock.reading, lock.writing)  # a call interrupted while an edit runs
+    usable = threading.Event()
+
+    def use():
+        with lock.writing():
+            pass
+        with lock.reading():
+            usable.set()
+
+    threading.Thread(target=use, daemon=True).start()
+    assert usable.wait(5), "a count left by an interrupted wait blocks the lock"
