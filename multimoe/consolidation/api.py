@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -399,6 +400,7 @@ def consolidate(
                 f"memory_budget not reached: max_quality_loss={max_quality_loss} stops at "
                 f"{footprint.describe(footprint.total(count))}, above the budget of {footprint.describe(budget)}."
             )
+            warnings.warn(notes[-1], stacklevel=2)  # a model over budget must not pass unnoticed
 
     layer_reports = []
     for layer_idx, distances in enumerate(plan.planner.compared_distances):
