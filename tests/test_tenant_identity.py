@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -45,13 +46,18 @@ def test_tenant_order_survives_save_and_load(tenants, batch, tmp_path):
     assert_same_logits(logits(loaded, batch, tenant_ids=ids), logits(tenants["chat"], batch))
 
 
-def test_a_checkpoint_with_the_earlier_mapping_of_tenants_loads_in_its_stored_order(tenants, tmp_path):
+def test_a_checkpoint_of_the_earlier_release_loads_in_its_stored_order(tenants, tmp_path):
+    """An earlier release stored tenants as a mapping and no per-tenant generation configs."""
     model = MultiTenantMixtralForCausalLM.from_models({"zeta": tenants["chat"], "alpha": tenants["base"]})
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["tenants"] = {entry.pop("name"): entry for entry in config["tenants"]}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert MultiTenantMixtralForCausalLM.from_pretrained(tmp_path).tenants == ["zeta", "alpha"]
+    shutil.rmtree(tmp_path / "tenants")
+    loaded = MultiTenantMixtralForCausalLM.from_pretrained(tmp_path)
+    assert loaded.tenants == ["zeta", "alpha"]
+    root = GenerationConfig.from_pretrained(tmp_path)
+    assert all(config.to_dict() == root.to_dict() for config in loaded.generation_configs.values())
 
 
 # -- tied or untied lm_head ----------------------------------------------------------------------
