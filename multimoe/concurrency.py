@@ -81,20 +81,28 @@ class TenantLock:
             self._writers_waiting += 1
             try:
                 self._condition.wait_for(lambda: not self._writing and not self._readers)
-            finally:  # also when interrupted: a waiting edit holds calls back
+            except BaseException:  # e.g. KeyboardInterrupt: let in the calls this edit held back
                 self._writers_waiting -= 1
+                if not self._writing and not self._writers_waiting:
+                    self._admit_held_calls()
                 self._condition.notify_all()
+                raise
+            self._writers_waiting -= 1
             self._writing = True
         try:
             yield
         finally:
             with self._condition:
                 self._writing = False
-                if self._readers_held:  # hand over to the calls held back, before any other edit
-                    self._readers += self._readers_held
-                    self._readers_held = 0
-                    self._releases += 1
+                self._admit_held_calls()  # before any other edit
                 self._condition.notify_all()
+
+    def _admit_held_calls(self) -> None:
+        """Count the calls held back by edits as running, and wake them (under the condition)."""
+        if self._readers_held:
+            self._readers += self._readers_held
+            self._readers_held = 0
+            self._releases += 1
 
 
 __all__ = ["TenantLock"]

@@ -733,8 +733,10 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
                 tenant = self.model.resolve_tenant(tenant)
             # The rows' own settings, under what the caller gives (transformers fills what a given
             # `generation_config` leaves unset from `self.generation_config`, then these).
-            given = kwargs | (generation_config.to_diff_dict() if generation_config is not None else {})
+            given = (generation_config.to_diff_dict() if generation_config is not None else {}) | kwargs
             call_config, stopping = self._rows_generation(inputs, tenant, given)
+            if stopping and kwargs.get("pad_token_id", 0) is None:  # per-row EOS pads finished rows
+                kwargs["pad_token_id"] = call_config.pad_token_id
             kwargs["stopping_criteria"] = StoppingCriteriaList([*stopping, *(kwargs.get("stopping_criteria") or [])])
             token = CALL_GENERATION_CONFIGS.set(CALL_GENERATION_CONFIGS.get() | {id(self): call_config})
             try:

@@ -143,9 +143,10 @@ def test_per_row_eos_pads_with_an_eos_token_when_no_pad_token_is_set(own_eos, to
         model.generation_config.pad_token_id = None  # as in Mixtral's own generation config
     model = MultiTenantMixtralForCausalLM.from_models(own_eos).eval()
     inputs = tokenizer(["hello there", "hello there"], return_tensors="pt")
-    out = model.generate(**inputs, **GREEDY, tenant_names=["chat", "base"])
     chat = own_eos["chat"].generate(**{key: rows[:1] for key, rows in inputs.items()}, **GREEDY)
-    assert torch.equal(out[0, : chat.shape[1]], chat[0])
+    for pad in ({}, {"pad_token_id": None}):  # None: what a tokenizer without a pad token passes on
+        out = model.generate(**inputs, **GREEDY, **pad, tenant_names=["chat", "base"])
+        assert torch.equal(out[0, : chat.shape[1]], chat[0])
 
 
 def test_a_given_generation_config_leaves_the_rest_to_the_rows_tenant(own_eos, tokenizer):
@@ -157,6 +158,10 @@ def test_a_given_generation_config_leaves_the_rest_to_the_rows_tenant(own_eos, t
     given = GenerationConfig(max_new_tokens=12, do_sample=False)
     assert torch.equal(model.generate(**inputs, generation_config=given, tenant="chat"),
                        own_eos["chat"].generate(**inputs, **GREEDY))
+    # Keyword arguments win over a given config, as in transformers: num_beams=1 needs no single EOS.
+    rows = tokenizer(["hello there", "hello there"], return_tensors="pt")
+    model.generate(**rows, generation_config=GenerationConfig(max_new_tokens=4, num_beams=2), num_beams=1,
+                   tenant_names=["chat", "base"])
 
 
 def test_tenant_generation_configs_are_refused_when_some_are_missing_or_broken(own_eos, tmp_path):

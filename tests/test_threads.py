@@ -182,3 +182,42 @@ def test_an_interrupted_wait_leaves_the_lock_usable():
 
     threading.Thread(target=use, daemon=True).start()
     assert usable.wait(5), "a count left by an interrupted wait blocks the lock"
+
+
+def test_calls_held_back_by_an_interrupted_edit_get_in(monkeypatch):
+    """An edit interrupted while it waits must let in the calls it held back meanwhile."""
+    lock = TenantLock()
+    running, finish, held_call_ran = threading.Event(), threading.Event(), threading.Event()
+
+    def running_call():
+        with lock.reading():
+            running.set()
+            finish.wait(5)
+
+    def held_call():
+        with lock.reading():
+            held_call_ran.set()
+
+    first, second = threading.Thread(target=running_call), threading.Thread(target=held_call)
+    first.start()
+    running.wait(5)
+    editor, original = threading.current_thread(), threading.Condition.wait_for
+
+    def interrupt_once_a_call_is_held(condition, predicate, timeout=None):
+        if threading.current_thread() is not editor:
+            return original(condition, predicate, timeout)
+        second.start()
+        while not lock._readers_held:
+            condition.wait(0.01)  # lets the second call in to be held back
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Condition, "wait_for", interrupt_once_a_call_is_held)
+    with pytest.raises(KeyboardInterrupt), lock.writing():
+        pass
+    monkeypatch.undo()
+    try:
+        assert held_call_ran.wait(5), "the call held back by the interrupted edit never got in"
+    finally:
+        finish.set()
+        first.join()
+        second.join(5)
