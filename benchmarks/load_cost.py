@@ -1,9 +1,11 @@
-"""What giving loaded weights aligned storage costs at load time (see `multimoe.alignment`).
+"""What giving loaded weights aligned storage costs at load time, and what it does to decode speed
+(see `multimoe.alignment`).
 
 Saves a multi-tenant model, then loads it repeatedly in fresh processes, alternating
 `from_pretrained` as shipped with the same load minus the copy (`realign` replaced by a no-op),
-so machine noise hits both alike. Reports the median load time of each, the bytes copied, and
-the peak RSS growth of each load.
+so machine noise hits both alike. Reports the median load time of each, the bytes left
+unaligned, the peak RSS growth of each load, and greedy one-tenant decode speed with the KV cache
+(median step after a warm-up) of the model just loaded.
 
     python benchmarks/load_cost.py             # the figures in docs/benchmarks.md
 """
@@ -50,14 +52,29 @@ seconds = time.perf_counter() - start
 done.set()
 sampler.join()
 unaligned = sum(p.numel() * p.element_size() for p in model.parameters() if p.data_ptr() % ALIGNMENT)
-print(json.dumps({"seconds": seconds, "peak_growth": max(peak[0], process.memory_info().rss) - before,
-                  "unaligned_bytes": unaligned}))
+growth = max(peak[0], process.memory_info().rss) - before
+
+import statistics, torch
+from transformers import DynamicCache
+model.eval()
+steps = []
+with torch.inference_mode():
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=torch.arange(1, 9)[None], cache=cache, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    for _ in range(int(sys.argv[3])):
+        start = time.perf_counter()
+        out = model(input_ids=token, cache=cache, use_cache=True)
+        steps.append(time.perf_counter() - start)
+        token = out.logits[:, -1:].argmax(-1)
+print(json.dumps({"seconds": seconds, "peak_growth": growth, "unaligned_bytes": unaligned,
+                  "tokens_per_s": 1 / statistics.median(steps[2:])}))
 """
 
 
-def load(directory: Path, copy: bool) -> dict:
-    result = subprocess.run([sys.executable, "-c", LOAD, str(directory), "copy" if copy else "plain"],
-                            capture_output=True, text=True, check=True)
+def load(directory: Path, copy: bool, decode_steps: int) -> dict:
+    arguments = [str(directory), "copy" if copy else "plain", str(decode_steps)]
+    result = subprocess.run([sys.executable, "-c", LOAD, *arguments], capture_output=True, text=True, check=True)
     return json.loads(result.stdout.splitlines()[-1])
 
 
@@ -68,6 +85,7 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=3584)
     parser.add_argument("--tenants", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--decode-steps", type=int, default=24)
     args = parser.parse_args()
     model = MultiTenantMixtralForCausalLM.from_models(
         fine_tunes(mixtral(args.layers, args.hidden, args.intermediate), args.tenants)
@@ -79,17 +97,18 @@ def main() -> None:
         runs = {True: [], False: []}
         for _ in range(args.repeats):
             for copy in (False, True):
-                runs[copy].append(load(Path(folder), copy))
+                runs[copy].append(load(Path(folder), copy, args.decode_steps))
     mib = 2**20
     print(f"model: {size / mib:.0f} MiB ({args.tenants} tenants, {args.layers} layers, H={args.hidden}, "
           f"I={args.intermediate}); median of {args.repeats} loads each, alternating")
-    print("| load | seconds | peak RSS growth (MiB) | unaligned after load (MiB) |")
-    print("|---|---:|---:|---:|")
+    print("| load | seconds | peak RSS growth (MiB) | unaligned after load (MiB) | decode tokens/s |")
+    print("|---|---:|---:|---:|---:|")
     for copy, label in ((False, "without the copy"), (True, "with the copy (shipped)")):
-        seconds = statistics.median(run["seconds"] for run in runs[copy])
-        growth = statistics.median(run["peak_growth"] for run in runs[copy])
-        unaligned = statistics.median(run["unaligned_bytes"] for run in runs[copy])
-        print(f"| {label} | {seconds:.3f} | {growth / mib:.0f} | {unaligned / mib:.0f} |")
+        seconds, growth, unaligned, speed = (
+            statistics.median(run[key] for run in runs[copy])
+            for key in ("seconds", "peak_growth", "unaligned_bytes", "tokens_per_s")
+        )
+        print(f"| {label} | {seconds:.3f} | {growth / mib:.0f} | {unaligned / mib:.0f} | {speed:.1f} |")
 
 
 if __name__ == "__main__":
