@@ -115,7 +115,7 @@ class TenantCheckpoint:
                 f"Tenant {tenant!r}: a source must be a MixtralForCausalLM, a local directory or a Hub repo id, "
                 f"got {type(source).__name__}."
             )
-        directory = resolve_directory(str(source), tenant=tenant, revision=revision)
+        directory = resolve_directory(str(source), owner=f"Tenant {tenant!r}", revision=revision)
         config = read_config(directory, tenant=tenant)
         return cls(str(source), config, None, SafetensorsFiles(directory, owner=f"Tenant {tenant!r}"))
 
@@ -311,19 +311,25 @@ class SafetensorsFiles:
             raise CheckpointError(f"{self.owner}: cannot read tensor {key!r}: {error}") from error
 
 
-def resolve_directory(source: str, *, tenant: str, revision: str | None) -> Path:
-    """A local directory as is; anything else is a Hub repo id fetched (or found in the cache)."""
+# What transformers' loading of a safetensors checkpoint fetches from the Hub: configs and weights.
+HUB_DOWNLOAD_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+
+
+def resolve_directory(source: str, *, owner: str, **hub_options) -> Path:
+    """A local directory as is; anything else is a Hub repo id whose configs and safetensors are
+    fetched (or found in the cache), the files transformers would fetch to load it."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
+    options = {key: value for key, value in hub_options.items() if key in HUB_DOWNLOAD_OPTIONS and value is not None}
     try:
-        snapshot = snapshot_download(source, revision=revision, allow_patterns=["*.json", "*.safetensors"])
+        snapshot = snapshot_download(source, allow_patterns=["*.json", "*.safetensors"], **options)
     except (HFValidationError, OSError, ValueError) as error:
         raise CheckpointError(
-            f"Tenant {tenant!r}: {source!r} is neither a local directory nor a Hub repo that could be "
+            f"{owner}: {source!r} is neither a local directory nor a Hub repo that could be "
             f"fetched or found in the cache ({type(error).__name__}: {error})."
         ) from error
     return Path(snapshot)
@@ -433,17 +439,20 @@ def strict_from_pretrained(
     """`load` (transformers' `from_pretrained` bound to the model class, as `super().from_pretrained`
     in an override is), refusing with a `CheckpointError` what it would otherwise accept.
 
-    A local directory first goes through `check_saved_directory`, which refuses from config.json
-    and the headers, before any weight is read or allocated, tensors missing (initialised at
-    random), unexpected (a stray lm_head of a tied tenant would untie it) or of the wrong shape
-    (initialised at random with `ignore_mismatched_sizes`). Once loaded, which is all a Hub
-    checkpoint gets, the missing, unexpected and misshapen keys transformers reports and NaN/Inf
-    weights are refused. Pickle weights are never loaded (`use_safetensors=True`).
+    The checkpoint (a local directory, or a Hub repo fetched into the cache first) goes through
+    `check_saved_directory`, which refuses from config.json and the headers, before any weight is
+    read or allocated, tensors missing (initialised at random), unexpected (a stray lm_head of a
+    tied tenant would untie it) or of the wrong shape (initialised at random with
+    `ignore_mismatched_sizes`). Once loaded, the missing, unexpected and misshapen keys
+    transformers reports and NaN/Inf weights are refused too. Pickle weights are never loaded
+    (`use_safetensors=True`).
     """
     wants_loading_info = kwargs.pop("output_loading_info", False)
-    if pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path):
-        directory = Path(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
-        check_saved_directory(directory, load.__self__, variant=kwargs.get("variant"))
+    if pretrained_model_name_or_path is not None:
+        # A Hub repo is fetched first (into the cache transformers then loads from), so that it is
+        # checked before anything is allocated, as a local directory is.
+        snapshot = resolve_directory(str(pretrained_model_name_or_path), owner=SAVED_CHECKPOINT, **kwargs)
+        check_saved_directory(snapshot / kwargs.get("subfolder", ""), load.__self__, variant=kwargs.get("variant"))
     kwargs |= {"use_safetensors": True, "ignore_mismatched_sizes": True, "output_loading_info": True}
     model, loading_info = load(pretrained_model_name_or_path, *model_args, **kwargs)
     unexpected = loading_info["unexpected_keys"]

@@ -14,7 +14,7 @@ import yaml
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HTTPError
 
-from multimoe import MultiTenantMixtralForCausalLM
+from multimoe import CheckpointError, MultiTenantMixtralForCausalLM
 from multimoe.hub import model_card
 
 
@@ -193,3 +193,22 @@ def test_from_pretrained_hub_id_and_revision_through_the_offline_cache(multi, sa
     loaded = MultiTenantMixtralForCausalLM.from_pretrained("acme/four-tenants", revision="v1", cache_dir=tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(**batch, tenant="code").logits, multi(**batch, tenant="code").logits)
+    assert loaded.generation_configs.keys() == multi.generation_configs.keys()
+
+
+def test_a_hostile_hub_checkpoint_is_refused_before_anything_is_allocated(saved, tmp_path, monkeypatch):
+    """A Hub repo is fetched into the cache and checked against its headers, as a directory is."""
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    snapshot = tmp_path / "models--acme--hostile" / "snapshots" / commit
+    shutil.copytree(saved, snapshot)
+    config = json.loads((snapshot / "config.json").read_text())
+    config["pool_sizes"] = [10**7] * len(config["pool_sizes"])
+    (snapshot / "config.json").write_text(json.dumps(config))
+    (tmp_path / "models--acme--hostile" / "refs").mkdir()
+    (tmp_path / "models--acme--hostile" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    refusal = r"experts\.down_proj' has shape \[\d+, 32, 48\], the config implies \[10000000"
+    with pytest.raises(CheckpointError, match=refusal):
+        MultiTenantMixtralForCausalLM.from_pretrained("acme/hostile", cache_dir=tmp_path)
