@@ -276,9 +276,10 @@ class SafetensorsFiles:
                 with safe_open(str(path), framework="pt") as handle:
                     for key in handle.keys():
                         header = handle.get_slice(key)
-                        self.check_floating(key, header.get_dtype(), file_name)
+                        dtype = header.get_dtype()
+                        self.check_floating(key, dtype, file_name)
                         self.shapes[key] = header.get_shape()
-                        self.dtypes[key] = SAFETENSORS_DTYPES.get(header.get_dtype())
+                        self.dtypes[key] = SAFETENSORS_DTYPES.get(dtype)
             except (OSError, SafetensorError) as error:
                 raise CheckpointError(f"{owner}: cannot read {path}: {error}") from error
             self._paths[file_name] = str(path)

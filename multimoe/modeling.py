@@ -49,7 +49,14 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .checkpoints import CheckpointError, TenantSource, check_saved_directory, strict_from_pretrained
+from .checkpoints import (
+    SAVED_CHECKPOINT,
+    CheckpointError,
+    TenantSource,
+    check_saved_directory,
+    resolve_directory,
+    strict_from_pretrained,
+)
 from .concurrency import TenantLock
 from .configuration import MultiTenantMixtralConfig
 from .generation import generation_for_rows
@@ -75,39 +82,25 @@ def build_time(module: str):
 
 # Each tenant's own files (its generation config) lie in `tenants/<name>/` of a checkpoint.
 TENANTS_FOLDER = "tenants"
-HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
-def read_tenant_generation_configs(model, pretrained_model_name_or_path, options: dict) -> dict[str, GenerationConfig]:
-    """Each tenant's generation config from `tenants/<name>/generation_config.json`. A checkpoint
-    of an earlier release has none at all, and then every tenant gets the one transformers loaded;
-    a checkpoint that has some but not all, or an unreadable one, is refused: falling back would
-    run that tenant with another's EOS."""
-    hub = {key: options[key] for key in HUB_OPTIONS if key in options}
-    folder = "/".join(part for part in (hub.pop("subfolder", ""), TENANTS_FOLDER) if part)
-    local = os.path.isdir(pretrained_model_name_or_path)
-    if local and not os.path.isdir(os.path.join(pretrained_model_name_or_path, folder)):
+def read_tenant_generation_configs(model, checkpoint: Path) -> dict[str, GenerationConfig]:
+    """Each tenant's generation config from `tenants/<name>/generation_config.json` of a local
+    `checkpoint` directory. A checkpoint of an earlier release has no `tenants/` folder, and then
+    every tenant gets the one transformers loaded; one that misses a tenant's file, or holds an
+    unreadable one, is refused: falling back would run that tenant with another's EOS."""
+    folder = checkpoint / TENANTS_FOLDER
+    if not folder.is_dir():
         return {name: copy.deepcopy(model.generation_config) for name in model.tenants}
-    configs, unreadable = {}, {}
+    configs = {}
     for name in model.tenants:
-        # A local directory is read by path: `GenerationConfig.from_pretrained` ignores `subfolder`
-        # there when the directory itself holds a generation_config.json.
-        if local:
-            location, where = os.path.join(pretrained_model_name_or_path, folder, name), {}
-        else:
-            location, where = pretrained_model_name_or_path, hub | {"subfolder": f"{folder}/{name}"}
-        try:
-            configs[name] = GenerationConfig.from_pretrained(location, **where)
+        try:  # by path: `GenerationConfig.from_pretrained` ignores `subfolder` beside a generation_config.json
+            configs[name] = GenerationConfig.from_pretrained(folder / name)
         except OSError as error:
-            unreadable[name] = error
-    if not local and not configs:
-        return {name: copy.deepcopy(model.generation_config) for name in model.tenants}
-    if unreadable:
-        name, error = next(iter(unreadable.items()))
-        raise CheckpointError(
-            f"Tenant {name!r}: cannot read {folder}/{name}/generation_config.json of {pretrained_model_name_or_path} "
-            f"({error}); without it the tenant would generate with another tenant's settings."
-        )
+            raise CheckpointError(
+                f"Tenant {name!r}: cannot read {TENANTS_FOLDER}/{name}/generation_config.json of {checkpoint} "
+                f"({error}); without it the tenant would generate with another tenant's settings."
+            ) from error
     return configs
 
 
@@ -559,7 +552,9 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         if kwargs.get("generation_config") is not None:
             loaded.generation_configs = {name: copy.deepcopy(kwargs["generation_config"]) for name in loaded.tenants}
         elif pretrained_model_name_or_path is not None:
-            loaded.generation_configs = read_tenant_generation_configs(loaded, pretrained_model_name_or_path, kwargs)
+            # The directory, or the Hub snapshot the strict loading fetched into the cache.
+            checkpoint = resolve_directory(str(pretrained_model_name_or_path), owner=SAVED_CHECKPOINT, **kwargs)
+            loaded.generation_configs = read_tenant_generation_configs(loaded, checkpoint / kwargs.get("subfolder", ""))
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:

@@ -8,14 +8,12 @@ model is modified.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
 from transformers.utils.output_capturing import OutputRecorder, recursively_install_hooks
 
-from .assembly import TenantSet, shared_settings
+from .assembly import SHARED_SETTINGS, TenantSet
 from .checkpoints import IncompatibleTenantsError, TenantCheckpoint, TenantSource, check_compatible
 from .configuration import validate_tenant_name
 from .consolidation.similarity import NEEDS_CALIBRATION, get_metric
@@ -72,12 +70,13 @@ def add_tenant(
     checkpoint = TenantCheckpoint.open(source, tenant=name, revision=revision)
     reference = model.tenants[0]
     check_compatible({reference: model.config, name: checkpoint.config})
-    own = shared_settings({name: checkpoint.config}, {})
-    applied = {key: getattr(model.config, key) for key, value in own.items() if value != getattr(model.config, key)}
-    if applied:
+    differing = [key for key in SHARED_SETTINGS if getattr(checkpoint.config, key) != getattr(model.config, key)]
+    if differing:
+        own = {key: getattr(checkpoint.config, key) for key in differing}
+        applied = {key: getattr(model.config, key) for key in differing}
         raise IncompatibleTenantsError(
-            f"Tenant {name!r} has {({key: own[key] for key in applied})}, while the model applies {applied} to every "
-            "tenant; set the source's config to the model's values to add it."
+            f"Tenant {name!r} has {own}, while the model applies {applied} to every tenant; set the source's config "
+            "to the model's values to add it."
         )
     if checkpoint.dtype != model.dtype:
         raise IncompatibleTenantsError(
@@ -117,7 +116,7 @@ def add_tenant(
     model.model.embed_tokens[name] = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
     model.model.norm[name] = MixtralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
     model.lm_head[name] = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-    model.generation_configs[name] = copy.deepcopy(checkpoint.generation_config)  # read by TenantSet above
+    model.generation_configs[name] = incoming.generation_configs()[name]  # read by TenantSet above
     modules = model.tenant_modules(name)
     for module in modules.values():
         module.to(device=device, dtype=model.dtype)
