@@ -1,4 +1,4 @@
-"""Assembling a multi-tenant state dict and config from N Mixtral checkpoints.
+"""Assembling a multi-tenant state dict and config from N fine-tunes of one MoE family.
 
 The lossless assembly stores an expert once when it is bit-identical (after the cast to the target
 dtype) to one already in the same layer's pool; a pool entry serves at most one local expert of
@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Callable, Mapping
 
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM
+from transformers import PreTrainedConfig
 
 from .checkpoints import (
     CheckpointError,
@@ -20,31 +20,33 @@ from .checkpoints import (
     TenantCheckpoint,
     TenantSource,
     check_compatible,
-    fused_expert_keys,
-    is_expert_key,
     is_finite,
 )
-from .configuration import MultiTenantMixtralConfig, validate_tenant_name
+from .configuration import CONFIG_CLASSES, MultiTenantConfigMixin, validate_tenant_name
+from .families import Family
 from .validation import check_number
 
-ExpertPair = tuple[torch.Tensor, torch.Tensor]
+# One expert's (or a layer's stacked experts') tensors, in the family's fused layout order
+# (e.g. gate_up_proj, down_proj; gpt-oss adds their biases).
+ExpertTensors = tuple[torch.Tensor, ...]
 
 
-def tenant_key(mixtral_key: str, tenant: str) -> str:
-    """Where a Mixtral (v5 naming) non-expert parameter of `tenant` lives in the multi-tenant model."""
-    if mixtral_key.startswith("model.layers."):
-        _, _, layer_idx, rest = mixtral_key.split(".", 3)
-        rest = rest.replace("mlp.gate.", "router.", 1)
+def tenant_key(key: str, tenant: str) -> str:
+    """Where a non-expert parameter of `tenant` (v5 naming) lives in the multi-tenant model."""
+    if key.startswith("model.layers."):
+        _, _, layer_idx, rest = key.split(".", 3)
         return f"model.layers.{layer_idx}.tenants.{tenant}.{rest}"
-    module, parameter = mixtral_key.rsplit(".", 1)
+    module, parameter = key.rsplit(".", 1)
     return f"{module}.{tenant}.{parameter}"
 
 
-def pool_keys(layer_idx: int) -> tuple[str, str]:
-    return f"model.layers.{layer_idx}.experts.gate_up_proj", f"model.layers.{layer_idx}.experts.down_proj"
+def pool_keys(layer_idx: int, parameters: tuple[str, ...] = ("gate_up_proj", "down_proj")) -> tuple[str, ...]:
+    return tuple(f"model.layers.{layer_idx}.experts.{name}" for name in parameters)
 
 
-def open_checkpoints(models: Mapping[str, TenantSource], revision: str | None) -> dict[str, TenantCheckpoint]:
+def open_checkpoints(
+    models: Mapping[str, TenantSource], revision: str | None, family: Family | None = None
+) -> dict[str, TenantCheckpoint]:
     if not isinstance(models, Mapping) or not models:
         raise ValueError("Give at least one tenant, as a mapping {tenant name: model, directory or Hub id}.")
     pairs = list(models.items())
@@ -55,14 +57,20 @@ def open_checkpoints(models: Mapping[str, TenantSource], revision: str | None) -
             raise ValueError(f"Tenant name {name!r} is given more than once.")
         seen.add(name)
     checkpoints = {name: TenantCheckpoint.open(source, tenant=name, revision=revision) for name, source in pairs}
+    for name, checkpoint in checkpoints.items():
+        if family is not None and checkpoint.family is not family:
+            raise IncompatibleTenantsError(
+                f"Tenant {name!r} is a {checkpoint.family.model_type!r} model; this class serves "
+                f"{family.model_type!r} tenants (multimoe.from_models picks the class from the sources)."
+            )
     check_compatible({name: checkpoint.config for name, checkpoint in checkpoints.items()})
     return checkpoints
 
 
 def expected_shapes(checkpoint: TenantCheckpoint) -> dict[str, torch.Size]:
-    """Parameter shapes of a plain Mixtral with this config, measured on the meta device."""
+    """Parameter shapes of the family's own causal LM with this config, measured on the meta device."""
     with torch.device("meta"):
-        reference = MixtralForCausalLM(checkpoint.config)
+        reference = checkpoint.family.causal_lm_class(checkpoint.config)
     return {name: tensor.shape for name, tensor in reference.state_dict().items()}
 
 
@@ -78,23 +86,25 @@ def checked(tensor: torch.Tensor, *, tenant: str, name: str, shape: torch.Size, 
     return tensor.contiguous()
 
 
-def fingerprint(gate_up: torch.Tensor, down: torch.Tensor) -> bytes:
+def fingerprint(*tensors: torch.Tensor) -> bytes:
     digest = hashlib.blake2b(digest_size=16)
-    for tensor in (gate_up, down):
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    for tensor in tensors:
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
     return digest.digest()
 
 
-def identical_expert_pool(layer_experts: Mapping[str, ExpertPair]) -> tuple[list[ExpertPair], dict[str, list[int]]]:
+def identical_expert_pool(
+    layer_experts: Mapping[str, ExpertTensors],
+) -> tuple[list[ExpertTensors], dict[str, list[int]]]:
     """Pool entries and per-tenant local -> pool maps, sharing only bit-identical experts."""
-    pool: list[ExpertPair] = []
+    pool: list[ExpertTensors] = []
     entries_by_fingerprint: dict[bytes, list[int]] = {}
     maps: dict[str, list[int]] = {}
-    for tenant, (gate_up, down) in layer_experts.items():
+    for tenant, tensors in layer_experts.items():
         used: set[int] = set()
         row = []
-        for expert in range(gate_up.shape[0]):
-            pair = (gate_up[expert], down[expert])
+        for expert in range(tensors[0].shape[0]):
+            pair = tuple(tensor[expert] for tensor in tensors)
             candidates = entries_by_fingerprint.setdefault(fingerprint(*pair), [])
             match = next(
                 (
@@ -136,10 +146,15 @@ def check_settings(settings: Mapping[str, object]) -> dict[str, object]:
     return dict(settings)
 
 
-def shared_settings(configs: Mapping[str, MixtralConfig], given: Mapping[str, object]) -> dict[str, object]:
+def shared_settings(configs: Mapping[str, PreTrainedConfig], given: Mapping[str, object]) -> dict[str, object]:
     """One value per shared setting: the caller's, else the one every tenant has."""
     resolved = {}
+    reference = next(iter(configs.values()))
     for key in SHARED_SETTINGS:
+        if not hasattr(reference, key):  # a setting this family does not have
+            if key in given:
+                raise TypeError(f"{reference.model_type} models have no {key} setting.")
+            continue
         values = {name: getattr(config, key) for name, config in configs.items()}
         if key not in given and len(set(values.values())) > 1:
             raise IncompatibleTenantsError(
@@ -183,6 +198,7 @@ class TenantSet:
     ):
         self.checkpoints = checkpoints
         self.names = list(checkpoints)
+        self.family: Family = checkpoints[self.names[0]].family
         self.default_tenant = self.names[0] if default_tenant is None else default_tenant
         if self.default_tenant not in checkpoints:
             raise ValueError(f"default_tenant {self.default_tenant!r} is not one of the tenants {self.names}.")
@@ -195,7 +211,11 @@ class TenantSet:
         for name, checkpoint in checkpoints.items():
             unexpected = sorted(set(checkpoint.names()) - set(self.shapes))
             if unexpected:
-                raise CheckpointError(f"Tenant {name!r}: unexpected tensors for a Mixtral checkpoint: {unexpected[:5]}.")
+                raise CheckpointError(
+                    f"Tenant {name!r}: unexpected tensors for a {self.family.model_type} checkpoint: {unexpected[:5]}."
+                )
+        self.expert_parameters = checkpoints[self.names[0]].expert_parameters
+        self.sparse_layers = self.family.sparse_layers(self.reference)
 
     @classmethod
     def open(
@@ -205,26 +225,28 @@ class TenantSet:
         default_tenant: str | None = None,
         dtype: torch.dtype | str | None = None,
         revision: str | None = None,
+        family: Family | None = None,
         **settings,
     ) -> TenantSet:
-        """Check the caller's options, then open (lazily) and check every source."""
+        """Check the caller's options, then open (lazily) and check every source (all of `family`,
+        when given)."""
         settings = check_settings(settings)
         if dtype is not None:
             checked_dtype(dtype)
-        return cls(open_checkpoints(models, revision), default_tenant, dtype, settings)
+        return cls(open_checkpoints(models, revision, family), default_tenant, dtype, settings)
 
     @property
     def num_layers(self) -> int:
         return self.reference.num_hidden_layers
 
-    def layer_experts(self, layer_idx: int) -> dict[str, ExpertPair]:
-        """Every tenant's experts of one layer, checked and cast: the most ever held at once."""
+    def layer_experts(self, layer_idx: int) -> dict[str, ExpertTensors]:
+        """Every tenant's experts of one sparse layer, checked and cast: the most ever held at once."""
         experts = {}
         for name, checkpoint in self.checkpoints.items():
-            pair = checkpoint.experts(layer_idx)
+            tensors = checkpoint.experts(layer_idx)
             experts[name] = tuple(
                 checked(tensor, tenant=name, name=key, shape=self.shapes[key], dtype=self.dtype)
-                for tensor, key in zip(pair, fused_expert_keys(layer_idx))
+                for tensor, key in zip(tensors, checkpoint.expert_keys(layer_idx))
             )
         return experts
 
@@ -233,7 +255,7 @@ class TenantSet:
         checkpoint = self.checkpoints[name]
         tensors = {}
         for key, shape in self.shapes.items():
-            if is_expert_key(key) or (key == "lm_head.weight" and checkpoint.tie_word_embeddings):
+            if self.family.is_expert_key(key) or (key == "lm_head.weight" and checkpoint.tie_word_embeddings):
                 continue
             tensors[tenant_key(key, name)] = checked(
                 checkpoint.tensor(key), tenant=name, name=key, shape=shape, dtype=self.dtype
@@ -244,7 +266,7 @@ class TenantSet:
         """Each tenant's generation settings, from its source (a copy per model built)."""
         return {name: copy.deepcopy(checkpoint.generation_config) for name, checkpoint in self.checkpoints.items()}
 
-    def config(self, pool_sizes: list[int], expert_maps: dict[str, list[list[int]]]) -> MultiTenantMixtralConfig:
+    def config(self, pool_sizes: list[int], expert_maps: dict[str, list[list[int]]]) -> MultiTenantConfigMixin:
         fields = self.reference.to_dict()
         for field in ("model_type", "architectures", "transformers_version", "auto_map"):
             fields.pop(field, None)
@@ -257,7 +279,7 @@ class TenantSet:
             }
             for name, checkpoint in self.checkpoints.items()
         }
-        return MultiTenantMixtralConfig(
+        return CONFIG_CLASSES[self.family.model_type](
             **fields
             | self.settings
             | {
@@ -270,10 +292,10 @@ class TenantSet:
         )
 
 
-PoolBuilder = Callable[[int, dict[str, ExpertPair]], tuple[list[ExpertPair], dict[str, list[int]]]]
+PoolBuilder = Callable[[int, dict[str, ExpertTensors]], tuple[list[ExpertTensors], dict[str, list[int]]]]
 
 
-def assemble(tenants: TenantSet, pool_for_layer: PoolBuilder) -> tuple[MultiTenantMixtralConfig, dict[str, torch.Tensor]]:
+def assemble(tenants: TenantSet, pool_for_layer: PoolBuilder) -> tuple[MultiTenantConfigMixin, dict[str, torch.Tensor]]:
     """Config and state dict of a multi-tenant model whose pools `pool_for_layer` decides.
 
     `pool_for_layer(layer_idx, experts)` gets every tenant's experts of that layer and returns
@@ -283,10 +305,14 @@ def assemble(tenants: TenantSet, pool_for_layer: PoolBuilder) -> tuple[MultiTena
     pool_sizes: list[int] = []
     expert_maps: dict[str, list[list[int]]] = {name: [] for name in tenants.names}
     for layer_idx in range(tenants.num_layers):
+        if not tenants.sparse_layers[layer_idx]:  # a dense layer: every tenant keeps its own MLP
+            pool_sizes.append(0)
+            for name in tenants.names:
+                expert_maps[name].append([])
+            continue
         pool, maps = pool_for_layer(layer_idx, tenants.layer_experts(layer_idx))
-        gate_up_key, down_key = pool_keys(layer_idx)
-        state_dict[gate_up_key] = torch.stack([gate_up for gate_up, _ in pool])
-        state_dict[down_key] = torch.stack([down for _, down in pool])
+        for index, key in enumerate(pool_keys(layer_idx, tenants.expert_parameters)):
+            state_dict[key] = torch.stack([entry[index] for entry in pool])
         pool_sizes.append(len(pool))
         for name in tenants.names:
             expert_maps[name].append(maps[name])
@@ -296,7 +322,7 @@ def assemble(tenants: TenantSet, pool_for_layer: PoolBuilder) -> tuple[MultiTena
     return tenants.config(pool_sizes, expert_maps), state_dict
 
 
-def assemble_lossless(tenants: TenantSet) -> tuple[MultiTenantMixtralConfig, dict[str, torch.Tensor]]:
+def assemble_lossless(tenants: TenantSet) -> tuple[MultiTenantConfigMixin, dict[str, torch.Tensor]]:
     """Share only experts that are bit-identical across tenants; keep everything else."""
     return assemble(tenants, lambda layer_idx, experts: identical_expert_pool(experts))
 

@@ -1,9 +1,9 @@
 """Reading checkpoints: tenant sources (loaded models, local directories, Hub repo ids, in either
 expert layout) and saved multi-tenant checkpoints.
 
-Every tenant is presented in one vocabulary, the transformers v5 `MixtralForCausalLM` parameter
-names with fused experts (`model.layers.N.mlp.experts.gate_up_proj` [E, 2I, H] and `down_proj`
-[E, H, I]). Directories are read lazily through `safe_open`, one tensor at a time, so building a
+Every tenant is presented in one vocabulary, its family's transformers v5 parameter names with
+fused experts (e.g. `model.layers.N.mlp.experts.gate_up_proj` [E, 2I, H] and `down_proj`
+[E, H, I]; the family's adapter, `multimoe.families`, says where the experts sit). Directories are read lazily through `safe_open`, one tensor at a time, so building a
 multi-tenant model never holds N full source models in memory. Pickle files are never loaded.
 
 `strict_from_pretrained` wraps transformers' loading of a saved multi-tenant checkpoint so that
@@ -28,35 +28,41 @@ from typing import Union
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import GenerationConfig, MixtralConfig, MixtralForCausalLM, PreTrainedConfig, PreTrainedModel
+from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
 from transformers.utils import GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .alignment import realign
+from .families import EXPERT_COUNT_FIELDS, Family, UnsupportedFamilyError, family_for
 
 TenantSource = Union[str, os.PathLike, PreTrainedModel]
 
-LEGACY_MOE_PREFIX = ".block_sparse_moe."
-FUSED_MOE_PREFIX = ".mlp."
-# Legacy names, with indices as written by transformers (no leading zeros, so no two names alias).
-LEGACY_LAYER = r"model\.layers\.(?P<layer>0|[1-9]\d*)\.block_sparse_moe"
-LEGACY_EXPERT = re.compile(LEGACY_LAYER + r"\.experts\.(?P<expert>0|[1-9]\d*)\.w[123]\.weight")
-LEGACY_ROUTER = re.compile(LEGACY_LAYER + r"\.gate\.weight")
+# Legacy per-expert names use indices as transformers writes them (no leading zeros, so no two alias).
+INDEX = r"(?:0|[1-9]\d*)"
 
-# Fields that must agree for tenants to share one expert pool and one forward.
-COMPATIBILITY_FIELDS = (
+# Config fields that may differ between tenants: provenance, token ids (each tenant's generation
+# config carries its own), output switches, initialisation, and the settings `shared_settings`
+# resolves. Every other field must agree for tenants to share one pool and one forward.
+PER_TENANT_FIELDS = frozenset(
+    {
+        "_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype", "auto_map",
+        "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+        "tie_word_embeddings", "max_position_embeddings", "use_cache", "initializer_range",
+        "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type",
+        "tokenizer_class", "task_specific_params", "chunk_size_feed_forward", "router_aux_loss_coef",
+        "output_router_logits", "router_jitter_noise", "attention_dropout",
+    }
+)
+# Compared first, in this order, so that the usual mismatches are named as they always were.
+SHAPE_FIELDS = (
     "vocab_size",
     "hidden_size",
     "intermediate_size",
     "num_hidden_layers",
-    "num_local_experts",
+    *EXPERT_COUNT_FIELDS,
     "num_experts_per_tok",
     "num_attention_heads",
     "num_key_value_heads",
     "head_dim",
-    "hidden_act",
-    "rms_norm_eps",
-    "rope_parameters",
-    "sliding_window",
 )
 
 
@@ -71,28 +77,20 @@ class CheckpointError(ValueError):
     """A tenant checkpoint is missing, unreadable, or does not match its own config."""
 
 
-def is_expert_key(name: str) -> bool:
-    return ".mlp.experts." in name
-
-
-def fused_expert_keys(layer_idx: int) -> tuple[str, str]:
-    prefix = f"model.layers.{layer_idx}.mlp.experts"
-    return f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
-
-
 class TenantCheckpoint:
-    """A read-only, lazy view of one Mixtral checkpoint in v5 fused naming."""
+    """A read-only, lazy view of one tenant checkpoint of a registered family, in v5 fused naming."""
 
     def __init__(
         self,
         label: str,
-        config: MixtralConfig,
+        config: PreTrainedConfig,
         tensors: Mapping[str, torch.Tensor] | None,
         files=None,
         generation_source: GenerationConfig | None = None,
     ):
         self.label = label
         self.config = config
+        self.family: Family = family_for(config.model_type, owner=label)
         self._tensors = tensors
         self._files = files
         self.generation_source = generation_source
@@ -103,17 +101,20 @@ class TenantCheckpoint:
     def open(cls, source: TenantSource, *, tenant: str, revision: str | None = None) -> TenantCheckpoint:
         """Open `source` without reading any weight yet (only the config and the file index)."""
         if isinstance(source, PreTrainedModel):
-            if not isinstance(source, MixtralForCausalLM):
+            family = family_for(getattr(source.config, "model_type", None), owner=f"Tenant {tenant!r}")
+            if type(source) is not family.causal_lm_class:
                 raise CheckpointError(
-                    f"Tenant {tenant!r}: expected a MixtralForCausalLM, got {type(source).__name__}."
+                    f"Tenant {tenant!r}: expected a {family.causal_lm_class.__name__} (the {family.model_type} causal "
+                    f"LM), got {type(source).__name__}."
                 )
+            check_not_quantized(source.config, owner=f"Tenant {tenant!r}")
             state = dict(source.state_dict())
             return cls(source.name_or_path or type(source).__name__, source.config, state,
                        generation_source=source.generation_config)
         if not isinstance(source, (str, os.PathLike)):
             raise CheckpointError(
-                f"Tenant {tenant!r}: a source must be a MixtralForCausalLM, a local directory or a Hub repo id, "
-                f"got {type(source).__name__}."
+                f"Tenant {tenant!r}: a source must be a causal LM of a supported MoE family, a local directory or a "
+                f"Hub repo id, got {type(source).__name__}."
             )
         directory = resolve_directory(str(source), owner=f"Tenant {tenant!r}", revision=revision)
         config = read_config(directory, tenant=tenant)
@@ -162,26 +163,54 @@ class TenantCheckpoint:
         except (OSError, ValueError) as error:
             raise CheckpointError(f"{self._files.owner}: cannot read {path}: {error}") from error
 
+    @cached_property
+    def expert_parameters(self) -> tuple[str, ...]:
+        """The names of the experts' tensors in the family's fused layout (e.g. gate_up_proj, down_proj)."""
+        return self.family.expert_parameter_names(self.config)
+
+    def expert_keys(self, layer_idx: int) -> tuple[str, ...]:
+        return tuple(self.family.expert_key(layer_idx, name) for name in self.expert_parameters)
+
     def names(self) -> list[str]:
-        """Parameter names in v5 naming, each once; legacy per-expert keys appear as the two fused names."""
+        """Parameter names in v5 naming, each once; legacy per-expert keys appear as the fused names."""
         keys = self._tensors.keys() if self._tensors is not None else self._files.keys()
         return list(dict.fromkeys(name for key in keys for name in self.v5_names(key)))
+
+    @cached_property
+    def legacy_patterns(self) -> tuple[re.Pattern, re.Pattern] | None:
+        """(per-expert weight, router) names of the family's legacy layout, when it has one."""
+        legacy = self.family.legacy
+        if legacy is None:
+            return None
+        layer = rf"model\.layers\.(?P<layer>{INDEX})\.{re.escape(legacy.block)}"
+        projections = "|".join(re.escape(name) for name in (legacy.gate, legacy.up, legacy.down))
+        expert = re.compile(rf"{layer}\.{re.escape(self.family.experts)}\.(?P<expert>{INDEX})\.(?:{projections})\.weight")
+        renamed = f".{legacy.block}." != f".{self.family.sparse_block}."
+        router = re.compile(rf"{layer}\.(?P<rest>gate\.weight)") if renamed else None
+        return expert, router
 
     def v5_names(self, key: str) -> tuple[str, ...]:
         """What a stored key stands for in v5 naming. Only exact legacy names are translated (a
         per-expert weight of an expert this config has, a router); any other key stands for itself,
         so that a stray tensor is refused by its own name instead of vanishing into a fused one."""
-        expert = LEGACY_EXPERT.fullmatch(key)
+        if self.legacy_patterns is None:
+            return (key,)
+        expert_pattern, router_pattern = self.legacy_patterns
+        expert = expert_pattern.fullmatch(key)
         if (
             expert
             and int(expert["layer"]) < self.config.num_hidden_layers
-            and int(expert["expert"]) < self.config.num_local_experts
+            and int(expert["expert"]) < self.num_experts
         ):
-            return fused_expert_keys(int(expert["layer"]))
-        router = LEGACY_ROUTER.fullmatch(key)
+            return self.expert_keys(int(expert["layer"]))
+        router = router_pattern.fullmatch(key) if router_pattern is not None else None
         if router:
-            return (f"model.layers.{router['layer']}.mlp.gate.weight",)
+            return (f"model.layers.{router['layer']}.{self.family.sparse_block}.{router['rest']}",)
         return (key,)
+
+    @property
+    def num_experts(self) -> int:
+        return next(getattr(self.config, field) for field in EXPERT_COUNT_FIELDS if getattr(self.config, field, None))
 
     def tensor(self, name: str) -> torch.Tensor:
         """One non-expert tensor by its v5 name; a tied lm_head reads the embedding matrix."""
@@ -189,24 +218,32 @@ class TenantCheckpoint:
             name = "model.embed_tokens.weight"
         if self._tensors is not None:
             return self._tensors[name]
-        return self._files.get(name, legacy=name.replace(FUSED_MOE_PREFIX, LEGACY_MOE_PREFIX))
+        legacy = self.family.legacy
+        if legacy is None:
+            return self._files.get(name)
+        return self._files.get(name, legacy=name.replace(f".{self.family.sparse_block}.", f".{legacy.block}.", 1))
 
-    def experts(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's experts as fused `gate_up_proj` [E, 2I, H] and `down_proj` [E, H, I]."""
-        gate_up_key, down_key = fused_expert_keys(layer_idx)
+    def experts(self, layer_idx: int) -> tuple[torch.Tensor, ...]:
+        """The layer's experts in the family's fused layout, one tensor per expert parameter."""
+        keys = self.expert_keys(layer_idx)
         if self._tensors is not None:
-            return self._tensors[gate_up_key], self._tensors[down_key]
-        if gate_up_key in self._files:
-            return self._files.get(gate_up_key), self._files.get(down_key)
-        prefix = f"model.layers.{layer_idx}.block_sparse_moe.experts"
-        experts = range(self.config.num_local_experts)
+            return tuple(self._tensors[key] for key in keys)
+        if keys[0] in self._files:
+            return tuple(self._files.get(key) for key in keys)
+        legacy = self.family.legacy
+        if legacy is None or self.expert_parameters != ("gate_up_proj", "down_proj"):
+            return tuple(self._files.get(key) for key in keys)  # refused as missing, by name
+        prefix = f"model.layers.{layer_idx}.{legacy.block}.{self.family.experts}"
+        experts = range(self.num_experts)
         gate_up = torch.stack(
             [
-                torch.cat([self._files.get(f"{prefix}.{e}.w1.weight"), self._files.get(f"{prefix}.{e}.w3.weight")])
+                torch.cat(
+                    [self._files.get(f"{prefix}.{e}.{legacy.gate}.weight"), self._files.get(f"{prefix}.{e}.{legacy.up}.weight")]
+                )
                 for e in experts
             ]
         )
-        down = torch.stack([self._files.get(f"{prefix}.{e}.w2.weight") for e in experts])
+        down = torch.stack([self._files.get(f"{prefix}.{e}.{legacy.down}.weight") for e in experts])
         return gate_up, down
 
 
@@ -336,14 +373,34 @@ def resolve_directory(source: str, *, owner: str, **hub_options) -> Path:
     return Path(snapshot)
 
 
-def read_config(directory: Path, *, tenant: str) -> MixtralConfig:
-    raw = read_json(directory / "config.json", owner=f"Tenant {tenant!r}")
-    model_type = raw.get("model_type")
-    if model_type != MixtralConfig.model_type:
-        raise CheckpointError(
-            f"Tenant {tenant!r}: {directory} holds a {model_type!r} model; tenants must be Mixtral checkpoints."
+def read_config(directory: Path, *, tenant: str) -> PreTrainedConfig:
+    """A tenant directory's config, as its family's config class, refused before any weight is read
+    when the family is not supported or the weights are quantized."""
+    owner = f"Tenant {tenant!r}"
+    raw = read_json(directory / "config.json", owner=owner)
+    try:
+        family = family_for(raw.get("model_type"), owner=f"{owner} ({directory})")
+    except UnsupportedFamilyError as error:
+        raise CheckpointError(str(error)) from error
+    check_not_quantized(raw, owner=owner)
+    return family.config_class.from_pretrained(directory)
+
+
+def check_not_quantized(config: PreTrainedConfig | Mapping, *, owner: str) -> None:
+    """Refuse quantized weights (gpt-oss in MXFP4, DeepSeek-V3 in FP8, bitsandbytes...): the pool
+    is built from and compared in the model's dtype. Dequantize them with transformers first."""
+    quantization = config.get("quantization_config") if isinstance(config, Mapping) else getattr(
+        config, "quantization_config", None
+    )
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, Mapping) else getattr(
+            quantization, "quant_method", quantization
         )
-    return MixtralConfig.from_pretrained(directory)
+        raise CheckpointError(
+            f"{owner}: its weights are quantized ({method}); multimoe builds tenants from unquantized weights. "
+            "Load it with transformers' dequantization (e.g. `quantization_config=Mxfp4Config(dequantize=True)` "
+            "for MXFP4, `FineGrainedFP8Config(dequantize=True)` for FP8), then pass the loaded model."
+        )
 
 
 def check_saved_directory(directory: Path, model_class: type[PreTrainedModel], *, variant: str | None = None) -> None:
@@ -354,6 +411,7 @@ def check_saved_directory(directory: Path, model_class: type[PreTrainedModel], *
     read or allocated, so a config claiming a huge pool costs no memory before it is refused."""
     config = read_saved_config(directory, model_class)
     found = SafetensorsFiles(directory, owner=SAVED_CHECKPOINT, variant=variant).shapes
+    found = {current_name(model_class.family, key): shape for key, shape in found.items()}
     implied = implied_shapes(model_class, config)
     prefix = f"{model_class.base_model_prefix}."
     if not any(key.startswith(prefix) for key in implied) and any(key.startswith(prefix) for key in found):
@@ -367,6 +425,13 @@ def check_saved_directory(directory: Path, model_class: type[PreTrainedModel], *
         unexpected=found.keys() - implied.keys(),
         mismatched=[(key, found[key], implied[key]) for key in both if found[key] != list(implied[key])],
     )
+
+
+def current_name(family: Family, saved: str) -> str:
+    """A saved tensor's name in today's modules (the family's renames of earlier releases applied)."""
+    for pattern, replacement in family.saved_renames:
+        saved = re.sub(pattern, replacement, saved)
+    return saved
 
 
 def read_saved_config(directory: Path, model_class: type[PreTrainedModel]) -> PreTrainedConfig:
@@ -466,17 +531,31 @@ def strict_from_pretrained(
     return (model, loading_info) if wants_loading_info else model
 
 
-def effective(config: MixtralConfig, field: str):
-    if field == "head_dim":
-        return config.head_dim or config.hidden_size // config.num_attention_heads
-    return getattr(config, field)
+def effective(config: PreTrainedConfig, field: str):
+    if field == "head_dim" and getattr(config, "num_attention_heads", None):
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return getattr(config, field, None)
 
 
-def check_compatible(configs: Mapping[str, MixtralConfig]) -> None:
-    """Raise on the first setting in which a tenant's config differs from the first tenant's."""
+def compared_fields(config: PreTrainedConfig) -> list[str]:
+    """Every config field that must agree between tenants, the shape fields first."""
+    fields = set(config.to_dict()) - PER_TENANT_FIELDS - {"model_type"}
+    return [field for field in SHAPE_FIELDS if field in fields or field == "head_dim"] + sorted(
+        fields - set(SHAPE_FIELDS)
+    )
+
+
+def check_compatible(configs: Mapping[str, PreTrainedConfig]) -> None:
+    """Raise on the first setting in which a tenant's config differs from the first tenant's: the
+    family, then every field except those each tenant may keep (`PER_TENANT_FIELDS`)."""
     (reference_name, reference), *others = configs.items()
     for name, config in others:
-        for field in COMPATIBILITY_FIELDS:
+        if config.model_type != reference.model_type:
+            raise IncompatibleTenantsError(
+                f"Tenants {reference_name!r} and {name!r} are of different families: {reference.model_type!r} and "
+                f"{config.model_type!r}; one model serves fine-tunes of one family."
+            )
+        for field in compared_fields(reference):
             expected, found = effective(reference, field), effective(config, field)
             if expected != found:
                 raise IncompatibleTenantsError(

@@ -1,8 +1,10 @@
-"""`MultiTenantMixtralConfig`: one Mixtral shape shared by every tenant, plus the tenant maps.
+"""Multi-tenant configs: one family config shared by every tenant, plus the tenant maps.
 
 The config is the single source of shape truth: the pool size of each layer and, for every
 tenant and layer, which pool entry each of the tenant's local experts reads. Everything else is a
-plain `MixtralConfig` field and passes through untouched.
+plain field of the family's own config (`MixtralConfig`, `Qwen3MoeConfig`, ...) and passes through
+untouched. One config class per registered family (see `multimoe.families`), named after it:
+`MultiTenantMixtralConfig`, `MultiTenantQwen3MoeConfig`, ...
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import re
 
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import MixtralConfig
+from transformers import PreTrainedConfig
+
+from .families import EXPERT_COUNT_FIELDS, FAMILIES, Family
 
 TENANT_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
@@ -46,32 +50,27 @@ def tenants_from_entries(entries: list) -> dict[str, dict]:
     return tenants
 
 
-@strict
-class MultiTenantMixtralConfig(MixtralConfig):
+class MultiTenantConfigMixin:
     r"""
-    Configuration of a [`MultiTenantMixtralForCausalLM`]: every `MixtralConfig` field, plus
+    The tenant fields of a multi-tenant config, on top of every field of the family's config:
 
     tenants (`dict[str, dict]`):
         One entry per tenant, in the tenants' order (a row's `tenant_ids` index into it). Each entry
         holds `expert_map`, a list with one list per layer mapping the tenant's local expert index
-        to a pool index; `tie_word_embeddings`, whether this tenant's lm_head shares its embedding
-        matrix; and `source`, where the tenant came from (informational, may be `None`).
-        config.json stores it as a list of entries with a `name` each, because transformers writes
-        JSON with sorted keys, which would reorder a mapping; the mapping form of earlier releases
-        still loads, in its stored order.
+        to a pool index (empty for a dense layer); `tie_word_embeddings`, whether this tenant's
+        lm_head shares its embedding matrix; and `source`, where the tenant came from
+        (informational, may be `None`). config.json stores it as a list of entries with a `name`
+        each, because transformers writes JSON with sorted keys, which would reorder a mapping;
+        the mapping form of earlier releases still loads, in its stored order.
     default_tenant (`str`):
         The tenant a forward uses when none is named and none was activated.
     pool_sizes (`list[int]`):
-        The number of shared experts stored in each layer.
+        The number of shared experts stored in each layer (0 for a dense layer).
 
     Tying is decided per tenant; the inherited `tie_word_embeddings` field is not used.
     """
 
-    model_type = "multitenant_mixtral"
-
-    tenants: dict | list | None = None
-    default_tenant: str | None = None
-    pool_sizes: list[int] | None = None
+    family_type: str  # the model_type of the tenants' family
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -90,6 +89,15 @@ class MultiTenantMixtralConfig(MixtralConfig):
         return fields
 
     @property
+    def family(self) -> Family:
+        return FAMILIES[self.family_type]
+
+    @property
+    def num_routed_experts(self) -> int:
+        """E, the number of local experts each tenant routes among."""
+        return next(getattr(self, field) for field in EXPERT_COUNT_FIELDS if getattr(self, field, None))
+
+    @property
     def tenant_names(self) -> list[str]:
         return list(self.tenants)
 
@@ -98,22 +106,23 @@ class MultiTenantMixtralConfig(MixtralConfig):
 
     def check_tenant_maps(self) -> None:
         """Reject maps that would index past the pool, before any module is built from them."""
-        layers, experts = self.num_hidden_layers, self.num_local_experts
+        layers, experts = self.num_hidden_layers, self.num_routed_experts
         pool_sizes = self.pool_sizes
         if not isinstance(pool_sizes, list) or len(pool_sizes) != layers:
             raise ValueError(f"pool_sizes must list one size per layer ({layers}), got {pool_sizes!r}.")
         for layer_idx, size in enumerate(pool_sizes):
-            if not is_index(size) or size < 1:
-                raise ValueError(f"pool_sizes[{layer_idx}] must be a positive int, got {size!r}.")
+            if not is_index(size) or size < 0:
+                raise ValueError(f"pool_sizes[{layer_idx}] must be an int >= 0, got {size!r}.")
         for name, spec in self.tenants.items():
             validate_tenant_name(name)
             expert_map = spec.get("expert_map") if isinstance(spec, dict) else None
             if not isinstance(expert_map, list) or len(expert_map) != layers:
                 raise ValueError(f"Tenant {name!r}: expert_map must have one row per layer ({layers}).")
             for layer_idx, row in enumerate(expert_map):
-                if not isinstance(row, list) or len(row) != experts:
+                width = experts if pool_sizes[layer_idx] else 0
+                if not isinstance(row, list) or len(row) != width:
                     raise ValueError(
-                        f"Tenant {name!r}, layer {layer_idx}: expert_map row must list {experts} pool indices, "
+                        f"Tenant {name!r}, layer {layer_idx}: expert_map row must list {width} pool indices, "
                         f"got {row!r}."
                     )
                 for pool_idx in row:
@@ -130,4 +139,31 @@ class MultiTenantMixtralConfig(MixtralConfig):
             )
 
 
-__all__ = ["MultiTenantMixtralConfig", "validate_tenant_name"]
+def multitenant_config_class(family: Family) -> type[PreTrainedConfig]:
+    """`MultiTenant<Stem>Config`: the family's config class plus the tenant fields."""
+    name = f"MultiTenant{family.class_stem}Config"
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": f"Configuration of a multi-tenant {family.class_stem} model: every `{family.config_class.__name__}` "
+        f"field, plus the tenant fields.\n{MultiTenantConfigMixin.__doc__}",
+        "model_type": family.multitenant_model_type,
+        "family_type": family.model_type,
+        "__annotations__": {"tenants": dict | list | None, "default_tenant": str | None, "pool_sizes": list[int] | None},
+        "tenants": None,
+        "default_tenant": None,
+        "pool_sizes": None,
+    }
+    return strict(type(name, (MultiTenantConfigMixin, family.config_class), namespace))
+
+
+# One class per registered family, defined at module level: checkpoints name them in `auto_map`.
+CONFIG_CLASSES: dict[str, type[PreTrainedConfig]] = {}
+for _family in FAMILIES.values():
+    CONFIG_CLASSES[_family.model_type] = globals()[f"MultiTenant{_family.class_stem}Config"] = multitenant_config_class(
+        _family
+    )
+MultiTenantMixtralConfig = CONFIG_CLASSES["mixtral"]
+
+
+__all__ = ["CONFIG_CLASSES", "MultiTenantConfigMixin", "MultiTenantMixtralConfig", "multitenant_config_class", "validate_tenant_name"]

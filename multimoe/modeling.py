@@ -1,16 +1,22 @@
-"""`MultiTenantMixtralForCausalLM`: one shared expert pool per layer, each tenant's own other layers.
+"""Multi-tenant causal LMs of any registered MoE family: one shared expert pool per sparse layer,
+each tenant's own everything-else, all computed by the family's own transformers classes.
 
-Layout (state-dict names mirror Mixtral's with the tenant inserted):
+Layout (state-dict names are the family's, with the tenant inserted):
 
-    model.embed_tokens.<tenant>                      per-tenant nn.Embedding
-    model.layers.<l>.experts                         SharedExpertPool, P_l experts, all tenants
-    model.layers.<l>.tenants.<tenant>.self_attn      per-tenant MixtralAttention
-    model.layers.<l>.tenants.<tenant>.input_layernorm / post_attention_layernorm / router
-    model.norm.<tenant>, lm_head.<tenant>            per-tenant final norm and output head
+    model.embed_tokens.<tenant>                 the tenant's embedding
+    model.layers.<l>.experts                    the family's experts class holding the layer's P_l pool
+                                                entries (sparse layers only), stored once for all tenants
+    model.layers.<l>.tenants.<tenant>           the tenant's own decoder layer, of the family's class; its
+                                                sparse block's experts are a `TenantExperts` reading the pool
+    model.norm.<tenant>, lm_head.<tenant>       the tenant's final norm and output head
 
-Every module is registered exactly once. A forward resolves its tenant name once and then indexes
-the per-tenant containers by that name, so switching tenants only changes a string: nothing is
-re-pointed, copied or registered twice, and the cost does not depend on model size.
+Every module is registered exactly once. A call resolves its tenants once (`TenantRouting`) and
+runs the family's own base model and causal-LM code on a *view*: the family's module tree, built
+once on the meta device, whose embedding, layers, norm and head are the tenant's registered
+modules. A batch that mixes tenants runs on the mixed view, whose modules each stand for every
+tenant's own (`RowDispatch`): every tenant group's rows go through that tenant's weights, and the
+pool runs once for all rows. Switching tenants only changes a string: nothing is re-pointed, copied
+or registered twice, and the cost does not depend on model size.
 """
 
 from __future__ import annotations
@@ -23,31 +29,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, StoppingCriteriaList
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.integrations import use_experts_implementation
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
-from transformers.models.mixtral.modeling_mixtral import (
-    MixtralAttention,
-    MixtralExperts,
-    MixtralRMSNorm,
-    MixtralRotaryEmbedding,
-    MixtralTopKRouter,
-    apply_rotary_pos_emb,
-    eager_attention_forward,
-    load_balancing_loss_func,
-)
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils.output_capturing import maybe_install_capturing_hooks
 
 from .checkpoints import (
     SAVED_CHECKPOINT,
@@ -58,11 +48,19 @@ from .checkpoints import (
     strict_from_pretrained,
 )
 from .concurrency import TenantLock
-from .configuration import MultiTenantMixtralConfig
+from .configuration import CONFIG_CLASSES, MultiTenantConfigMixin
+from .families import FAMILIES, Family
 from .generation import generation_for_rows
 from .hub import push_to_hub, write_model_card
 from .memory import MemoryReport
-from .routing import CALL_GENERATION_CONFIGS, SCOPED_TENANTS, TenantRouting, UnknownTenantError, claim_cache
+from .routing import (
+    CALL_GENERATION_CONFIGS,
+    MIXED_ROUTING,
+    SCOPED_TENANTS,
+    TenantRouting,
+    UnknownTenantError,
+    claim_cache,
+)
 from .saving import atomic_save_pretrained
 from .validation import check_number
 
@@ -104,197 +102,266 @@ def read_tenant_generation_configs(model, checkpoint: Path) -> dict[str, Generat
     return configs
 
 
-@use_experts_implementation
-class SharedExpertPool(nn.Module):
-    """One layer's experts, stored once for every tenant, in the v5 fused layout.
+def unregistered(module: nn.Module, **references) -> None:
+    """Attach `references` to `module` as plain attributes: modules it calls but does not own."""
+    module.__dict__.update(references)
 
-    Indices reaching it are pool indices (already mapped from a tenant's local experts), so
-    transformers' experts implementations (`grouped_mm`, `batched_mm`, `eager`) run it unchanged.
-    """
 
-    def __init__(self, config: MultiTenantMixtralConfig, num_experts: int):
+# -- a tenant's layer: the family's own, its experts reading the shared pool ---------------------
+
+
+class TenantExperts(nn.Module):
+    """Where a tenant's sparse block keeps its experts: the map from its E local experts to the
+    layer's pool entries. The family's block calls it exactly as it calls its own experts
+    (`experts(hidden, top_k_index, top_k_weights)`), so the family's router, shared experts and
+    scaling run unchanged; it only maps the local indices and calls the pool."""
+
+    def __init__(self, layer: MultiTenantDecoderLayer, tenant: str):
         super().__init__()
-        self.num_experts = num_experts
-        self.hidden_dim = config.hidden_size
-        self.intermediate_dim = config.intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate_dim, self.hidden_dim))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, self.hidden_dim, self.intermediate_dim))
-        self.act_fn = ACT2FN[config.hidden_act]
-
-    # The eager path is Mixtral's own loop over experts; it reads `self.num_experts`, the pool size.
-    forward = MixtralExperts.forward.__wrapped__
-
-
-def rows_rms_norm(routing: TenantRouting, hidden_states: torch.Tensor, norms: list[MixtralRMSNorm]) -> torch.Tensor:
-    """`MixtralRMSNorm` with each row's own tenant's weight (`norms` in the model's tenant order),
-    in one pass over a mixed batch: the same arithmetic, so the same values as applying each
-    tenant's norm to its rows, in a handful of ops whatever the number of tenants."""
-    weight = routing.per_row([norm.weight for norm in norms])
-    input_dtype = hidden_states.dtype
-    hidden_states = hidden_states.to(torch.float32)
-    variance = hidden_states.pow(2).mean(-1, keepdim=True)
-    hidden_states = hidden_states * torch.rsqrt(variance + norms[0].variance_epsilon)
-    return weight[:, None, :] * hidden_states.to(input_dtype)
-
-
-class TenantLayer(nn.Module):
-    """One tenant's own share of a decoder layer, and the map from its local experts to the pool."""
-
-    def __init__(self, config: MultiTenantMixtralConfig, layer_idx: int, tenant: str):
-        super().__init__()
+        unregistered(self, layer=layer)
         self.tenant = tenant
-        self.layer_idx = layer_idx
-        self.self_attn = MixtralAttention(config, layer_idx)
-        self.input_layernorm = MixtralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = MixtralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.router = MixtralTopKRouter(config)
-        self.register_buffer("expert_map", self.expert_map_from(config), persistent=False)
+        self.register_buffer("expert_map", self.expert_map_from(layer.config), persistent=False)
 
-    def expert_map_from(self, config: MultiTenantMixtralConfig) -> torch.Tensor:
-        return torch.tensor(config.expert_map(self.tenant, self.layer_idx), dtype=torch.long)
+    def expert_map_from(self, config: MultiTenantConfigMixin) -> torch.Tensor:
+        return torch.tensor(config.expert_map(self.tenant, self.layer.layer_idx), dtype=torch.long)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        return self.layer.experts(hidden_states, torch.take(self.expert_map, top_k_index), top_k_weights)
 
 
-class MultiTenantMixtralDecoderLayer(GradientCheckpointingLayer):
-    """A Mixtral decoder layer whose attention, norms and router are chosen per row by tenant.
+# -- a mixed batch: modules that stand for every tenant's own ----------------------------------
 
-    A one-tenant batch runs that tenant's modules exactly as Mixtral does. A mixed batch runs the
-    per-tenant matrix products (q/k/v/o projections, router logits) per tenant group and
-    everything else once for the whole batch, each row with its own tenant's weights. Either way
-    all rows, whatever their tenant, go through the shared expert pool in one call.
-    """
 
-    def __init__(self, config: MultiTenantMixtralConfig, layer_idx: int):
+def rows_of(value, batch_rows: torch.Tensor, batch_size: int):
+    """A per-row argument (a mask, position ids or embeddings: batch on dim 0) cut to some rows;
+    anything else, such as a mask broadcast over the batch, passes unchanged."""
+    if isinstance(value, tuple):
+        return tuple(rows_of(item, batch_rows, batch_size) for item in value)
+    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch_size:
+        return value.index_select(0, batch_rows)
+    return value
+
+
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+class GroupCache:
+    """The KV cache as one tenant group's rows see it, for a module run per group (attention with
+    weights of its own outside its projections, such as gpt-oss's sinks). `update` returns what the
+    cache's own update would return for these rows, from a copy of the layer's state cut to them;
+    `commit` then updates the cache once with every group's new states, in batch order."""
+
+    def __init__(self, cache: Cache, batch_rows: torch.Tensor, batch_size: int, pending: dict):
+        self.cache, self.batch_rows, self.batch_size, self.pending = cache, batch_rows, batch_size, pending
+
+    def __getattr__(self, name: str):
+        return getattr(self.cache, name)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layers = self.cache.layers
+        while len(layers) <= layer_idx and getattr(self.cache, "layer_class_to_replicate", None) is not None:
+            layers.append(self.cache.layer_class_to_replicate())
+        layer = copy.copy(layers[layer_idx])
+        if getattr(layer, "is_initialized", False):
+            for state in ("keys", "values"):
+                setattr(layer, state, rows_of(getattr(layer, state), self.batch_rows, self.batch_size))
+        self.pending.setdefault(layer_idx, []).append((key_states, value_states, args, kwargs))
+        return layer.update(key_states, value_states, *args, **kwargs)
+
+    @staticmethod
+    def commit(cache: Cache, pending: dict, routing: TenantRouting) -> None:
+        for layer_idx, updates in pending.items():
+            keys, values = (torch.cat([update[index] for update in updates]) for index in (0, 1))
+            if routing.order is not None:
+                keys, values = keys.index_select(0, routing.inverse), values.index_select(0, routing.inverse)
+            _, _, args, kwargs = updates[0]
+            cache.update(keys, values, layer_idx, *args, **kwargs)
+
+
+class RowDispatch(nn.Module):
+    """In a mixed batch, the module at `path` of every tenant's own entry in `owner` (a ModuleDict
+    keyed by tenant): each tenant group's rows go through that tenant's module. Per-row arguments
+    (masks, positions) are cut to the group's rows; a KV cache is seen through a `GroupCache`."""
+
+    def __init__(self, owner: nn.ModuleDict, path: str = ""):
+        super().__init__()
+        unregistered(self, owner=owner)
+        self.path = path
+
+    def tenant_module(self, name: str) -> nn.Module:
+        return self.owner[name].get_submodule(self.path)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # A constant the family's code reads off the module (the same for every tenant); a tensor
+            # would be one tenant's weight applied to every row, so it is refused.
+            value = getattr(self.tenant_module(next(iter(self.owner.keys()))), name)
+            if isinstance(value, torch.Tensor):
+                raise AttributeError(
+                    f"{self.path or 'module'}.{name} is a per-tenant tensor that the family's code reads directly; "
+                    "a mixed-tenant batch cannot run it once for every row."
+                ) from None
+            return value
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        routing = MIXED_ROUTING.get()
+        cache_key = next((key for key in CACHE_ARGUMENTS if kwargs.get(key) is not None), None)
+        pending: dict = {}
+
+        def run(name: str, rows: torch.Tensor, batch_rows: torch.Tensor):
+            arguments = {key: rows_of(value, batch_rows, routing.batch_size) for key, value in kwargs.items()}
+            if cache_key is not None:
+                arguments[cache_key] = GroupCache(kwargs[cache_key], batch_rows, routing.batch_size, pending)
+            return self.tenant_module(name)(rows, *args, **arguments)
+
+        output = routing.map_groups(run, hidden_states)
+        if pending:
+            GroupCache.commit(kwargs[cache_key], pending, routing)
+        return output
+
+
+class RowMappedPool(nn.Module):
+    """In a mixed batch's sparse block, the experts: each token's local expert indices go through its
+    own tenant's map, then the pool runs once for every row of every tenant."""
+
+    def __init__(self, layer: MultiTenantDecoderLayer):
+        super().__init__()
+        unregistered(self, layer=layer)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        routing = MIXED_ROUTING.get()
+        maps = routing.per_row([own.expert_map for own in self.layer.tenant_experts()])
+        maps = maps.repeat_interleave(top_k_index.shape[0] // routing.batch_size, dim=0)
+        pool_index = torch.gather(maps, 1, top_k_index.reshape(maps.shape[0], -1)).view_as(top_k_index)
+        return self.layer.experts(hidden_states, pool_index, top_k_weights)
+
+
+def materialize(module: nn.Module) -> nn.Module:
+    """Give every meta tensor of `module` uninitialised storage on the current default device (the
+    meta device itself while transformers loads), as `to_empty` does, leaving real tensors as they are."""
+    device = torch.get_default_device()
+    return module._apply(lambda tensor: torch.empty_like(tensor, device=device) if tensor.is_meta else tensor)
+
+
+def has_own_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+
+
+# -- the multi-tenant decoder layer ------------------------------------------------------------
+
+
+class MultiTenantDecoderLayer(nn.Module):
+    """Decoder layer `layer_idx` of every tenant: the shared pool (sparse layers) and each tenant's
+    own decoder layer. A call names its tenant, or none for a mixed batch, which runs on `mixed`:
+    the family's decoder layer whose weight-holding modules are `RowDispatch`es over the tenants'
+    and whose experts are the `RowMappedPool`."""
+
+    def __init__(self, config: MultiTenantConfigMixin, layer_idx: int, template: nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.jitter_noise = config.router_jitter_noise
-        self.experts = SharedExpertPool(config, config.pool_sizes[layer_idx])
-        self.tenants = nn.ModuleDict({name: TenantLayer(config, layer_idx, name) for name in config.tenants})
+        family = config.family
+        self.experts_path = f"{family.sparse_block}.{family.experts}"
+        sparse = family.sparse_block_of(template) is not None
+        if sparse != bool(config.pool_sizes[layer_idx]):
+            raise ValueError(
+                f"Layer {layer_idx} is {'sparse' if sparse else 'dense'} in {family.model_type} with this config, "
+                f"but pool_sizes[{layer_idx}] is {config.pool_sizes[layer_idx]}."
+            )
+        if sparse:
+            self.experts = family.pool(config, config.pool_sizes[layer_idx])
+        self.tenants = nn.ModuleDict({name: self.tenant_layer(template, name) for name in config.tenants})
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        routing: TenantRouting,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        attention_inputs = dict(
-            position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            **kwargs,
-        )
-        residual = hidden_states
-        if routing.is_mixed:
-            hidden_states = self.rows_norm(routing, hidden_states, "input_layernorm")
-            hidden_states = residual + self.mixed_attention(hidden_states, routing, **attention_inputs)
-            residual = hidden_states
-            hidden_states = self.jitter(self.rows_norm(routing, hidden_states, "post_attention_layernorm"))
-            top_k_weights, pool_index = self.mixed_route(routing, hidden_states)
-        else:
-            own = self.tenants[routing.groups[0][0]]
-            hidden_states, _ = own.self_attn(own.input_layernorm(hidden_states), **attention_inputs)
-            hidden_states = residual + hidden_states
-            residual = hidden_states
-            hidden_states = self.jitter(own.post_attention_layernorm(hidden_states))
-            _, top_k_weights, top_k_index = own.router(hidden_states)
-            pool_index = torch.take(own.expert_map, top_k_index)
-        shape = hidden_states.shape
-        hidden_states = self.experts(
-            hidden_states.view(-1, shape[-1]),
-            pool_index.reshape(-1, pool_index.shape[-1]),
-            top_k_weights.reshape(-1, top_k_weights.shape[-1]),
-        )
-        return residual + hidden_states.reshape(shape)
+    def tenant_layer(self, template: nn.Module, name: str) -> nn.Module:
+        """A copy of the family's layer (built on the meta device) for tenant `name` in storage of its
+        own, its experts replaced by the tenant's map into the pool (never allocated per tenant)."""
+        layer = copy.deepcopy(template)
+        if hasattr(self, "experts"):
+            layer.set_submodule(self.experts_path, TenantExperts(self, name))
+        return materialize(layer)
 
-    def jitter(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Mixtral's multiplicative router jitter, in training only."""
-        if self.training and self.jitter_noise > 0:
-            hidden_states *= torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        return hidden_states
+    def tenant_experts(self) -> list[TenantExperts]:
+        """Each tenant's `TenantExperts`, in the tenants' order."""
+        return [own.get_submodule(self.experts_path) for own in self.tenants.values()]
 
-    def rows_norm(self, routing: TenantRouting, hidden_states: torch.Tensor, which: str) -> torch.Tensor:
-        """This layer's `which` norm, each row with its own tenant's weight."""
-        return rows_rms_norm(routing, hidden_states, [getattr(own, which) for own in self.tenants.values()])
+    @property
+    def mixed(self) -> nn.Module:
+        """This layer for a mixed batch, built on first use (it holds no weights of its own)."""
+        if "_mixed" not in self.__dict__:
+            self.__dict__["_mixed"] = self.build_mixed()
+        mixed = self.__dict__["_mixed"]
+        if mixed.training != self.training:
+            mixed.train(self.training)
+        return mixed
 
-    def mixed_route(self, routing: TenantRouting, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`MixtralTopKRouter` for a mixed batch: logits with each row's tenant's router, then one
-        softmax / top-k for all rows; each row's tenant map turns local experts into pool entries."""
-        logits = routing.map_rows(lambda name, rows: F.linear(rows, self.tenants[name].router.weight), hidden_states)
-        probabilities = F.softmax(logits.float(), dim=-1)
-        top_k_weights, top_k_index = torch.topk(probabilities, self.config.num_experts_per_tok, dim=-1)
-        top_k_weights /= top_k_weights.sum(dim=-1, keepdim=True)
-        maps = routing.per_row([own.expert_map for own in self.tenants.values()])
-        pool_index = torch.gather(maps, 1, top_k_index.flatten(1)).view_as(top_k_index)
-        return top_k_weights, pool_index
+    def build_mixed(self) -> nn.Module:
+        with torch.device("meta"):
+            layer = self.config.family.decoder_layer_class(self.config, self.layer_idx)
+        if has_own_tensors(layer):
+            return RowDispatch(self.tenants)
 
-    def mixed_attention(
-        self,
-        hidden_states: torch.Tensor,
-        routing: TenantRouting,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
-        cache: Cache | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        """`MixtralAttention.forward` for a batch whose rows belong to different tenants. Only the
-        projections are per tenant; rotary embedding, the cache update and the attention kernel
-        run once for the whole batch, so the KV cache stays one batch-shaped object."""
-        kwargs.pop("position_ids", None)
-        attention = next(iter(self.tenants.values())).self_attn  # shape constants, shared by all tenants
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, attention.head_dim)
+        def stand_in(module: nn.Module, prefix: str) -> None:
+            for name, child in list(module.named_children()):
+                path = f"{prefix}{name}"
+                if path == self.experts_path and hasattr(self, "experts"):
+                    setattr(module, name, RowMappedPool(self))
+                elif has_own_tensors(child):
+                    setattr(module, name, RowDispatch(self.tenants, path))
+                else:
+                    stand_in(child, f"{path}.")
 
-        def project(name: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            own = self.tenants[name].self_attn
-            return own.q_proj(rows), own.k_proj(rows), own.v_proj(rows)
+        stand_in(layer, "")
+        return layer
 
-        query, key, value = (
-            states.view(hidden_shape).transpose(1, 2) for states in routing.map_rows(project, hidden_states)
-        )
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
-        attention_function = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        output, _ = attention_function(
-            attention,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else attention.attention_dropout,
-            scaling=attention.scaling,
-            sliding_window=getattr(self.config, "sliding_window", None),
-            **kwargs,
-        )
-        output = output.reshape(*input_shape, -1).contiguous()
-        return routing.map_rows(lambda name, rows: self.tenants[name].self_attn.o_proj(rows), output)
+    def forward(self, hidden_states: torch.Tensor, *args, tenant: str | None = None, **kwargs):
+        layer = self.tenants[tenant] if tenant is not None else self.mixed
+        return layer(hidden_states, *args, **kwargs)
 
 
-class MultiTenantMixtralPreTrainedModel(PreTrainedModel):
-    config_class = MultiTenantMixtralConfig
-    config: MultiTenantMixtralConfig
+class LayerCall(nn.Module):
+    """An entry of a view's `layers`: calls the registered multi-tenant layer for one tenant (or,
+    with `tenant=None`, a mixed batch), so that hooks placed on it (device maps, offloading, output
+    recording) run."""
+
+    def __init__(self, layer: MultiTenantDecoderLayer, tenant: str | None):
+        super().__init__()
+        unregistered(self, layer=layer)
+        self.tenant = tenant
+
+    def forward(self, *args, **kwargs):
+        return self.layer(*args, tenant=self.tenant, **kwargs)
+
+
+def view_of(template: nn.Module, **children: nn.Module) -> nn.Module:
+    """A shallow copy of a family's model `template` whose named children are replaced by `children`
+    (the template itself is untouched). The view is never registered anywhere: it only routes a
+    call through the family's own code to modules the multi-tenant model owns."""
+    view = copy.copy(template)
+    view._modules = dict(template._modules) | children
+    view._parameters, view._buffers = {}, {}
+    view._output_capturing_hooks_installed = True  # the multi-tenant model records outputs itself
+    return view
+
+
+def meta_template(model_class: type[PreTrainedModel], config) -> PreTrainedModel:
+    with torch.device("meta"):
+        return model_class(config)
+
+
+# -- the models ----------------------------------------------------------------------------------
+
+
+class MultiTenantPreTrainedModel(PreTrainedModel):
+    """What every multi-tenant class shares. Each family's classes (`multitenant_classes`) derive
+    from it and from the family's own `PreTrainedModel`, whose weight initialisation, attention and
+    experts support flags and fp32 rules they inherit."""
+
+    family: Family
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["MultiTenantMixtralDecoderLayer"]
-    _supports_flash_attn = True
-    _supports_sdpa = True
-    _supports_flex_attn = True
-    _can_compile_fullgraph = True
-    _supports_attention_backend = True
-    _can_record_outputs = {
-        "router_logits": OutputRecorder(MixtralTopKRouter, index=0),
-        "hidden_states": MultiTenantMixtralDecoderLayer,
-        "attentions": MixtralAttention,
-    }
+    _no_split_modules = ["MultiTenantDecoderLayer"]
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -306,6 +373,12 @@ class MultiTenantMixtralPreTrainedModel(PreTrainedModel):
         """
         return strict_from_pretrained(super().from_pretrained, *args, **kwargs)
 
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # transformers looks for `@use_experts_implementation` in the source of the model class's
+        # module; the pools are the family's own experts classes, so the family's answer holds.
+        return cls.family.base_model_class._can_set_experts_implementation()
+
     def __call__(self, *args, **kwargs):
         # Calls see the tenant set whole: an edit in another thread waits (see `TenantLock`). A
         # compiled call runs inside `generate` or its caller's own synchronisation: locks do not trace.
@@ -315,39 +388,77 @@ class MultiTenantMixtralPreTrainedModel(PreTrainedModel):
             return super().__call__(*args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        std = self.config.initializer_range
-        if isinstance(module, SharedExpertPool):
-            init.normal_(module.gate_up_proj, mean=0.0, std=std)
-            init.normal_(module.down_proj, mean=0.0, std=std)
-        elif isinstance(module, MixtralTopKRouter):
-            init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, TenantLayer):
+        if isinstance(module, TenantExperts):
             init.copy_(module.expert_map, module.expert_map_from(self.config))
+        elif not isinstance(module, MultiTenantDecoderLayer):
+            super()._init_weights(module)
 
 
-class MultiTenantMixtralModel(MultiTenantMixtralPreTrainedModel):
-    """The decoder stack: per-tenant embeddings and final norms around the multi-tenant layers."""
+class MultiTenantModel(MultiTenantPreTrainedModel):
+    """The decoder stack: each tenant's embedding and final norm, and the multi-tenant layers."""
 
-    def __init__(self, config: MultiTenantMixtralConfig):
+    def __init__(self, config: MultiTenantConfigMixin):
         super().__init__(config)
+        template = meta_template(self.family.base_model_class, config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.ModuleDict(
-            {name: nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx) for name in config.tenants}
+            {name: materialize(copy.deepcopy(template.embed_tokens)) for name in config.tenants}
         )
         self.layers = nn.ModuleList(
-            [MultiTenantMixtralDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+            [MultiTenantDecoderLayer(config, idx, template.layers[idx]) for idx in range(config.num_hidden_layers)]
         )
-        self.norm = nn.ModuleDict(
-            {name: MixtralRMSNorm(config.hidden_size, eps=config.rms_norm_eps) for name in config.tenants}
-        )
-        self.rotary_emb = MixtralRotaryEmbedding(config=config)
+        self.norm = nn.ModuleDict({name: materialize(copy.deepcopy(template.norm)) for name in config.tenants})
+        self.rotary_emb = type(template.rotary_emb)(config=config)
+        unregistered(self, template=template, views={})
         self.gradient_checkpointing = False
         self.active_tenant = config.default_tenant
         self.tenant_lock = TenantLock()
         self.post_init()
 
+    def view(self, tenant: str | None) -> nn.Module:
+        """The family's base model running tenant `tenant`'s modules (`None`: a mixed batch's)."""
+        view = self.views.get(tenant)
+        if view is None or not self.view_is_current(view, tenant):
+            pick = RowDispatch if tenant is None else (lambda owner: owner[tenant])
+            view = self.views[tenant] = view_of(
+                self.template,
+                embed_tokens=pick(self.embed_tokens),
+                layers=nn.ModuleList([LayerCall(layer, tenant) for layer in self.layers]),
+                norm=pick(self.norm),
+                rotary_emb=self.rotary_emb,
+            )
+        view.training = self.training
+        return view
+
+    def view_is_current(self, view: nn.Module, tenant: str | None) -> bool:
+        """Whether `view` still holds the registered modules (an embedding resize replaces them)."""
+        if len(view.layers) != len(self.layers) or view.rotary_emb is not self.rotary_emb:
+            return False
+        return tenant is None or (view.embed_tokens is self.embed_tokens[tenant] and view.norm is self.norm[tenant])
+
+    def run(self, view: nn.Module, routing: TenantRouting, **inputs):
+        """Call `view` (the family's own model code) for `routing`'s rows: a KV cache is tagged with
+        the rows' tenants first, and a mixed batch's modules read the routing."""
+        if routing.is_mixed and (inputs.get("output_router_logits") or inputs.get("output_attentions")):
+            raise ValueError(
+                "output_router_logits and output_attentions are per tenant: run a mixed-tenant batch one tenant "
+                "per call to get them."
+            )
+        use_cache = inputs.get("use_cache")
+        if (use_cache if use_cache is not None else self.config.use_cache) and inputs.get("cache") is None:
+            inputs["cache"] = DynamicCache(config=self.config)
+        if inputs.get("cache") is not None and not torch.compiler.is_compiling():  # a compiled call: see `generate`
+            claim_cache(inputs["cache"], routing)
+        if any(inputs.get(f"output_{kind}") for kind in ("hidden_states", "attentions", "router_logits")):
+            maybe_install_capturing_hooks(self)
+        if not routing.is_mixed:
+            return view(**inputs)
+        token = MIXED_ROUTING.set(routing)
+        try:
+            return view(**inputs)
+        finally:
+            MIXED_ROUTING.reset(token)
     @property
     def tenant_names(self) -> list[str]:
         return list(self.embed_tokens)
@@ -415,94 +526,60 @@ class MultiTenantMixtralModel(MultiTenantMixtralPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens[self.resolve_tenant(None)] = value
 
-    @merge_with_config_defaults
-    @capture_outputs
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
         tenant: str | None = None,
         tenant_names: list[str] | None = None,
         tenant_ids: torch.LongTensor | None = None,
         routing: TenantRouting | None = None,
         **kwargs,
-    ) -> MoeModelOutputWithPast:
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+    ):
+        """The family's base-model forward, as tenant `tenant` (or one tenant per row; see the causal LM)."""
         if routing is None:
-            routing = self.route(batch_size, tenant=tenant, tenant_names=tenant_names, tenant_ids=tenant_ids)
-        if routing.is_mixed and (kwargs.get("output_router_logits") or kwargs.get("output_attentions")):
-            raise ValueError(
-                "output_router_logits and output_attentions are per tenant: run a mixed-tenant batch one tenant "
-                "per call to get them."
-            )
-
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        if cache is not None and not torch.compiler.is_compiling():  # a compiled call: see `generate`
-            claim_cache(cache, routing)
-        if inputs_embeds is None:
-            inputs_embeds = routing.map_rows(lambda name, rows: self.embed_tokens[name](rows), input_ids)
-        if position_ids is None:
-            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
-            position_ids = position_ids.unsqueeze(0)
-
-        mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
-        causal_mask = mask_function(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
-        hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for decoder_layer in self.layers:
-            hidden_states = decoder_layer(
-                hidden_states,
-                routing=routing,
-                attention_mask=causal_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=use_cache,
-                position_embeddings=position_embeddings,
-                **kwargs,
-            )
-        if routing.is_mixed:
-            hidden_states = rows_rms_norm(routing, hidden_states, [self.norm[name] for name in self.tenant_names])
-        else:
-            hidden_states = self.norm[routing.groups[0][0]](hidden_states)
-        return MoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+            rows = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+            if rows is None:
+                raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+            routing = self.route(rows.shape[0], tenant=tenant, tenant_names=tenant_names, tenant_ids=tenant_ids)
+        return self.run(self.view(None if routing.is_mixed else routing.groups[0][0]), routing, input_ids=input_ids, **kwargs)
 
 
-class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, GenerationMixin):
-    """Several Mixtral fine-tunes in one model: a shared expert pool and per-tenant other layers.
+class MultiTenantForCausalLM(MultiTenantPreTrainedModel, GenerationMixin):
+    """Several fine-tunes of one MoE model in one causal LM: a shared expert pool per sparse layer and
+    each tenant's own other layers. Every registered family has its class (`MultiTenantMixtralForCausalLM`,
+    `MultiTenantQwen3MoeForCausalLM`, ...).
 
     Build it with [`from_models`], pick a tenant with [`set_active_model`] (or per call with
     `tenant=`), and use it like any causal LM: `generate`, `pipeline("text-generation")`,
     `save_pretrained` / `from_pretrained`.
     """
 
-    def __init__(self, config: MultiTenantMixtralConfig):
+    def __init__(self, config: MultiTenantConfigMixin):
         super().__init__(config)
-        self.model = MultiTenantMixtralModel(config)
+        template = meta_template(self.family.causal_lm_class, config)
+        self.model = self.base_model_class_for_family(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.ModuleDict(
-            {name: nn.Linear(config.hidden_size, config.vocab_size, bias=False) for name in config.tenants}
-        )
-        self.router_aux_loss_coef = config.router_aux_loss_coef
-        self.num_experts = config.num_local_experts
-        self.num_experts_per_tok = config.num_experts_per_tok
+        self.lm_head = nn.ModuleDict({name: materialize(copy.deepcopy(template.lm_head)) for name in config.tenants})
+        unregistered(self, template=template, views={})
         self.post_init()
 
-    # -- construction -------------------------------------------------------------------------
+    base_model_class_for_family: type[MultiTenantModel]
+
+    def view(self, tenant: str | None) -> nn.Module:
+        """The family's causal LM running tenant `tenant`'s modules (`None`: a mixed batch's)."""
+        model = self.model.view(tenant)
+        view = self.views.get(tenant)
+        head = RowDispatch(self.lm_head) if tenant is None else self.lm_head[tenant]
+        if view is None or view.model is not model or (tenant is not None and view.lm_head is not head):
+            view = self.views[tenant] = view_of(self.template, model=model, lm_head=head)
+        view.training = self.training
+        return view
+
+    def forget_views(self) -> None:
+        """Drop the views after the tenant set changed (they would keep a removed tenant alive)."""
+        self.views.clear()
+        self.model.views.clear()
 
     @classmethod
     def from_models(
@@ -513,13 +590,15 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         dtype: torch.dtype | str | None = None,
         revision: str | None = None,
         **shared_settings,
-    ) -> MultiTenantMixtralForCausalLM:
-        """Build losslessly from N Mixtral checkpoints keyed by tenant name.
+    ) -> MultiTenantForCausalLM:
+        """Build losslessly from N fine-tunes of one MoE model, keyed by tenant name.
 
-        Sources may be loaded `MixtralForCausalLM`s, local directories or Hub repo ids, in the legacy
-        per-expert or the v5 fused layout. Experts that are bit-identical across tenants in the same
-        layer are stored once; every other tensor is kept per tenant. All sources are checked for
-        compatibility before any weight is read.
+        Sources may be loaded causal LMs of a registered family (`multimoe.families`), local
+        directories or Hub repo ids, in the family's v5 fused or legacy per-expert layout. The
+        family comes from the sources (on a family's class, they must be of that family); the model
+        returned is that family's class, e.g. `MultiTenantQwen3MoeForCausalLM`. Experts that are
+        bit-identical across tenants in the same layer are stored once; every other tensor is kept
+        per tenant. All sources are checked for compatibility before any weight is read.
 
         The model is built in `dtype`, else in the dtype the sources' weights are in (refused when
         they differ). `shared_settings` give the value of a setting one model applies to every
@@ -529,14 +608,20 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         """
         assembly = build_time("assembly")
         tenants = assembly.TenantSet.open(
-            models, default_tenant=default_tenant, dtype=dtype, revision=revision, **shared_settings
+            models,
+            default_tenant=default_tenant,
+            dtype=dtype,
+            revision=revision,
+            family=getattr(cls, "family", None),
+            **shared_settings,
         )
-        return cls.from_assembly(tenants, *assembly.assemble_lossless(tenants))
+        model_class = MODEL_CLASSES[tenants.family.model_type][2]
+        return model_class.from_assembly(tenants, *assembly.assemble_lossless(tenants))
 
     @classmethod
     def from_assembly(
-        cls, tenants, config: MultiTenantMixtralConfig, state_dict: dict[str, torch.Tensor]
-    ) -> MultiTenantMixtralForCausalLM:
+        cls, tenants, config: MultiTenantConfigMixin, state_dict: dict[str, torch.Tensor]
+    ) -> MultiTenantForCausalLM:
         """The model of an assembled config and state dict, with each tenant's generation config
         from its source (`tenants`, a `multimoe.assembly.TenantSet`)."""
         model = cls.from_pretrained(None, config=config, state_dict=state_dict, dtype=config.dtype)
@@ -564,7 +649,7 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         title = Path(os.path.abspath(save_directory)).name
 
         def save(directory, **options) -> None:
-            super(MultiTenantMixtralForCausalLM, self).save_pretrained(directory, **options)
+            super(MultiTenantForCausalLM, self).save_pretrained(directory, **options)
             if options.get("is_main_process", True):
                 for name, generation_config in self.generation_configs.items():
                     generation_config.save_pretrained(Path(directory, TENANTS_FOLDER, name))
@@ -611,7 +696,7 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         self.model.active_tenant = self.model.known_tenant(name)
 
     @contextmanager
-    def active(self, name: str) -> Iterator[MultiTenantMixtralForCausalLM]:
+    def active(self, name: str) -> Iterator[MultiTenantForCausalLM]:
         """Run as `name` inside the block, in this thread or asyncio task only.
 
         Other threads keep their own tenant, so this is the safe way to switch in a server.
@@ -755,20 +840,14 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_router_logits: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
         tenant: str | None = None,
         tenant_names: list[str] | None = None,
         tenant_ids: torch.LongTensor | None = None,
         **kwargs,
-    ) -> MoeCausalLMOutputWithPast:
+    ):
         r"""
+        The family's own causal-LM forward (the same arguments and outputs), plus:
+
         tenant (`str`, *optional*):
             The tenant every row runs as; defaults to the current one (see [`active`]). Naming it
             per call leaves the model's state untouched, so concurrent callers can serve different
@@ -779,50 +858,73 @@ class MultiTenantMixtralForCausalLM(MultiTenantMixtralPreTrainedModel, Generatio
         tenant_ids (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             The same as `tenant_names`, as indices into [`tenants`].
         """
-        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-        routing = self.model.route(batch_size, tenant=tenant, tenant_names=tenant_names, tenant_ids=tenant_ids)
-        output_router_logits = (
-            output_router_logits if output_router_logits is not None else self.config.output_router_logits
-        )
-        outputs: MoeModelOutputWithPast = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_router_logits=output_router_logits,
-            routing=routing,
-            **kwargs,
-        )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = routing.map_rows(lambda name, rows: self.lm_head[name](rows), hidden_states)
+        rows = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if rows is None:
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        routing = self.model.route(rows.shape[0], tenant=tenant, tenant_names=tenant_names, tenant_ids=tenant_ids)
+        if kwargs.get("output_router_logits") is None:
+            kwargs["output_router_logits"] = getattr(self.config, "output_router_logits", None)
+        view = self.view(None if routing.is_mixed else routing.groups[0][0])
+        return self.model.run(view, routing, input_ids=input_ids, **kwargs)
 
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
-        aux_loss = None
-        if output_router_logits:
-            aux_loss = load_balancing_loss_func(
-                outputs.router_logits, self.num_experts, self.num_experts_per_tok, attention_mask
-            )
-            if labels is not None:
-                loss += self.router_aux_loss_coef * aux_loss.to(loss.device)
 
-        return MoeCausalLMOutputWithPast(
-            loss=loss,
-            aux_loss=aux_loss,
-            logits=logits,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            router_logits=outputs.router_logits,
+# -- one set of classes per family -------------------------------------------------------------
+
+
+def multitenant_classes(family: Family) -> tuple[type, type, type]:
+    """`MultiTenant<Stem>PreTrainedModel`, `MultiTenant<Stem>Model` and `MultiTenant<Stem>ForCausalLM`
+    of `family`: the generic classes above, on top of the family's own `PreTrainedModel`."""
+    stem, config_class = family.class_stem, CONFIG_CLASSES[family.model_type]
+    family_pretrained = family.base_model_class.__bases__[0]
+
+    def define(name: str, bases: tuple, doc: str | None, **attributes) -> type:
+        namespace = {"__module__": __name__, "__qualname__": name, "__doc__": doc} | attributes
+        return type(name, bases, namespace)
+
+    recorders = dict(getattr(family_pretrained, "_can_record_outputs", None) or {})
+    recorders["hidden_states"] = MultiTenantDecoderLayer
+    pretrained = define(
+        f"MultiTenant{stem}PreTrainedModel",
+        (MultiTenantPreTrainedModel, family_pretrained),
+        MultiTenantPreTrainedModel.__doc__,
+        config_class=config_class,
+        family=family,
+        _can_record_outputs=recorders,
+    )
+    base = define(f"MultiTenant{stem}Model", (MultiTenantModel, pretrained), MultiTenantModel.__doc__)
+    causal = define(
+        f"MultiTenant{stem}ForCausalLM",
+        (MultiTenantForCausalLM, pretrained),
+        MultiTenantForCausalLM.__doc__,
+        base_model_class_for_family=base,
+    )
+    if family.saved_renames:
+        register_checkpoint_conversion_mapping(
+            family.multitenant_model_type,
+            [WeightRenaming(saved, current) for saved, current in family.saved_renames],
+            overwrite=True,
         )
+    return pretrained, base, causal
+
+
+# Defined at module level, one set per registered family: checkpoints name them in `auto_map`.
+MODEL_CLASSES: dict[str, tuple[type, type, type]] = {}
+for _family in FAMILIES.values():
+    MODEL_CLASSES[_family.model_type] = multitenant_classes(_family)
+    for _class in MODEL_CLASSES[_family.model_type]:
+        globals()[_class.__name__] = _class
+del _family, _class
+MultiTenantMixtralPreTrainedModel, MultiTenantMixtralModel, MultiTenantMixtralForCausalLM = MODEL_CLASSES["mixtral"]
 
 
 __all__ = [
+    "MODEL_CLASSES",
+    "MultiTenantDecoderLayer",
+    "MultiTenantForCausalLM",
     "MultiTenantMixtralForCausalLM",
     "MultiTenantMixtralModel",
     "MultiTenantMixtralPreTrainedModel",
-    "SharedExpertPool",
+    "MultiTenantModel",
+    "MultiTenantPreTrainedModel",
+    "TenantExperts",
 ]

@@ -19,11 +19,15 @@ from typing import Union
 import torch
 
 RowFunction = Callable[[str, torch.Tensor], Union[torch.Tensor, tuple[torch.Tensor, ...]]]
+GroupFunction = Callable[[str, torch.Tensor, Union[torch.Tensor, None]], Union[torch.Tensor, tuple]]
 
 # id(model) -> tenant for the current thread / asyncio task; set by `model.active(name)`.
 SCOPED_TENANTS: ContextVar[dict[int, str]] = ContextVar("multimoe_scoped_tenants", default={})
 # id(model) -> the generation config of the `generate` call running in this thread / task.
 CALL_GENERATION_CONFIGS: ContextVar[dict[int, object]] = ContextVar("multimoe_call_generation_configs", default={})
+# The routing of the mixed-tenant forward running in this thread / task, read by the modules that
+# stand for every tenant's own (see `multimoe.modeling.RowDispatch`).
+MIXED_ROUTING: ContextVar["TenantRouting | None"] = ContextVar("multimoe_mixed_routing", default=None)
 
 
 class UnknownTenantError(ValueError):
@@ -76,23 +80,54 @@ class TenantRouting:
         tenant order): [rows, ...]."""
         return torch.stack(tensors).index_select(0, self.tenant_ids)
 
-    def map_rows(self, function: RowFunction, rows: torch.Tensor):
-        """Apply `function(tenant, rows_of_that_tenant)` per group and reassemble the batch.
+    @property
+    def batch_size(self) -> int:
+        return len(self.row_tenants)
 
-        `function` may return one tensor or a tuple of tensors, each with the batch as dim 0.
+    def batch_rows(self, span: slice) -> torch.Tensor:
+        """The batch indices of one group's rows (`span` of the tenant-ordered batch)."""
+        if self.order is not None:
+            return self.order[span]
+        return torch.arange(span.start, span.stop, device=self.tenant_ids.device)
+
+    def map_rows(self, function: RowFunction, rows: torch.Tensor):
+        """Apply `function(tenant, rows_of_that_tenant)` per group and reassemble the batch."""
+        return self.map_groups(lambda name, group, batch_rows: function(name, group), rows)
+
+    def map_groups(self, function: GroupFunction, rows: torch.Tensor):
+        """Apply `function(tenant, its rows, their batch indices)` per group and reassemble the batch.
+
+        `rows` has the batch, or the batch's tokens flattened row by row, as dim 0. `function` may
+        return one tensor or a tuple (entries may be `None`), each with the same dim 0 as its input.
         A batch whose tenants are interleaved is gathered once into tenant order and each output
         scattered back once, whatever the number of tenants.
         """
         if not self.is_mixed:
-            return function(self.groups[0][0], rows)
+            return function(self.groups[0][0], rows, None)
+        tokens, remainder = divmod(rows.shape[0], self.batch_size)
+        if remainder or not tokens:
+            raise ValueError(f"Expected {self.batch_size} rows (or their tokens) on dim 0, got {rows.shape[0]}.")
         if self.order is not None:
-            rows = rows.index_select(0, self.order)
-        results = [function(name, rows[span]) for name, span in self.groups]
+            rows = rows.index_select(0, token_positions(self.order, tokens))
+        results = [
+            function(name, rows[span.start * tokens : span.stop * tokens], self.batch_rows(span))
+            for name, span in self.groups
+        ]
         several = isinstance(results[0], tuple)
-        joined = [torch.cat(parts) for parts in (zip(*results) if several else [results])]
+        joined = [
+            None if parts[0] is None else torch.cat(parts) for parts in (zip(*results) if several else [results])
+        ]
         if self.order is not None:
-            joined = [output.index_select(0, self.inverse) for output in joined]
+            inverse = token_positions(self.inverse, tokens)
+            joined = [None if output is None else output.index_select(0, inverse) for output in joined]
         return tuple(joined) if several else joined[0]
+
+
+def token_positions(rows: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The flattened token indices of `rows` when each row holds `tokens` tokens."""
+    if tokens == 1:
+        return rows
+    return (rows[:, None] * tokens + torch.arange(tokens, device=rows.device)).flatten()
 
 
 def tenant_order(row_tenants: Sequence[Hashable]) -> list[int]:
@@ -141,4 +176,4 @@ def edit_rows(cache, argument, *, method: str) -> None:
     cache.multimoe_row_tenants = tuple(owners[row] for row in rows.tolist())
 
 
-__all__ = ["CacheTenantMismatchError", "TenantRouting", "UnknownTenantError", "claim_cache", "tenant_order"]
+__all__ = ["MIXED_ROUTING", "CacheTenantMismatchError", "TenantRouting", "UnknownTenantError", "claim_cache", "tenant_order"]

@@ -20,8 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..assembly import TenantSet, assemble, check_settings
-from ..checkpoints import TenantSource, is_expert_key
-from ..modeling import MultiTenantMixtralForCausalLM
+from ..checkpoints import TenantSource
+from ..modeling import MODEL_CLASSES, MultiTenantForCausalLM
 from ..validation import check_number
 from .calibration import CalibrationStats, collect, language_model_loss, per_tenant_data
 from .grouping import ExpertGroup, get_grouping
@@ -96,12 +96,15 @@ class Footprint:
         itemsize = torch.empty((), dtype=tenants.dtype).element_size()
         own = {}
         for name, checkpoint in tenants.checkpoints.items():
-            keys = [k for k in tenants.shapes if not is_expert_key(k)]
+            keys = [k for k in tenants.shapes if not tenants.family.is_expert_key(k)]
             if checkpoint.tie_word_embeddings:
                 keys.remove("lm_head.weight")
             own[name] = sum(math.prod(tenants.shapes[k]) for k in keys) * itemsize
-        expert = 3 * config.intermediate_size * config.hidden_size * itemsize
-        return cls(own, expert, tenants.num_layers * config.num_local_experts)
+        sparse_layer = tenants.sparse_layers.index(True)
+        expert_keys = tenants.checkpoints[tenants.names[0]].expert_keys(sparse_layer)
+        num_experts = tenants.shapes[expert_keys[0]][0]
+        expert = sum(math.prod(tenants.shapes[key][1:]) for key in expert_keys) * itemsize
+        return cls(own, expert, sum(tenants.sparse_layers) * num_experts)
 
     @property
     def one_model(self) -> int:
@@ -240,8 +243,8 @@ def pool_builder(planner: Planner, chosen: Sequence[Candidate], merge: str, stat
 
 def most_sensitive_plan(
     plan: Plan,
-    losses: Callable[[MultiTenantMixtralForCausalLM], dict[str, float]],
-    build: Callable[..., MultiTenantMixtralForCausalLM],
+    losses: Callable[[MultiTenantForCausalLM], dict[str, float]],
+    build: Callable[..., MultiTenantForCausalLM],
     stats: CalibrationStats,
     threshold: float | None,
     budget: int | None,
@@ -294,7 +297,7 @@ def consolidate(
     max_calibration_rows: int = 256,
     progress: bool = True,
     **shared_settings,
-) -> MultiTenantMixtralForCausalLM:
+) -> MultiTenantForCausalLM:
     """Build one multi-tenant model from N Mixtral fine-tunes, sharing experts that are close.
 
     Args:
@@ -323,7 +326,7 @@ def consolidate(
         max_calibration_rows: the most hidden states kept per tenant and layer, the inputs on which
             `output` similarity and `output_medoid` compare experts.
         shared_settings: the value of a setting one model applies to every tenant, as in
-            `MultiTenantMixtralForCausalLM.from_models` (e.g. `router_aux_loss_coef=0.02`).
+            `MultiTenantForCausalLM.from_models` (e.g. `router_aux_loss_coef=0.02`).
 
     With no limit at all, only identical experts are shared (threshold 0): the result is lossless.
     Every numeric option is checked before any tenant is opened, and a budget no sharing can reach
@@ -337,7 +340,7 @@ def consolidate(
     requested_budget = None if memory_budget is None else MemoryBudget.parse(memory_budget)
     get_metric(similarity), get_grouping(grouping), get_merge(merge)
     if not isinstance(models, Mapping) or len(models) < 2:
-        raise ValueError("consolidate needs at least two tenants; for one, use MultiTenantMixtralForCausalLM.from_models.")
+        raise ValueError("consolidate needs at least two tenants; for one, use MultiTenantForCausalLM.from_models.")
     if anchor not in ANCHOR_RULES and anchor not in models:
         raise ValueError(f"anchor {anchor!r} is neither a tenant ({list(models)}) nor one of {list(ANCHOR_RULES)}.")
     if anchor in ANCHOR_RULES and anchor in models:
@@ -363,9 +366,9 @@ def consolidate(
     planner = Planner(tenants, footprint, first_anchor, similarity, grouping, stats, progress)
     plan = Plan.within(planner, threshold, budget)
 
-    def build(plan: Plan, merges: int, rule: str = merge) -> MultiTenantMixtralForCausalLM:
+    def build(plan: Plan, merges: int, rule: str = merge) -> MultiTenantForCausalLM:
         config, state_dict = assemble(tenants, pool_builder(plan.planner, plan.allowed[:merges], rule, stats))
-        return MultiTenantMixtralForCausalLM.from_assembly(tenants, config, state_dict).eval()
+        return MODEL_CLASSES[tenants.family.model_type][2].from_assembly(tenants, config, state_dict).eval()
 
     def losses(model) -> dict[str, float]:
         return {name: language_model_loss(model, data[name], tenant=name) for name in tenants.names}

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from typing import Union
 
 import torch
-from transformers import MixtralForCausalLM
+from transformers import PreTrainedModel
 
 from ..assembly import TenantSet
-from ..checkpoints import fused_expert_keys, is_expert_key
 
 BATCH_ROWS = 8
 PAIR_KEYS = {"prompt", "completion"}
@@ -114,14 +113,15 @@ class CalibrationStats:
     layer_inputs: dict[str, list[torch.Tensor]]  # tenant -> per layer, sampled inputs of its experts [n, H]
 
 
-def original_model(tenants: TenantSet, name: str) -> MixtralForCausalLM:
-    """The tenant as a plain MixtralForCausalLM, read from its checkpoint (one model in memory)."""
+def original_model(tenants: TenantSet, name: str) -> PreTrainedModel:
+    """The tenant as its family's own causal LM, read from its checkpoint (one model in memory)."""
     checkpoint = tenants.checkpoints[name]
-    state = {key: checkpoint.tensor(key) for key in tenants.shapes if not is_expert_key(key)}
-    for layer_idx in range(tenants.num_layers):
-        state.update(zip(fused_expert_keys(layer_idx), checkpoint.experts(layer_idx)))
-    config = checkpoint.config
-    return MixtralForCausalLM.from_pretrained(None, config=config, state_dict=state, dtype=tenants.dtype).eval()
+    state = {key: checkpoint.tensor(key) for key in tenants.shapes if not tenants.family.is_expert_key(key)}
+    for layer_idx, sparse in enumerate(tenants.sparse_layers):
+        if sparse:
+            state.update(zip(checkpoint.expert_keys(layer_idx), checkpoint.experts(layer_idx)))
+    model_class = tenants.family.causal_lm_class
+    return model_class.from_pretrained(None, config=checkpoint.config, state_dict=state, dtype=tenants.dtype).eval()
 
 
 @torch.no_grad()
@@ -141,7 +141,8 @@ def collect(
     tenants: TenantSet, data: Mapping[str, CalibrationData], max_rows_per_layer: int, seed: int = 0
 ) -> CalibrationStats:
     generator = torch.Generator().manual_seed(seed)
-    layers, experts = tenants.num_layers, tenants.reference.num_local_experts
+    layers, experts = tenants.num_layers, tenants.checkpoints[tenants.names[0]].num_experts
+    family = tenants.family
     losses, usage, samples = {}, {}, {}
     for name in tenants.names:
         model = original_model(tenants, name)
@@ -150,17 +151,21 @@ def collect(
         valid: list[torch.Tensor] = []
 
         def hook(layer_idx):
-            def record(module, args, output):
+            def record(module, args):  # the experts' call: (hidden states, local expert indices, weights)
                 rows = valid[0]
                 inputs[layer_idx].append(args[0].reshape(-1, args[0].shape[-1])[rows].float())
-                counts[layer_idx] += torch.bincount(output[2][rows].flatten(), minlength=experts).float()
+                counts[layer_idx] += torch.bincount(args[1][rows].flatten(), minlength=experts).float()
 
             return record
 
         def remember_valid_rows(module, args, kwargs):
             valid[:] = [kwargs["attention_mask"].reshape(-1).bool()]
 
-        handles = [layer.mlp.gate.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
+        handles = [
+            family.sparse_block_of(layer).get_submodule(family.experts).register_forward_pre_hook(hook(i))
+            for i, layer in enumerate(model.model.layers)
+            if family.sparse_block_of(layer) is not None
+        ]
         handles.append(model.register_forward_pre_hook(remember_valid_rows, with_kwargs=True))
         losses[name] = language_model_loss(model, data[name])
         for handle in handles:
@@ -168,6 +173,9 @@ def collect(
         usage[name] = counts
         samples[name] = []
         for layer_idx in range(layers):
+            if not inputs[layer_idx]:  # a dense layer
+                samples[name].append(None)
+                continue
             rows = torch.cat(inputs[layer_idx])
             samples[name].append(rows[torch.randperm(rows.shape[0], generator=generator)[:max_rows_per_layer]])
         del model
