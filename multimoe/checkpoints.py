@@ -32,7 +32,7 @@ from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
 from transformers.utils import GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .alignment import realign
-from .families import EXPERT_COUNT_FIELDS, Family, UnsupportedFamilyError, family_for
+from .families import EXPERT_COUNT_FIELDS, Family, family_for
 
 TenantSource = Union[str, os.PathLike, PreTrainedModel]
 
@@ -378,10 +378,7 @@ def read_config(directory: Path, *, tenant: str) -> PreTrainedConfig:
     when the family is not supported or the weights are quantized."""
     owner = f"Tenant {tenant!r}"
     raw = read_json(directory / "config.json", owner=owner)
-    try:
-        family = family_for(raw.get("model_type"), owner=f"{owner} ({directory})")
-    except UnsupportedFamilyError as error:
-        raise CheckpointError(str(error)) from error
+    family = family_for(raw.get("model_type"), owner=f"{owner} ({directory})")
     check_not_quantized(raw, owner=owner)
     return family.config_class.from_pretrained(directory)
 

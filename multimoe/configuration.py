@@ -10,6 +10,7 @@ untouched. One config class per registered family (see `multimoe.families`), nam
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from torch import nn
@@ -101,6 +102,14 @@ class MultiTenantConfigMixin:
     def tenant_names(self) -> list[str]:
         return list(self.tenants)
 
+    def family_config(self) -> PreTrainedConfig:
+        """The family's own config with this config's shared fields: what a tenant's config is
+        compared with (`multimoe.checkpoints.check_compatible`)."""
+        fields = self.to_dict()
+        for field in ("tenants", "default_tenant", "pool_sizes", "model_type", "auto_map", "architectures"):
+            fields.pop(field, None)
+        return self.family.config_class(**fields)
+
     def expert_map(self, tenant: str, layer_idx: int) -> list[int]:
         return self.tenants[tenant]["expert_map"][layer_idx]
 
@@ -149,7 +158,8 @@ def multitenant_config_class(family: Family) -> type[PreTrainedConfig]:
         f"field, plus the tenant fields.\n{MultiTenantConfigMixin.__doc__}",
         "model_type": family.multitenant_model_type,
         "family_type": family.model_type,
-        "__annotations__": {"tenants": dict | list | None, "default_tenant": str | None, "pool_sizes": list[int] | None},
+        # Checked by `check_tenant_maps`, with messages naming the tenant and layer at fault.
+        "__annotations__": {"tenants": Any, "default_tenant": str | None, "pool_sizes": Any},
         "tenants": None,
         "default_tenant": None,
         "pool_sizes": None,

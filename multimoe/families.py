@@ -132,6 +132,23 @@ class Family:
         experts = getattr(getattr(layer, self.sparse_block), self.experts)
         return tuple(name for name, _ in experts.named_parameters())
 
+    def expert_outputs(self, config: PreTrainedConfig, experts: tuple[torch.Tensor, ...], inputs: torch.Tensor):
+        """Every expert's output on every input row, [E, N, H], computed by the family's own experts
+        class (its eager path): consolidation's output metrics and merge rules go through this, so
+        they hold for any layout (gpt-oss's transposed, interleaved experts with biases included).
+        `experts` are the layer's stacked expert tensors in `expert_parameter_names` order."""
+        count, rows = experts[0].shape[0], inputs.shape[0]
+        eager = copy.copy(config)
+        eager._experts_implementation = "eager"
+        with torch.device("meta"):
+            module = self.pool(eager, count)
+        hidden = inputs.to(experts[0].dtype).repeat(count, 1)
+        index = torch.arange(count, device=inputs.device).repeat_interleave(rows)[:, None]
+        weights = torch.ones(count * rows, 1, dtype=hidden.dtype, device=inputs.device)
+        parameters = dict(zip(self.expert_parameter_names(config), experts))
+        output = torch.func.functional_call(module, parameters, (hidden, index, weights))
+        return output.view(count, rows, -1)
+
     def expert_key(self, layer_idx: int, parameter: str) -> str:
         return f"model.layers.{layer_idx}.{self.sparse_block}.{self.experts}.{parameter}"
 

@@ -245,6 +245,12 @@ def materialize(module: nn.Module) -> nn.Module:
     return module._apply(lambda tensor: torch.empty_like(tensor, device=device) if tensor.is_meta else tensor)
 
 
+def copy_of(template: nn.Module, config) -> nn.Module:
+    """A deep copy of a module built on the meta device that still computes with `config` itself, so
+    that `set_attn_implementation` and `set_experts_implementation` on the model reach it."""
+    return copy.deepcopy(template, {id(config): config})
+
+
 def has_own_tensors(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
 
@@ -277,7 +283,7 @@ class MultiTenantDecoderLayer(nn.Module):
     def tenant_layer(self, template: nn.Module, name: str) -> nn.Module:
         """A copy of the family's layer (built on the meta device) for tenant `name` in storage of its
         own, its experts replaced by the tenant's map into the pool (never allocated per tenant)."""
-        layer = copy.deepcopy(template)
+        layer = copy_of(template, self.config)
         if hasattr(self, "experts"):
             layer.set_submodule(self.experts_path, TenantExperts(self, name))
         return materialize(layer)
@@ -400,21 +406,30 @@ class MultiTenantModel(MultiTenantPreTrainedModel):
     def __init__(self, config: MultiTenantConfigMixin):
         super().__init__(config)
         template = meta_template(self.family.base_model_class, config)
+        unregistered(self, template=template, views={})
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.ModuleDict(
-            {name: materialize(copy.deepcopy(template.embed_tokens)) for name in config.tenants}
-        )
+        self.embed_tokens = nn.ModuleDict({name: self.fresh("embed_tokens") for name in config.tenants})
         self.layers = nn.ModuleList(
             [MultiTenantDecoderLayer(config, idx, template.layers[idx]) for idx in range(config.num_hidden_layers)]
         )
-        self.norm = nn.ModuleDict({name: materialize(copy.deepcopy(template.norm)) for name in config.tenants})
+        self.norm = nn.ModuleDict({name: self.fresh("norm") for name in config.tenants})
         self.rotary_emb = type(template.rotary_emb)(config=config)
-        unregistered(self, template=template, views={})
         self.gradient_checkpointing = False
         self.active_tenant = config.default_tenant
         self.tenant_lock = TenantLock()
         self.post_init()
+        self.build_views()
+
+    def fresh(self, child: str) -> nn.Module:
+        """A new tenant's own copy of the family model's `child` (e.g. its embedding), uninitialised."""
+        return materialize(copy_of(self.template.get_submodule(child), self.config))
+
+    def build_views(self) -> None:
+        """One view per tenant and one for mixed batches, built ahead (a compiled call cannot build one)."""
+        self.views.clear()
+        for tenant in (*self.tenant_names, None):
+            self.view(tenant)
 
     def view(self, tenant: str | None) -> nn.Module:
         """The family's base model running tenant `tenant`'s modules (`None`: a mixed batch's)."""
@@ -557,12 +572,15 @@ class MultiTenantForCausalLM(MultiTenantPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MultiTenantConfigMixin):
         super().__init__(config)
-        template = meta_template(self.family.causal_lm_class, config)
+        unregistered(self, template=meta_template(self.family.causal_lm_class, config), views={})
         self.model = self.base_model_class_for_family(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.ModuleDict({name: materialize(copy.deepcopy(template.lm_head)) for name in config.tenants})
-        unregistered(self, template=template, views={})
+        self.lm_head = nn.ModuleDict({name: self.fresh_head() for name in config.tenants})
+        for key, value in vars(self.template).items():  # the family's settings where its users read them
+            if not key.startswith("_") and isinstance(value, (bool, int, float)) and not hasattr(self, key):
+                setattr(self, key, value)
         self.post_init()
+        self.build_views()
 
     base_model_class_for_family: type[MultiTenantModel]
 
@@ -576,10 +594,24 @@ class MultiTenantForCausalLM(MultiTenantPreTrainedModel, GenerationMixin):
         view.training = self.training
         return view
 
-    def forget_views(self) -> None:
-        """Drop the views after the tenant set changed (they would keep a removed tenant alive)."""
+    def fresh_head(self) -> nn.Module:
+        return materialize(copy_of(self.template.lm_head, self.config))
+
+    def add_tenant_modules(self, name: str) -> None:
+        """Register new, uninitialised modules for tenant `name` (already in the config)."""
+        for layer, template in zip(self.model.layers, self.model.template.layers):
+            layer.tenants[name] = layer.tenant_layer(template, name)
+        self.model.embed_tokens[name] = self.model.fresh("embed_tokens")
+        self.model.norm[name] = self.model.fresh("norm")
+        self.lm_head[name] = self.fresh_head()
+
+    def build_views(self) -> None:
+        """Build the views afresh (after the tenant set changed: a stale one would keep a removed
+        tenant alive), ahead of any call (a compiled call cannot build one)."""
+        self.model.build_views()
         self.views.clear()
-        self.model.views.clear()
+        for tenant in (*self.tenants, None):
+            self.view(tenant)
 
     @classmethod
     def from_models(

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
 from transformers.utils.output_capturing import OutputRecorder, recursively_install_hooks
 
 from .assembly import SHARED_SETTINGS, TenantSet
 from .checkpoints import IncompatibleTenantsError, TenantCheckpoint, TenantSource, check_compatible
 from .configuration import validate_tenant_name
 from .consolidation.similarity import NEEDS_CALIBRATION, get_metric
-from .modeling import MultiTenantMixtralForCausalLM, TenantLayer
+from .modeling import MultiTenantForCausalLM
 from .validation import check_number
 
 
@@ -36,7 +35,7 @@ def match_to_pool(distances: torch.Tensor, threshold: float) -> list[int | None]
     return matches
 
 
-def install_output_hooks(model: MultiTenantMixtralForCausalLM, modules: dict[str, nn.Module]) -> None:
+def install_output_hooks(model: MultiTenantForCausalLM, modules: dict[str, nn.Module]) -> None:
     """Give new modules the output-capturing hooks the model already installed on the others
     (transformers installs them once, on first use, for the modules present then)."""
     decoder = model.model
@@ -52,7 +51,7 @@ def install_output_hooks(model: MultiTenantMixtralForCausalLM, modules: dict[str
 
 
 def add_tenant(
-    model: MultiTenantMixtralForCausalLM,
+    model: MultiTenantForCausalLM,
     name: str,
     source: TenantSource,
     *,
@@ -68,12 +67,19 @@ def add_tenant(
         raise ValueError(f"add_tenant compares weights; {similarity!r} needs calibration, use consolidate().")
     metric = get_metric(similarity)
     checkpoint = TenantCheckpoint.open(source, tenant=name, revision=revision)
-    reference = model.tenants[0]
-    check_compatible({reference: model.config, name: checkpoint.config})
-    differing = [key for key in SHARED_SETTINGS if getattr(checkpoint.config, key) != getattr(model.config, key)]
+    config = model.config
+    if checkpoint.family is not config.family:
+        raise IncompatibleTenantsError(
+            f"Tenant {name!r} is a {checkpoint.family.model_type!r} model; this model serves "
+            f"{config.family.model_type!r} tenants."
+        )
+    check_compatible({model.tenants[0]: config.family_config(), name: checkpoint.config})
+    differing = [
+        key for key in SHARED_SETTINGS if getattr(checkpoint.config, key, None) != getattr(config, key, None)
+    ]
     if differing:
         own = {key: getattr(checkpoint.config, key) for key in differing}
-        applied = {key: getattr(model.config, key) for key in differing}
+        applied = {key: getattr(config, key) for key in differing}
         raise IncompatibleTenantsError(
             f"Tenant {name!r} has {own}, while the model applies {applied} to every tenant; set the source's config "
             "to the model's values to add it."
@@ -86,68 +92,61 @@ def add_tenant(
     incoming = TenantSet({name: checkpoint}, None, model.dtype)
     own_tensors = incoming.non_expert_tensors(name)  # read and checked before anything changes
 
-    config, device = model.config, model.device
+    device, parameters = model.device, incoming.expert_parameters
     expert_map, additions = [], []
     for layer_idx, layer in enumerate(model.model.layers):
-        gate_up, down = incoming.layer_experts(layer_idx)[name]
-        pool = (layer.experts.gate_up_proj.detach().cpu(), layer.experts.down_proj.detach().cpu())
-        matches = match_to_pool(metric((gate_up, down), pool, None, config.hidden_act), threshold)
+        if not config.pool_sizes[layer_idx]:  # a dense layer
+            expert_map.append([])
+            additions.append(None)
+            continue
+        experts = incoming.layer_experts(layer_idx)[name]
+        pool = tuple(getattr(layer.experts, parameter).detach().cpu() for parameter in parameters)
+        run = lambda tensors, inputs: config.family.expert_outputs(config, tensors, inputs)  # noqa: E731
+        matches = match_to_pool(metric(experts, pool, None, run), threshold)
         new = [expert for expert, entry in enumerate(matches) if entry is None]
         row = list(matches)
         for offset, expert in enumerate(new):
-            row[expert] = layer.experts.num_experts + offset
+            row[expert] = config.pool_sizes[layer_idx] + offset
         expert_map.append(row)
-        additions.append((gate_up[new], down[new]))
+        additions.append(tuple(tensor[new] for tensor in experts))
 
     # Nothing above modified the model; from here on it changes.
-    config.pool_sizes = [size + len(extra[0]) for size, extra in zip(config.pool_sizes, additions)]
+    config.pool_sizes = [size + (len(extra[0]) if extra else 0) for size, extra in zip(config.pool_sizes, additions)]
     config.tenants[name] = {
         "expert_map": expert_map,
         "tie_word_embeddings": checkpoint.tie_word_embeddings,
         "source": checkpoint.label,
     }
-    for layer, (gate_up, down) in zip(model.model.layers, additions):
-        if len(gate_up):
+    for layer, extra in zip(model.model.layers, additions):
+        if extra is not None and len(extra[0]):
             pool = layer.experts
-            pool.gate_up_proj = nn.Parameter(torch.cat([pool.gate_up_proj.data, gate_up.to(device)]))
-            pool.down_proj = nn.Parameter(torch.cat([pool.down_proj.data, down.to(device)]))
-            pool.num_experts += len(gate_up)
-        layer.tenants[name] = TenantLayer(config, layer.layer_idx, name)
-    model.model.embed_tokens[name] = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-    model.model.norm[name] = MixtralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-    model.lm_head[name] = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            for parameter, tensor in zip(parameters, extra):
+                joined = torch.cat([getattr(pool, parameter).data, tensor.to(device)])
+                setattr(pool, parameter, nn.Parameter(joined, requires_grad=getattr(pool, parameter).requires_grad))
+            pool.num_experts += len(extra[0])
+    model.add_tenant_modules(name)
     model.generation_configs[name] = incoming.generation_configs()[name]  # read by TenantSet above
     modules = model.tenant_modules(name)
     for module in modules.values():
         module.to(device=device, dtype=model.dtype)
     with torch.no_grad():
         for key, tensor in own_tensors.items():
-            model.get_parameter(key).copy_(tensor)
+            model.get_parameter_or_buffer(key).copy_(tensor)
     if checkpoint.tie_word_embeddings:
         model.lm_head[name].weight = model.model.embed_tokens[name].weight
     install_output_hooks(model, modules)
+    model.build_views()
 
 
-def remove_tenant(model: MultiTenantMixtralForCausalLM, name: str) -> None:
+def remove_tenant(model: MultiTenantForCausalLM, name: str) -> None:
     name = model.model.known_tenant(name)
     if len(model.tenants) == 1:
         raise ValueError(f"Cannot remove {name!r}: it is the only tenant.")
     config = model.config
     survivors = [tenant for tenant in model.tenants if tenant != name]
     for layer_idx, layer in enumerate(model.model.layers):
-        kept = sorted({entry for tenant in survivors for entry in config.expert_map(tenant, layer_idx)})
-        renumber = {old: new for new, old in enumerate(kept)}
-        if len(kept) < layer.experts.num_experts:
-            index = torch.tensor(kept, device=layer.experts.gate_up_proj.device)
-            pool = layer.experts
-            pool.gate_up_proj = nn.Parameter(pool.gate_up_proj.data.index_select(0, index))
-            pool.down_proj = nn.Parameter(pool.down_proj.data.index_select(0, index))
-            pool.num_experts = len(kept)
-        for tenant in survivors:
-            row = [renumber[entry] for entry in config.tenants[tenant]["expert_map"][layer_idx]]
-            config.tenants[tenant]["expert_map"][layer_idx] = row
-            layer.tenants[tenant].expert_map.copy_(torch.tensor(row))
-        config.pool_sizes[layer_idx] = len(kept)
+        if config.pool_sizes[layer_idx]:
+            remove_pool_entries(layer, layer_idx, config, survivors)
         del layer.tenants[name]
     del model.model.embed_tokens[name], model.model.norm[name], model.lm_head[name], model.generation_configs[name]
     del config.tenants[name]
@@ -155,6 +154,24 @@ def remove_tenant(model: MultiTenantMixtralForCausalLM, name: str) -> None:
         config.default_tenant = survivors[0]
     if model.model.active_tenant == name:
         model.model.active_tenant = config.default_tenant
+    model.build_views()
+
+
+def remove_pool_entries(layer, layer_idx: int, config, survivors: list[str]) -> None:
+    """Drop the layer's pool entries no survivor reads and renumber the survivors' maps to the same experts."""
+    kept = sorted({entry for tenant in survivors for entry in config.expert_map(tenant, layer_idx)})
+    renumber = {old: new for new, old in enumerate(kept)}
+    pool = layer.experts
+    if len(kept) < config.pool_sizes[layer_idx]:
+        for parameter, tensor in list(pool.named_parameters()):
+            index = torch.tensor(kept, device=tensor.device)
+            setattr(pool, parameter, nn.Parameter(tensor.data.index_select(0, index), requires_grad=tensor.requires_grad))
+        pool.num_experts = len(kept)
+    for tenant in survivors:
+        row = [renumber[entry] for entry in config.tenants[tenant]["expert_map"][layer_idx]]
+        config.tenants[tenant]["expert_map"][layer_idx] = row
+        layer.tenants[tenant].get_submodule(layer.experts_path).expert_map.copy_(torch.tensor(row))
+    config.pool_sizes[layer_idx] = len(kept)
 
 
 __all__ = ["add_tenant", "remove_tenant"]

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel
 
+import multimoe
 from multimoe import CheckpointError, MultiTenantMixtralForCausalLM, MultiTenantMixtralModel
 from multimoe.checkpoints import check_saved_directory
 from multimoe.saving import atomic_save_pretrained
@@ -54,7 +55,6 @@ CAPPED_LOAD = """
 import os, resource, sys
 from transformers import AutoModel
 
-import multimoe
 from multimoe import CheckpointError, MultiTenantMixtralForCausalLM, MultiTenantMixtralModel
 
 with open("/proc/self/statm") as statm:

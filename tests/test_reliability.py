@@ -33,6 +33,7 @@ from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+import multimoe
 from multimoe import CheckpointError, MultiTenantMixtralForCausalLM
 from multimoe.checkpoints import TenantCheckpoint, strict_from_pretrained
 from multimoe.saving import atomic_save_pretrained
@@ -42,7 +43,7 @@ from multimoe.saving import atomic_save_pretrained
 
 def load_with_helper(path, **kwargs):
     """What `MultiTenantMixtralForCausalLM.from_pretrained` does with the override pasted."""
-    base_load = super(MultiTenantMixtralForCausalLM, MultiTenantMixtralForCausalLM).from_pretrained
+    base_load = super(multimoe.modeling.MultiTenantPreTrainedModel, MultiTenantMixtralForCausalLM).from_pretrained
     return strict_from_pretrained(base_load, path, **kwargs)
 
 
@@ -52,7 +53,7 @@ def load_with_model(path, **kwargs):
 
 def save_with_helper(model, directory, **kwargs):
     """What `model.save_pretrained` does with the override pasted."""
-    atomic_save_pretrained(super(MultiTenantMixtralForCausalLM, model).save_pretrained, directory, **kwargs)
+    atomic_save_pretrained(super(multimoe.MultiTenantForCausalLM, model).save_pretrained, directory, **kwargs)
 
 
 def save_with_model(model, directory, **kwargs):
@@ -158,7 +159,7 @@ def pool_entry(layer: int, part: str) -> str:
     return f"model.layers.{layer}.experts.{part}"
 
 
-ROUTER = "model.layers.1.tenants.chat.router.weight"
+ROUTER = "model.layers.1.tenants.chat.mlp.gate.weight"
 
 
 @dataclass(frozen=True)
@@ -550,7 +551,7 @@ def test_the_same_interruption_breaks_a_plain_transformers_save(pair, previous, 
     before = snapshot(previous)
     interrupt_shard_writes(monkeypatch, OSError(28, "No space left on device"))
     with pytest.raises(OSError):
-        super(MultiTenantMixtralForCausalLM, pair).save_pretrained(previous, max_shard_size="20KB")
+        super(multimoe.MultiTenantForCausalLM, pair).save_pretrained(previous, max_shard_size="20KB")
     monkeypatch.undo()
     assert snapshot(previous) != before
     with pytest.raises(CheckpointError, match=rf"cannot read .*{SHARD}"):  # old shards gone, new ones half written

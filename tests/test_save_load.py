@@ -30,7 +30,7 @@ def test_saves_sharded_safetensors_without_pickle(saved):
 def test_checkpoint_layout_stores_the_pool_once_and_tenants_by_name(multi, saved):
     keys = set(json.loads((saved / "model.safetensors.index.json").read_text())["weight_map"])
     assert "model.layers.0.experts.gate_up_proj" in keys
-    assert "model.layers.1.tenants.chat.router.weight" in keys
+    assert "model.layers.1.tenants.chat.mlp.gate.weight" in keys
     assert "model.embed_tokens.tied.weight" in keys
     assert "lm_head.chat.weight" in keys
     assert "lm_head.tied.weight" not in keys  # tied to its embedding, stored once
@@ -74,7 +74,7 @@ def test_bfloat16_loading(multi, saved, tenants, tmp_path, batch):
     loaded = MultiTenantMixtralForCausalLM.from_pretrained(saved, dtype=torch.bfloat16).eval()
     assert loaded.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
-    assert loaded.model.layers[0].tenants["chat"].expert_map.dtype == torch.long
+    assert loaded.model.layers[0].tenants["chat"].mlp.experts.expert_map.dtype == torch.long
     tenants["chat"].save_pretrained(tmp_path / "chat")
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "chat", dtype=torch.bfloat16).eval()
     with torch.no_grad():

@@ -11,7 +11,7 @@ from huggingface_hub import constants
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralForCausalLM
 
-from multimoe import CheckpointError, IncompatibleTenantsError, MultiTenantMixtralForCausalLM
+from multimoe import CheckpointError, IncompatibleTenantsError, MultiTenantMixtralForCausalLM, UnsupportedFamilyError
 from multimoe.testing import tiny_mixtral_config
 
 
@@ -142,12 +142,12 @@ def test_empty_mapping_and_unknown_default_are_rejected(tenants):
 def test_non_mixtral_sources_are_rejected(tenants, tmp_path):
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=47, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2))
-    with pytest.raises(CheckpointError, match="'llama'.*expected a MixtralForCausalLM"):
+    with pytest.raises(UnsupportedFamilyError, match="Tenant 'llama' is a 'llama' model, which is not a supported MoE"):
         MultiTenantMixtralForCausalLM.from_models({"base": tenants["base"], "llama": llama})
     llama.save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="'llama' model; tenants must be Mixtral"):
+    with pytest.raises(UnsupportedFamilyError, match=r"Tenant 'llama' \(.*\) is a 'llama' model, which is not a supported"):
         MultiTenantMixtralForCausalLM.from_models({"base": tenants["base"], "llama": tmp_path})
-    with pytest.raises(CheckpointError, match="must be a MixtralForCausalLM, a local directory or a Hub repo id"):
+    with pytest.raises(CheckpointError, match="must be a causal LM of a supported MoE family, a local directory or a Hub"):
         MultiTenantMixtralForCausalLM.from_models({"base": tenants["base"], "x": 42})
 
 
