@@ -19,9 +19,11 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TAGS = ["multimoe", "mixtral", "mixture-of-experts", "multi-tenant"]
 
 
-def model_card(model, name: str = "multi-tenant Mixtral") -> str:
+def model_card(model, name: str | None = None) -> str:
     """README.md text: YAML metadata, tenants, pool sizes, memory, and quality when measured."""
     config = model.config
+    stem = config.family.class_stem
+    name = name or f"multi-tenant {stem}"
     sources = [spec.get("source") or "" for spec in config.tenants.values()]
     base_models = sorted({source for source in sources if HUB_ID.match(source) and not os.path.exists(source)})
     metadata = ModelCardData(library_name="transformers", base_model=base_models or None, tags=TAGS)
@@ -31,13 +33,13 @@ def model_card(model, name: str = "multi-tenant Mixtral") -> str:
     ]
     sections = [
         f"---\n{metadata.to_yaml()}\n---",
-        f"# {name}: {len(config.tenants)} Mixtral tenants, one shared expert pool",
+        f"# {name}: {len(config.tenants)} {stem} tenants, one shared expert pool",
         "Made with the `multimoe` library: each layer's experts are stored once in a shared pool; every tenant "
         "keeps its own attention, norms, router, embeddings and lm_head.",
         "## Tenants\n\n| tenant | source | lm_head tied |\n|---|---|---|\n" + "\n".join(rows),
         f"Default tenant: `{config.default_tenant}`.",
         "## Pool\n\nExperts stored per layer: " + ", ".join(str(size) for size in config.pool_sizes)
-        + f" (each tenant has {config.num_local_experts} per layer).",
+        + f" (0: a dense layer; each tenant has {config.num_routed_experts} per sparse layer).",
         "## Memory\n\n" + model.memory_report().to_markdown(),
     ]
     report = getattr(model, "consolidation_report", None)
@@ -53,7 +55,7 @@ def model_card(model, name: str = "multi-tenant Mixtral") -> str:
 
 
 def write_model_card(model, directory: str | os.PathLike, name: str) -> None:
-    Path(directory, "README.md").write_text(model_card(model, name=name or "multi-tenant Mixtral"))
+    Path(directory, "README.md").write_text(model_card(model, name=name))
 
 
 @contextmanager

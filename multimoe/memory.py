@@ -32,13 +32,14 @@ class MemoryReport:
 
     @classmethod
     def of(cls, model: nn.Module) -> MemoryReport:
-        """Measure a `MultiTenantMixtralForCausalLM` from its registered parameters."""
+        """Measure a multi-tenant model from its registered parameters. A source model holds, in
+        each sparse layer, E experts of the size of one pool entry."""
         config, decoder = model.config, model.model
-        pool_bytes = parameter_bytes([layer.experts for layer in decoder.layers])
+        pools = [layer.experts for layer in decoder.layers if hasattr(layer, "experts")]
+        pool_bytes = parameter_bytes(pools)
         tenant_bytes = {name: parameter_bytes(list(model.tenant_modules(name).values())) for name in config.tenants}
-        pool = decoder.layers[0].experts.gate_up_proj
-        expert_bytes = 3 * config.intermediate_size * config.hidden_size * pool.element_size()
-        one_model_experts = config.num_hidden_layers * config.num_local_experts * expert_bytes
+        expert_bytes = sum(tensor[0].numel() * tensor.element_size() for tensor in pools[0].parameters())
+        one_model_experts = len(pools) * config.num_routed_experts * expert_bytes
         return cls(
             pool_bytes=pool_bytes,
             tenant_bytes=tenant_bytes,

@@ -1,4 +1,5 @@
-"""Tiny Mixtral tenants and a character tokenizer made on the fly, for tests, examples and benchmarks.
+"""Tiny tenants of every supported family and a character tokenizer, made on the fly, for tests,
+examples and benchmarks.
 
 Nothing here downloads anything: every model is built from a seed, so anyone can rerun a figure.
 """
@@ -11,7 +12,10 @@ from collections.abc import Iterable
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, MixtralConfig, MixtralForCausalLM, PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedTokenizerFast
+
+from .families import FAMILIES
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARACTERS = list(string.ascii_lowercase + string.digits + " .,?!+=")
@@ -42,21 +46,78 @@ def random_mixtral(config: MixtralConfig, seed: int = 0) -> MixtralForCausalLM:
     return MixtralForCausalLM(config).eval()
 
 
+# Per family, the fields that make its default config tiny and exercise what sets it apart: dense
+# layers, shared experts and their gates, grouped bias-corrected routing, latent attention, sinks
+# and alternating sliding-window layers.
+TINY_FIELDS = {
+    "mixtral": dict(intermediate_size=48, num_local_experts=4),
+    "qwen2_moe": dict(
+        intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4,
+        num_hidden_layers=3, mlp_only_layers=[1], norm_topk_prob=False,
+    ),
+    "qwen3_moe": dict(
+        intermediate_size=48, moe_intermediate_size=24, num_experts=4, num_hidden_layers=3, mlp_only_layers=[1],
+        head_dim=8, norm_topk_prob=True,
+    ),
+    "olmoe": dict(intermediate_size=24, num_experts=4),
+    "deepseek_v3": dict(
+        intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=3, first_k_dense_replace=1,
+        n_routed_experts=8, n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+        num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8,
+        v_head_dim=8,
+    ),
+    "gpt_oss": dict(intermediate_size=16, num_local_experts=4, head_dim=8, sliding_window=4),
+}
+
+
+def tiny_config(model_type: str, **overrides) -> PreTrainedConfig:
+    """A config of `model_type` small enough for a unit test (any field can be overridden)."""
+    fields = dict(
+        vocab_size=len(SPECIAL_TOKENS) + len(CHARACTERS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return AutoConfig.for_model(model_type, **fields | TINY_FIELDS[model_type] | overrides)
+
+
+def random_model(config: PreTrainedConfig, seed: int = 0) -> PreTrainedModel:
+    """The family's own causal LM with random weights; persistent float buffers (such as DeepSeek's
+    router bias) are randomised too, so that every per-tenant tensor matters."""
+    torch.manual_seed(seed)
+    model = FAMILIES[config.model_type].causal_lm_class(config).eval()
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if buffer.is_floating_point() and name in model.state_dict():
+                buffer.normal_(0.0, config.initializer_range)
+    return model
+
+
 def fine_tune(
-    base: MixtralForCausalLM, *, seed: int, changed_experts: Iterable[int], scale: float = 0.05
-) -> MixtralForCausalLM:
+    base: PreTrainedModel, *, seed: int, changed_experts: Iterable[int], scale: float = 0.05
+) -> PreTrainedModel:
     """A stand-in for a full fine-tune of `base`: every non-expert tensor moves, and so do the
-    experts listed in `changed_experts` (in every layer); the other experts stay bit-identical."""
+    experts listed in `changed_experts` (in every sparse layer); the other experts stay bit-identical."""
     generator = torch.Generator().manual_seed(seed)
     rows = torch.tensor(sorted(set(changed_experts)), dtype=torch.long)
+    family = FAMILIES[base.config.model_type]
     tuned = copy.deepcopy(base)
     with torch.no_grad():
-        for name, parameter in tuned.named_parameters():
-            noise = scale * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
-            if ".mlp.experts." in name:
-                parameter[rows] += noise[rows]
+        for name, tensor in tuned.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            noise = scale * torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
+            if family.is_expert_key(name):
+                tensor[rows] += noise[rows]
             else:
-                parameter += noise
+                tensor += noise
     return tuned.eval()
 
 
@@ -76,4 +137,4 @@ def character_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-__all__ = ["character_tokenizer", "fine_tune", "random_mixtral", "tiny_mixtral_config"]
+__all__ = ["character_tokenizer", "fine_tune", "random_mixtral", "random_model", "tiny_config", "tiny_mixtral_config"]
