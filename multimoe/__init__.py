@@ -10,32 +10,38 @@ and `pipeline("text-generation")` accept saved multi-tenant models.
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .checkpoints import CheckpointError, IncompatibleTenantsError
-from .configuration import CONFIG_CLASSES, MultiTenantMixtralConfig
+from .configuration import MultiTenantMixtralConfig, config_class_for
 from .consolidation import ConsolidationReport, consolidate
-from .families import FAMILIES, UnsupportedFamilyError
+from .families import FAMILIES, Family, LegacyExperts, UnsupportedFamilyError, register
 from .memory import MemoryReport
-from .modeling import (
-    MODEL_CLASSES,
-    MultiTenantForCausalLM,
-    MultiTenantMixtralForCausalLM,
-    MultiTenantMixtralModel,
-)
+from .modeling import MultiTenantForCausalLM, MultiTenantMixtralForCausalLM, MultiTenantMixtralModel, classes_for
 from .routing import CacheTenantMismatchError, UnknownTenantError
 
-for _model_type, (_, _base_class, _causal_class) in MODEL_CLASSES.items():
-    _config_class = CONFIG_CLASSES[_model_type]
-    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
-    AutoModel.register(_config_class, _base_class, exist_ok=True)
-    AutoModelForCausalLM.register(_config_class, _causal_class, exist_ok=True)
-    # Saved and pushed checkpoints carry `auto_map` and these modules' code, so they load with
-    # `trust_remote_code=True` where multimoe is not installed.
-    _config_class.register_for_auto_class()
-    _base_class.register_for_auto_class("AutoModel")
-    _causal_class.register_for_auto_class("AutoModelForCausalLM")
-    globals()[_config_class.__name__] = _config_class
-    globals()[_base_class.__name__] = _base_class
-    globals()[_causal_class.__name__] = _causal_class
-del _model_type, _base_class, _causal_class, _config_class
+
+def register_family(family: Family) -> type[MultiTenantForCausalLM]:
+    """Serve fine-tunes of `family`: register its adapter, make its multi-tenant config and model
+    classes, and register them with the transformers Auto classes. Returns its causal-LM class.
+
+    Saved checkpoints carry `auto_map` and multimoe's code, so they load with
+    `trust_remote_code=True` where multimoe is not installed (for the families registered when
+    that code is imported: the built-in ones)."""
+    register(family)
+    config_class = config_class_for(family)
+    _, base_class, causal_class = classes_for(family)
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(config_class, base_class, exist_ok=True)
+    AutoModelForCausalLM.register(config_class, causal_class, exist_ok=True)
+    config_class.register_for_auto_class()
+    base_class.register_for_auto_class("AutoModel")
+    causal_class.register_for_auto_class("AutoModelForCausalLM")
+    for public in (config_class, base_class, causal_class):
+        globals()[public.__name__] = public
+    return causal_class
+
+
+for _family in list(FAMILIES.values()):
+    register_family(_family)
+del _family
 
 from_models = MultiTenantForCausalLM.from_models
 
@@ -46,6 +52,8 @@ __all__ = [
     "CheckpointError",
     "ConsolidationReport",
     "FAMILIES",
+    "Family",
+    "LegacyExperts",
     "IncompatibleTenantsError",
     "MemoryReport",
     "MultiTenantForCausalLM",
@@ -56,4 +64,5 @@ __all__ = [
     "UnsupportedFamilyError",
     "consolidate",
     "from_models",
+    "register_family",
 ]

@@ -22,7 +22,7 @@ from .checkpoints import (
     check_compatible,
     is_finite,
 )
-from .configuration import CONFIG_CLASSES, MultiTenantConfigMixin, validate_tenant_name
+from .configuration import MultiTenantConfigMixin, config_class_for, validate_tenant_name
 from .families import Family
 from .validation import check_number
 
@@ -279,7 +279,7 @@ class TenantSet:
             }
             for name, checkpoint in self.checkpoints.items()
         }
-        return CONFIG_CLASSES[self.family.model_type](
+        return config_class_for(self.family)(
             **fields
             | self.settings
             | {

@@ -169,11 +169,21 @@ def multitenant_config_class(family: Family) -> type[PreTrainedConfig]:
 
 # One class per registered family, defined at module level: checkpoints name them in `auto_map`.
 CONFIG_CLASSES: dict[str, type[PreTrainedConfig]] = {}
-for _family in FAMILIES.values():
-    CONFIG_CLASSES[_family.model_type] = globals()[f"MultiTenant{_family.class_stem}Config"] = multitenant_config_class(
-        _family
-    )
+
+
+def config_class_for(family: Family) -> type[PreTrainedConfig]:
+    """The multi-tenant config class of `family`, made once and kept as a module attribute (the
+    name a checkpoint's `auto_map` gives)."""
+    if family.model_type not in CONFIG_CLASSES:
+        config_class = CONFIG_CLASSES[family.model_type] = multitenant_config_class(family)
+        globals()[config_class.__name__] = config_class
+    return CONFIG_CLASSES[family.model_type]
+
+
+for _family in list(FAMILIES.values()):
+    config_class_for(_family)
+del _family
 MultiTenantMixtralConfig = CONFIG_CLASSES["mixtral"]
 
 
-__all__ = ["CONFIG_CLASSES", "MultiTenantConfigMixin", "MultiTenantMixtralConfig", "multitenant_config_class", "validate_tenant_name"]
+__all__ = ["CONFIG_CLASSES", "config_class_for", "MultiTenantConfigMixin", "MultiTenantMixtralConfig", "multitenant_config_class", "validate_tenant_name"]

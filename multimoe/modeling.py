@@ -48,7 +48,7 @@ from .checkpoints import (
     strict_from_pretrained,
 )
 from .concurrency import TenantLock
-from .configuration import CONFIG_CLASSES, MultiTenantConfigMixin
+from .configuration import MultiTenantConfigMixin, config_class_for
 from .families import FAMILIES, Family
 from .generation import generation_for_rows
 from .hub import push_to_hub, write_model_card
@@ -647,7 +647,7 @@ class MultiTenantForCausalLM(MultiTenantPreTrainedModel, GenerationMixin):
             family=getattr(cls, "family", None),
             **shared_settings,
         )
-        model_class = MODEL_CLASSES[tenants.family.model_type][2]
+        model_class = classes_for(tenants.family)[2]
         return model_class.from_assembly(tenants, *assembly.assemble_lossless(tenants))
 
     @classmethod
@@ -906,7 +906,7 @@ class MultiTenantForCausalLM(MultiTenantPreTrainedModel, GenerationMixin):
 def multitenant_classes(family: Family) -> tuple[type, type, type]:
     """`MultiTenant<Stem>PreTrainedModel`, `MultiTenant<Stem>Model` and `MultiTenant<Stem>ForCausalLM`
     of `family`: the generic classes above, on top of the family's own `PreTrainedModel`."""
-    stem, config_class = family.class_stem, CONFIG_CLASSES[family.model_type]
+    stem, config_class = family.class_stem, config_class_for(family)
     family_pretrained = family.base_model_class.__bases__[0]
 
     def define(name: str, bases: tuple, doc: str | None, **attributes) -> type:
@@ -939,18 +939,28 @@ def multitenant_classes(family: Family) -> tuple[type, type, type]:
     return pretrained, base, causal
 
 
-# Defined at module level, one set per registered family: checkpoints name them in `auto_map`.
 MODEL_CLASSES: dict[str, tuple[type, type, type]] = {}
-for _family in FAMILIES.values():
-    MODEL_CLASSES[_family.model_type] = multitenant_classes(_family)
-    for _class in MODEL_CLASSES[_family.model_type]:
-        globals()[_class.__name__] = _class
-del _family, _class
+
+
+def classes_for(family: Family) -> tuple[type, type, type]:
+    """The multi-tenant (pretrained, base, causal LM) classes of `family`, made once and kept as
+    module attributes (the names a checkpoint's `auto_map` gives)."""
+    if family.model_type not in MODEL_CLASSES:
+        MODEL_CLASSES[family.model_type] = multitenant_classes(family)
+        for model_class in MODEL_CLASSES[family.model_type]:
+            globals()[model_class.__name__] = model_class
+    return MODEL_CLASSES[family.model_type]
+
+
+for _family in list(FAMILIES.values()):
+    classes_for(_family)
+del _family
 MultiTenantMixtralPreTrainedModel, MultiTenantMixtralModel, MultiTenantMixtralForCausalLM = MODEL_CLASSES["mixtral"]
 
 
 __all__ = [
     "MODEL_CLASSES",
+    "classes_for",
     "MultiTenantDecoderLayer",
     "MultiTenantForCausalLM",
     "MultiTenantMixtralForCausalLM",

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..assembly import TenantSet, assemble, check_settings
 from ..checkpoints import TenantSource
-from ..modeling import MODEL_CLASSES, MultiTenantForCausalLM
+from ..modeling import MultiTenantForCausalLM, classes_for
 from ..validation import check_number
 from .calibration import CalibrationStats, collect, language_model_loss, per_tenant_data
 from .grouping import ExpertGroup, get_grouping
@@ -368,7 +368,7 @@ def consolidate(
 
     def build(plan: Plan, merges: int, rule: str = merge) -> MultiTenantForCausalLM:
         config, state_dict = assemble(tenants, pool_builder(plan.planner, plan.allowed[:merges], rule, stats))
-        return MODEL_CLASSES[tenants.family.model_type][2].from_assembly(tenants, config, state_dict).eval()
+        return classes_for(tenants.family)[2].from_assembly(tenants, config, state_dict).eval()
 
     def losses(model) -> dict[str, float]:
         return {name: language_model_loss(model, data[name], tenant=name) for name in tenants.names}
