@@ -46,16 +46,24 @@ def test_tenant_order_survives_save_and_load(tenants, batch, tmp_path):
     assert_same_logits(logits(loaded, batch, tenant_ids=ids), logits(tenants["chat"], batch))
 
 
-def test_a_checkpoint_of_the_earlier_release_loads_in_its_stored_order(tenants, tmp_path):
-    """An earlier release stored tenants as a mapping and no per-tenant generation configs."""
-    model = MultiTenantMixtralForCausalLM.from_models({"zeta": tenants["chat"], "alpha": tenants["base"]})
+def test_a_checkpoint_of_the_earlier_release_loads_in_its_stored_order(tenants, batch, tmp_path):
+    """An earlier release stored tenants as a mapping, no per-tenant generation configs, and each
+    tenant's router as `tenants.<t>.router` (today the Mixtral block's `mlp.gate`)."""
+    model = MultiTenantMixtralForCausalLM.from_models({"zeta": tenants["chat"], "alpha": tenants["base"]}).eval()
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["tenants"] = {entry.pop("name"): entry for entry in config["tenants"]}
     (tmp_path / "config.json").write_text(json.dumps(config))
     shutil.rmtree(tmp_path / "tenants")
-    loaded = MultiTenantMixtralForCausalLM.from_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    renamed = {key.replace(".mlp.gate.weight", ".router.weight"): tensor for key, tensor in weights.items()}
+    assert sum(key.endswith(".router.weight") for key in renamed) == 4  # 2 layers x 2 tenants
+    save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = MultiTenantMixtralForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.tenants == ["zeta", "alpha"]
+    for name in loaded.tenants:
+        assert torch.equal(loaded.model.layers[1].tenants[name].mlp.gate.weight, model.model.layers[1].tenants[name].mlp.gate.weight)
+        assert_same_logits(logits(loaded, batch, tenant=name), logits(model, batch, tenant=name))
     root = GenerationConfig.from_pretrained(tmp_path)
     assert all(config.to_dict() == root.to_dict() for config in loaded.generation_configs.values())
 

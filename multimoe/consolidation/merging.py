@@ -1,8 +1,9 @@
 """Merge rules, registered by name: how the members of one pool entry become one expert.
 
-A rule gets a `MergeGroup`: the members' experts and, with calibration, each member's usage (how
-often its tenant's router picked it) and the hidden states its tenant feeds this layer; it
-returns one (gate_up, down) pair.
+A rule gets a `MergeGroup`: the members' experts (each a tuple of tensors in the family's fused
+layout, without the experts dimension) and, with calibration, each member's usage (how often its
+tenant's router picked it) and the hidden states its tenant feeds this layer; it returns one
+expert in the same layout.
 """
 
 from __future__ import annotations
@@ -12,21 +13,20 @@ from dataclasses import dataclass
 
 import torch
 
+from ..assembly import ExpertTensors
 from .registry import Registry
-from .similarity import expert_outputs
-
-ExpertPair = tuple[torch.Tensor, torch.Tensor]
+from .similarity import RunExperts
 
 
 @dataclass(frozen=True)
 class MergeGroup:
-    members: Sequence[ExpertPair]
+    members: Sequence[ExpertTensors]
     usage: Sequence[float] | None = None
     inputs: Sequence[torch.Tensor] | None = None
-    hidden_act: str = "silu"
+    run_experts: RunExperts | None = None  # the family's experts, for rules that compare outputs
 
 
-MergeRule = Callable[[MergeGroup], ExpertPair]
+MergeRule = Callable[[MergeGroup], ExpertTensors]
 
 MERGE_RULES: Registry[MergeRule] = Registry("merge rule")
 register_merge = MERGE_RULES.register
@@ -34,22 +34,22 @@ get_merge = MERGE_RULES.lookup
 NEEDS_USAGE = MERGE_RULES.needs_calibration
 
 
-def identical(members: Sequence[ExpertPair]) -> bool:
+def identical(members: Sequence[ExpertTensors]) -> bool:
     return all(torch.equal(a, b) for member in members[1:] for a, b in zip(member, members[0]))
 
 
-def weighted_sum(members: Sequence[ExpertPair], weights: Sequence[float]) -> ExpertPair:
+def weighted_sum(members: Sequence[ExpertTensors], weights: Sequence[float]) -> ExpertTensors:
     if identical(members):
         return members[0]  # identical members merge losslessly, without rounding
     total = float(sum(weights))
     return tuple(
-        sum((w / total) * member[part].float() for w, member in zip(weights, members)).to(members[0][part].dtype)
-        for part in (0, 1)
+        sum((w / total) * tensor.float() for w, tensor in zip(weights, tensors)).to(tensors[0].dtype)
+        for tensors in zip(*members)
     )
 
 
 @register_merge("select")
-def select(group: MergeGroup) -> ExpertPair:
+def select(group: MergeGroup) -> ExpertTensors:
     """Keep one member unchanged (the paper's rule): the most used one, else the first."""
     if group.usage is None:
         return group.members[0]
@@ -57,19 +57,19 @@ def select(group: MergeGroup) -> ExpertPair:
 
 
 @register_merge("keep_anchor")
-def keep_anchor(group: MergeGroup) -> ExpertPair:
+def keep_anchor(group: MergeGroup) -> ExpertTensors:
     """Keep the anchor tenant's member unchanged, whatever the usage: the anchor stays lossless."""
     return group.members[0]
 
 
 @register_merge("average")
-def average(group: MergeGroup) -> ExpertPair:
+def average(group: MergeGroup) -> ExpertTensors:
     """Uniform mean of the members' weights."""
     return weighted_sum(group.members, [1.0] * len(group.members))
 
 
 @register_merge("usage_weighted", needs_calibration=True)
-def usage_weighted(group: MergeGroup) -> ExpertPair:
+def usage_weighted(group: MergeGroup) -> ExpertTensors:
     """Mean weighted by how often each tenant's router picks its member on calibration data, so
     the tenant that relies on an expert most keeps it closest."""
     if group.usage is None:
@@ -78,21 +78,23 @@ def usage_weighted(group: MergeGroup) -> ExpertPair:
 
 
 @register_merge("output_medoid", needs_calibration=True)
-def output_medoid(group: MergeGroup) -> ExpertPair:
+def output_medoid(group: MergeGroup) -> ExpertTensors:
     """Keep the member that distorts the merged tenants least: for each candidate, the relative
     change of every tenant's expert output on the hidden states that tenant really feeds this
     layer, summed over tenants (each tenant counts equally, however rarely it routes here)."""
-    if group.inputs is None:
-        raise ValueError("The 'output_medoid' merge rule needs calibration data.")
+    if group.inputs is None or group.run_experts is None:
+        raise ValueError("The 'output_medoid' merge rule needs calibration data and the family's experts.")
     if identical(group.members):
         return group.members[0]
-    own = [expert_outputs(tuple(p[None] for p in member), inputs, group.hidden_act)[0]
-           for member, inputs in zip(group.members, group.inputs)]
 
-    def distortion(candidate: ExpertPair) -> float:
-        experts = tuple(p[None] for p in candidate)
+    def outputs(member: ExpertTensors, inputs: torch.Tensor) -> torch.Tensor:
+        return group.run_experts(tuple(tensor[None] for tensor in member), inputs)[0]  # a pool of one expert
+
+    own = [outputs(member, inputs) for member, inputs in zip(group.members, group.inputs)]
+
+    def distortion(candidate: ExpertTensors) -> float:
         return sum(
-            float((expert_outputs(experts, inputs, group.hidden_act)[0] - reference).norm() / reference.norm().clamp(min=1e-12))
+            float((outputs(candidate, inputs) - reference).norm() / reference.norm().clamp(min=1e-12))
             for inputs, reference in zip(group.inputs, own)
         )
 
