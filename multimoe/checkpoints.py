@@ -107,7 +107,7 @@ class TenantCheckpoint:
                     f"Tenant {tenant!r}: expected a {family.causal_lm_class.__name__} (the {family.model_type} causal "
                     f"LM), got {type(source).__name__}."
                 )
-            check_not_quantized(source.config, owner=f"Tenant {tenant!r}")
+            check_not_quantized(source, owner=f"Tenant {tenant!r}")
             state = dict(source.state_dict())
             return cls(source.name_or_path or type(source).__name__, source.config, state,
                        generation_source=source.generation_config)
@@ -118,6 +118,11 @@ class TenantCheckpoint:
             )
         directory = resolve_directory(str(source), owner=f"Tenant {tenant!r}", revision=revision)
         config = read_config(directory, tenant=tenant)
+        method = quantization_method(config)
+        if method is not None:
+            dequantized = dequantize(directory, config, method, owner=f"Tenant {tenant!r}")
+            return cls(str(source), dequantized.config, dict(dequantized.state_dict()),
+                       generation_source=dequantized.generation_config)
         return cls(str(source), config, None, SafetensorsFiles(directory, owner=f"Tenant {tenant!r}"))
 
     # -- access -------------------------------------------------------------------------------
@@ -375,28 +380,49 @@ def resolve_directory(source: str, *, owner: str, **hub_options) -> Path:
 
 def read_config(directory: Path, *, tenant: str) -> PreTrainedConfig:
     """A tenant directory's config, as its family's config class, refused before any weight is read
-    when the family is not supported or the weights are quantized."""
-    owner = f"Tenant {tenant!r}"
-    raw = read_json(directory / "config.json", owner=owner)
-    family = family_for(raw.get("model_type"), owner=f"{owner} ({directory})")
-    check_not_quantized(raw, owner=owner)
+    when the family is not supported."""
+    raw = read_json(directory / "config.json", owner=f"Tenant {tenant!r}")
+    family = family_for(raw.get("model_type"), owner=f"Tenant {tenant!r} ({directory})")
     return family.config_class.from_pretrained(directory)
 
 
-def check_not_quantized(config: PreTrainedConfig | Mapping, *, owner: str) -> None:
-    """Refuse quantized weights (gpt-oss in MXFP4, DeepSeek-V3 in FP8, bitsandbytes...): the pool
-    is built from and compared in the model's dtype. Dequantize them with transformers first."""
-    quantization = config.get("quantization_config") if isinstance(config, Mapping) else getattr(
-        config, "quantization_config", None
-    )
-    if quantization:
-        method = quantization.get("quant_method") if isinstance(quantization, Mapping) else getattr(
-            quantization, "quant_method", quantization
-        )
+def quantization_method(config: PreTrainedConfig) -> str | None:
+    quantization = getattr(config, "quantization_config", None)
+    if not quantization:
+        return None
+    method = quantization.get("quant_method") if isinstance(quantization, Mapping) else quantization.quant_method
+    return str(getattr(method, "value", method))
+
+
+def dequantizing_config(method: str):
+    """transformers' config that dequantizes `method` on load, where it has one."""
+    from transformers import FineGrainedFP8Config, Mxfp4Config
+
+    return {"mxfp4": Mxfp4Config, "fp8": FineGrainedFP8Config}.get(method)
+
+
+def dequantize(directory: Path, config: PreTrainedConfig, method: str, *, owner: str) -> PreTrainedModel:
+    """The tenant's model with its quantized weights (gpt-oss in MXFP4, DeepSeek-V3 in FP8)
+    dequantized on load by transformers, to the dtype of its other weights: the pool is built from
+    and compared in the model's dtype. Held whole in memory, unlike an unquantized directory.
+    Other quantizations are refused, naming the method."""
+    quantizer = dequantizing_config(method)
+    if quantizer is None:
         raise CheckpointError(
-            f"{owner}: its weights are quantized ({method}); multimoe builds tenants from unquantized weights. "
-            "Load it with transformers' dequantization (e.g. `quantization_config=Mxfp4Config(dequantize=True)` "
-            "for MXFP4, `FineGrainedFP8Config(dequantize=True)` for FP8), then pass the loaded model."
+            f"{owner}: its weights are quantized ({method}), which transformers cannot dequantize on load; "
+            "multimoe builds tenants from unquantized weights: dequantize them first."
+        )
+    model_class = family_for(config.model_type, owner=owner).causal_lm_class
+    return model_class.from_pretrained(directory, quantization_config=quantizer(dequantize=True), dtype="auto")
+
+
+def check_not_quantized(model: PreTrainedModel, *, owner: str) -> None:
+    """Refuse a loaded model that still computes with quantized weights."""
+    if getattr(model, "is_quantized", False):
+        raise CheckpointError(
+            f"{owner}: its weights are quantized ({quantization_method(model.config)}); multimoe builds tenants "
+            "from unquantized weights. Load it dequantized (e.g. `quantization_config=Mxfp4Config(dequantize=True)` "
+            "for MXFP4, `FineGrainedFP8Config(dequantize=True)` for FP8) or give its directory or Hub id."
         )
 
 

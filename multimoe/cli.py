@@ -1,6 +1,6 @@
 """The `multimoe` command line.
 
-    multimoe consolidate --tenant base=org/mixtral --tenant chat=./chat --memory-budget 1.25x --out merged
+    multimoe consolidate --tenant base=org/moe-base --tenant chat=./chat --memory-budget 1.25x --out merged
     multimoe demo
 """
 
@@ -115,11 +115,20 @@ def demo_command(args: argparse.Namespace) -> None:
 
 def parser() -> argparse.ArgumentParser:
     from .consolidation import GROUPINGS, MERGE_RULES, SIMILARITY_METRICS
+    from .families import FAMILIES
 
-    root = argparse.ArgumentParser(prog="multimoe", description="Serve many Mixtral fine-tunes from one shared expert pool.")
+    root = argparse.ArgumentParser(
+        prog="multimoe", description="Serve many fine-tunes of one Mixture-of-Experts model from one shared expert pool."
+    )
     commands = root.add_subparsers(dest="command", required=True)
-    command = commands.add_parser("consolidate", help="merge N Mixtral fine-tunes into one multi-tenant model")
-    command.add_argument("--tenant", type=tenant_argument, action="append", required=True, metavar="NAME=SOURCE")
+    command = commands.add_parser(
+        "consolidate",
+        help="merge N fine-tunes of one MoE model (any supported family, read from the sources) into one "
+        "multi-tenant model",
+    )
+    command.add_argument("--tenant", type=tenant_argument, action="append", required=True, metavar="NAME=SOURCE",
+                         help="a fine-tune (directory or Hub id); all tenants are of one family: "
+                         + ", ".join(sorted(FAMILIES)))
     command.add_argument("--out", type=output_argument("directory"), required=True,
                          help="directory to save the consolidated model in")
     command.add_argument("--similarity", default="weight_l2", choices=sorted(SIMILARITY_METRICS))

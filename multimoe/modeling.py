@@ -132,9 +132,14 @@ class TenantExperts(nn.Module):
 # -- a mixed batch: modules that stand for every tenant's own ----------------------------------
 
 
+# The keyword arguments a family's layers pass with one entry per row (batch on dim 0, unless
+# broadcast over the batch); a module run per tenant group gets them cut to the group's rows.
+PER_ROW_ARGUMENTS = ("attention_mask", "position_ids", "position_embeddings")
+
+
 def rows_of(value, batch_rows: torch.Tensor, batch_size: int):
     """A per-row argument (a mask, position ids or embeddings: batch on dim 0) cut to some rows;
-    anything else, such as a mask broadcast over the batch, passes unchanged."""
+    one broadcast over the batch (dim 0 of size 1) passes unchanged."""
     if isinstance(value, tuple):
         return tuple(rows_of(item, batch_rows, batch_size) for item in value)
     if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch_size:
@@ -195,6 +200,8 @@ class RowDispatch(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name.startswith("_") or "owner" not in self.__dict__:  # copying or unpickling
+                raise
             # A constant the family's code reads off the module (the same for every tenant); a tensor
             # would be one tenant's weight applied to every row, so it is refused.
             value = getattr(self.tenant_module(next(iter(self.owner.keys()))), name)
@@ -211,7 +218,10 @@ class RowDispatch(nn.Module):
         pending: dict = {}
 
         def run(name: str, rows: torch.Tensor, batch_rows: torch.Tensor):
-            arguments = {key: rows_of(value, batch_rows, routing.batch_size) for key, value in kwargs.items()}
+            arguments = {
+                key: rows_of(value, batch_rows, routing.batch_size) if key in PER_ROW_ARGUMENTS else value
+                for key, value in kwargs.items()
+            }
             if cache_key is not None:
                 arguments[cache_key] = GroupCache(kwargs[cache_key], batch_rows, routing.batch_size, pending)
             return self.tenant_module(name)(rows, *args, **arguments)

@@ -15,7 +15,7 @@ from transformers.utils.output_capturing import OutputRecorder, recursively_inst
 from .assembly import SHARED_SETTINGS, TenantSet
 from .checkpoints import IncompatibleTenantsError, TenantCheckpoint, TenantSource, check_compatible
 from .configuration import validate_tenant_name
-from .consolidation.similarity import NEEDS_CALIBRATION, get_metric
+from .consolidation.similarity import NEEDS_CALIBRATION, expert_runner, get_metric
 from .modeling import MultiTenantForCausalLM
 from .validation import check_number
 
@@ -93,6 +93,7 @@ def add_tenant(
     own_tensors = incoming.non_expert_tensors(name)  # read and checked before anything changes
 
     device, parameters = model.device, incoming.expert_parameters
+    run_experts = expert_runner(config.family, config)
     expert_map, additions = [], []
     for layer_idx, layer in enumerate(model.model.layers):
         if not config.pool_sizes[layer_idx]:  # a dense layer
@@ -101,8 +102,7 @@ def add_tenant(
             continue
         experts = incoming.layer_experts(layer_idx)[name]
         pool = tuple(getattr(layer.experts, parameter).detach().cpu() for parameter in parameters)
-        run = lambda tensors, inputs: config.family.expert_outputs(config, tensors, inputs)  # noqa: E731
-        matches = match_to_pool(metric(experts, pool, None, run), threshold)
+        matches = match_to_pool(metric(experts, pool, None, run_experts), threshold)
         new = [expert for expert, entry in enumerate(matches) if entry is None]
         row = list(matches)
         for offset, expert in enumerate(new):

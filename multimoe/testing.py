@@ -23,22 +23,7 @@ CHARACTERS = list(string.ascii_lowercase + string.digits + " .,?!+=")
 
 def tiny_mixtral_config(**overrides) -> MixtralConfig:
     """A Mixtral small enough for a unit test; any `MixtralConfig` field can be overridden."""
-    fields = dict(
-        vocab_size=len(SPECIAL_TOKENS) + len(CHARACTERS),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=128,
-        initializer_range=0.2,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return MixtralConfig(**fields | overrides)
+    return tiny_config("mixtral", **overrides)
 
 
 def random_mixtral(config: MixtralConfig, seed: int = 0) -> MixtralForCausalLM:

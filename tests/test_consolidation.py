@@ -15,7 +15,9 @@ import torch
 from multimoe import IncompatibleTenantsError, consolidate
 from multimoe.consolidation.calibration import CalibrationData, language_model_loss, per_tenant_data
 from multimoe.consolidation.merging import MERGE_RULES, MergeGroup
-from multimoe.testing import fine_tune, random_mixtral, tiny_mixtral_config
+from multimoe.consolidation.similarity import expert_runner
+from multimoe.families import FAMILIES
+from multimoe.testing import fine_tune, random_mixtral, tiny_config, tiny_mixtral_config
 
 UNOPENED = {"a": object(), "b": object()}  # opening either fails: errors that come first never touch them
 CALIBRATION = ["hello there how are you", "what is 2+2? it is 4", "sort: dcba -> abcd", "reverse abc", "ok then"]
@@ -144,8 +146,10 @@ def test_output_medoid_keeps_the_member_that_distorts_the_tenants_least():
     far, other = (tuple(part + torch.randn(part.shape, generator=generator) for part in base) for _ in range(2))
     inputs = [torch.randn(16, 4, generator=generator) for _ in range(3)]
     members = [far, base, other]
-    assert MERGE_RULES["output_medoid"](MergeGroup(members, inputs=inputs)) is base  # the centre of the three
-    assert MERGE_RULES["output_medoid"](MergeGroup([far, far], inputs=inputs[:2])) is far
+    run_experts = expert_runner(FAMILIES["mixtral"], tiny_config("mixtral", hidden_size=4, intermediate_size=3))
+    medoid = MERGE_RULES["output_medoid"]
+    assert medoid(MergeGroup(members, inputs=inputs, run_experts=run_experts)) is base  # the centre of the three
+    assert medoid(MergeGroup([far, far], inputs=inputs[:2], run_experts=run_experts)) is far
 
 
 def test_average_merge_end_to_end(family):

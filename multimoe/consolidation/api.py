@@ -1,7 +1,7 @@
-"""`consolidate()`: N Mixtral fine-tunes -> one multi-tenant model whose close experts are shared.
+"""`consolidate()`: N fine-tunes of one MoE model -> one multi-tenant model whose close experts are shared.
 
 1. Open the tenants (lazily) and check them; run calibration if any option needs it.
-2. Per layer: distances between every tenant's experts and the anchor tenant's, then groups. The
+2. Per sparse layer: distances between every tenant's experts and the anchor tenant's, then groups. The
    anchor is the first tenant, a named one, or the most sensitive one (found by a probe build).
 3. Rank every (layer, group, tenant) candidate merge by distance, across all layers, and take the
    closest first until the threshold, the memory budget or the quality guard says stop (or none
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..assembly import TenantSet, assemble, check_settings
+from ..assembly import ExpertTensors, TenantSet, assemble, check_settings
 from ..checkpoints import TenantSource
 from ..modeling import MultiTenantForCausalLM, classes_for
 from ..validation import check_number
@@ -27,7 +27,7 @@ from .calibration import CalibrationStats, collect, language_model_loss, per_ten
 from .grouping import ExpertGroup, get_grouping
 from .merging import NEEDS_USAGE, MergeGroup, get_merge
 from .report import ConsolidationReport, LayerReport
-from .similarity import NEEDS_CALIBRATION, get_metric
+from .similarity import NEEDS_CALIBRATION, expert_runner, get_metric
 
 DEFAULT_THRESHOLD = 0.0  # with no limit given, only identical experts are shared: lossless
 LOSS_NOISE = 1e-6  # absolute loss difference that floating-point order alone can cause
@@ -139,7 +139,8 @@ class Footprint:
 
 
 class Planner:
-    """Everything decided before assembly: groups per layer, ranked candidates, bytes."""
+    """Everything decided before assembly: groups per layer (none in a dense layer), ranked
+    candidates, bytes."""
 
     def __init__(
         self,
@@ -155,20 +156,20 @@ class Planner:
         self.anchor = anchor
         self.others = [name for name in tenants.names if name != anchor]
         self.metric, self.grouping, self.progress = metric, grouping, progress
-        config = tenants.reference
-        self.experts = config.num_local_experts
+        self.experts = tenants.checkpoints[tenants.names[0]].num_experts
+        self.run_experts = expert_runner(tenants.family, tenants.reference)
         measure, group = get_metric(metric), get_grouping(grouping)
-        self.groups: list[list[ExpertGroup]] = []
-        self.compared_distances: list[torch.Tensor] = []
-        layers = range(tenants.num_layers)
-        for layer_idx in tqdm(layers, desc="similarity", disable=not progress):
+        self.groups: list[list[ExpertGroup]] = [[] for _ in range(tenants.num_layers)]
+        self.compared_distances: dict[int, torch.Tensor] = {}  # sparse layer -> [E, E]
+        sparse = [layer_idx for layer_idx, is_sparse in enumerate(tenants.sparse_layers) if is_sparse]
+        for layer_idx in tqdm(sparse, desc="similarity", disable=not progress):
             experts = tenants.layer_experts(layer_idx)
             distances = {
-                name: measure(experts[name], experts[self.anchor], self.inputs(stats, name, layer_idx), config.hidden_act)
+                name: measure(experts[name], experts[self.anchor], self.inputs(stats, name, layer_idx), self.run_experts)
                 for name in self.others
             }
-            self.groups.append(group(self.anchor, distances))
-            self.compared_distances.append(distances[self.others[0]])
+            self.groups[layer_idx] = group(self.anchor, distances)
+            self.compared_distances[layer_idx] = distances[self.others[0]]
         self.candidates = sorted(
             Candidate(group.distances[name], layer_idx, group_idx, name)
             for layer_idx, groups in enumerate(self.groups)
@@ -214,28 +215,30 @@ class Plan:
 
 
 def pool_builder(planner: Planner, chosen: Sequence[Candidate], merge: str, stats: CalibrationStats | None):
-    """The pool of each layer: one entry per group (its anchor and merged members), plus one entry
-    for every member that stays on its own."""
+    """The pool of each sparse layer: one entry per group (its anchor and merged members), plus one
+    entry for every member that stays on its own."""
     rule = get_merge(merge)
     merged = {(c.layer, c.group, c.tenant) for c in chosen}
 
-    def build(layer_idx, experts):
+    def build(layer_idx: int, experts: dict[str, ExpertTensors]):
+        def member(tenant: str, group: ExpertGroup) -> ExpertTensors:
+            return tuple(tensor[group.members[tenant]] for tensor in experts[tenant])
+
         pool, maps = [], {name: [0] * planner.experts for name in planner.tenants.names}
         for group_idx, group in enumerate(planner.groups[layer_idx]):
             joined = [planner.anchor] + [t for t in planner.others if (layer_idx, group_idx, t) in merged]
-            members = [(experts[t][0][group.members[t]], experts[t][1][group.members[t]]) for t in joined]
             evidence = {}
             if stats is not None:
                 evidence["usage"] = [float(stats.usage[t][layer_idx, group.members[t]]) for t in joined]
                 evidence["inputs"] = [stats.layer_inputs[t][layer_idx] for t in joined]
-            pool.append(rule(MergeGroup(members, hidden_act=planner.tenants.reference.hidden_act, **evidence)))
+            members = [member(t, group) for t in joined]
+            pool.append(rule(MergeGroup(members, run_experts=planner.run_experts, **evidence)))
             for tenant in joined:
                 maps[tenant][group.members[tenant]] = len(pool) - 1
             for tenant in planner.others:
                 if tenant not in joined:
-                    local = group.members[tenant]
-                    pool.append((experts[tenant][0][local], experts[tenant][1][local]))
-                    maps[tenant][local] = len(pool) - 1
+                    pool.append(member(tenant, group))
+                    maps[tenant][group.members[tenant]] = len(pool) - 1
         return pool, maps
 
     return build
@@ -298,10 +301,13 @@ def consolidate(
     progress: bool = True,
     **shared_settings,
 ) -> MultiTenantForCausalLM:
-    """Build one multi-tenant model from N Mixtral fine-tunes, sharing experts that are close.
+    """Build one multi-tenant model from N fine-tunes of one MoE model, sharing experts that are
+    close. Every supported family (`multimoe.FAMILIES`) takes the same options: distances, merges
+    and byte counts follow the family's own expert layout, and dense layers are left alone.
 
     Args:
-        models: `{tenant name: loaded MixtralForCausalLM, directory or Hub id}`, at least two.
+        models: `{tenant name: loaded causal LM of a supported family, directory or Hub id}`, at
+            least two, all of one family; the result is that family's multi-tenant class.
         similarity: a registered metric: `weight_l2` (the paper's), `weight_cosine`, `output`.
         grouping: `cross_index` (optimal assignment of each tenant's experts to the anchor
             tenant's) or `same_index` (expert i with expert i, the paper's).
@@ -406,10 +412,11 @@ def consolidate(
             warnings.warn(notes[-1], stacklevel=2)  # a model over budget must not pass unnoticed
 
     layer_reports = []
-    for layer_idx, distances in enumerate(plan.planner.compared_distances):
+    for layer_idx, distances in plan.planner.compared_distances.items():
         merged = [c.distance for c in plan.allowed[:count] if c.layer == layer_idx]
         layer_reports.append(
             LayerReport(
+                layer=layer_idx,
                 pool_size=model.config.pool_sizes[layer_idx],
                 merged=len(merged),
                 mean_merged_distance=sum(merged) / len(merged) if merged else None,

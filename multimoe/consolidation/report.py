@@ -1,4 +1,7 @@
-"""What a consolidation did: per-layer pools and distances, bytes, per-tenant quality, the limit."""
+"""What a consolidation did: per sparse layer pools and distances, bytes, per-tenant quality, the limit.
+
+Dense layers (a family's MLP-only layers) hold no experts, so they have no pool and no entry here.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import torch
 
 @dataclass(frozen=True)
 class LayerReport:
+    layer: int  # the decoder layer's index
     pool_size: int
     merged: int  # local experts that joined another tenant's entry
     mean_merged_distance: float | None
@@ -23,7 +27,7 @@ class ConsolidationReport:
     tenants: list[str]
     anchor: str  # the tenant groups are built around
     compared: str  # the tenant whose distances to the anchor `layers` hold
-    layers: list[LayerReport]
+    layers: list[LayerReport]  # the sparse layers, in order
     bytes_before: int  # the N source models
     bytes_after: int  # the consolidated model
     deciding_limit: str  # the limit that stopped further sharing, or "none (...)" with the reason
@@ -51,10 +55,10 @@ class ConsolidationReport:
             "| layer | pool size | merged experts | mean merged distance | max merged distance |",
             "|---:|---:|---:|---:|---:|",
         ]
-        for index, layer in enumerate(self.layers):
+        for layer in self.layers:
             mean = "-" if layer.mean_merged_distance is None else f"{layer.mean_merged_distance:.4g}"
             largest = "-" if layer.max_merged_distance is None else f"{layer.max_merged_distance:.4g}"
-            lines.append(f"| {index} | {layer.pool_size} | {layer.merged} | {mean} | {largest} |")
+            lines.append(f"| {layer.layer} | {layer.pool_size} | {layer.merged} | {mean} | {largest} |")
         increase = self.relative_loss_increase
         if increase is not None:
             lines += ["", "| tenant | calibration loss before | after | relative change |", "|---|---:|---:|---:|"]
@@ -66,7 +70,7 @@ class ConsolidationReport:
         return "\n".join(lines)
 
     def heatmap(self, path: str | Path) -> Path:
-        """A PNG with one panel per layer: distance of the compared tenant's experts to the anchor's."""
+        """A PNG with one panel per sparse layer: distance of the compared tenant's experts to the anchor's."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -74,9 +78,9 @@ class ConsolidationReport:
 
         count = len(self.layers)
         figure, axes = plt.subplots(1, count, figsize=(3.2 * count, 3), squeeze=False)
-        for index, (axis, layer) in enumerate(zip(axes[0], self.layers)):
+        for axis, layer in zip(axes[0], self.layers):
             image = axis.imshow(layer.distances.numpy(), cmap="viridis")
-            axis.set_title(f"layer {index}")
+            axis.set_title(f"layer {layer.layer}")
             axis.set_xlabel(f"{self.anchor} expert")
             axis.set_ylabel(f"{self.compared} expert")
             figure.colorbar(image, ax=axis, fraction=0.046)

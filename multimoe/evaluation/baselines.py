@@ -1,7 +1,7 @@
 """The merging baselines multimoe is compared against.
 
-Each `BASELINES` entry turns a base and N full fine-tunes into ONE `MixtralForCausalLM` that serves
-every task (one model's memory). Task arithmetic, TIES and DARE use `peft.utils.merge_utils` on the
+Each `BASELINES` entry turns a base and N full fine-tunes into ONE model of the base's class that
+serves every task (one model's memory). Task arithmetic, TIES and DARE use `peft.utils.merge_utils` on the
 task vectors (fine-tune - base), tensor by tensor. `no_reconfiguration` is the paper's ablation:
 the consolidated expert pool, but one shared set of non-expert layers for every tenant.
 """
@@ -13,13 +13,13 @@ from collections.abc import Callable, Mapping
 
 import torch
 from peft.utils import merge_utils
-from transformers import MixtralForCausalLM
+from transformers import PreTrainedModel
 
 from ..consolidation.registry import Registry
-from ..modeling import MultiTenantMixtralForCausalLM
+from ..modeling import MultiTenantForCausalLM
 
 TensorMerge = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]
-Baseline = Callable[[MixtralForCausalLM, Mapping[str, MixtralForCausalLM]], MixtralForCausalLM]
+Baseline = Callable[[PreTrainedModel, Mapping[str, PreTrainedModel]], PreTrainedModel]
 BASELINES: Registry[Baseline] = Registry("baseline")
 register_baseline = BASELINES.register
 
@@ -31,7 +31,7 @@ SEED = 0
 
 
 @torch.no_grad()
-def merge_task_vectors(base: MixtralForCausalLM, tuned: Mapping[str, MixtralForCausalLM], rule: TensorMerge, scale: float) -> MixtralForCausalLM:
+def merge_task_vectors(base: PreTrainedModel, tuned: Mapping[str, PreTrainedModel], rule: TensorMerge, scale: float) -> PreTrainedModel:
     """base + rule(task vectors, weights=scale), for every tensor."""
     torch.manual_seed(SEED)  # DARE drops at random
     merged = copy.deepcopy(base)
@@ -45,33 +45,33 @@ def merge_task_vectors(base: MixtralForCausalLM, tuned: Mapping[str, MixtralForC
 
 @register_baseline("average")
 @torch.no_grad()
-def average(base: MixtralForCausalLM, tuned: Mapping[str, MixtralForCausalLM]) -> MixtralForCausalLM:
+def average(base: PreTrainedModel, tuned: Mapping[str, PreTrainedModel]) -> PreTrainedModel:
     """Uniform mean of the fine-tunes' weights (a "model soup")."""
     return merge_task_vectors(base, tuned, merge_utils.task_arithmetic, 1.0 / len(tuned))
 
 
 @register_baseline("task_arithmetic")
-def task_arithmetic(base: MixtralForCausalLM, tuned: Mapping[str, MixtralForCausalLM]) -> MixtralForCausalLM:
+def task_arithmetic(base: PreTrainedModel, tuned: Mapping[str, PreTrainedModel]) -> PreTrainedModel:
     return merge_task_vectors(base, tuned, merge_utils.task_arithmetic, TASK_ARITHMETIC_SCALE)
 
 
 @register_baseline("ties")
-def ties(base: MixtralForCausalLM, tuned: Mapping[str, MixtralForCausalLM]) -> MixtralForCausalLM:
+def ties(base: PreTrainedModel, tuned: Mapping[str, PreTrainedModel]) -> PreTrainedModel:
     return merge_task_vectors(base, tuned, lambda t, w: merge_utils.ties(t, w, DENSITY), 1.0)
 
 
 @register_baseline("dare_linear")
-def dare_linear(base: MixtralForCausalLM, tuned: Mapping[str, MixtralForCausalLM]) -> MixtralForCausalLM:
+def dare_linear(base: PreTrainedModel, tuned: Mapping[str, PreTrainedModel]) -> PreTrainedModel:
     return merge_task_vectors(base, tuned, lambda t, w: merge_utils.dare_linear(t, w, DENSITY), TASK_ARITHMETIC_SCALE)
 
 
 @register_baseline("dare_ties")
-def dare_ties(base: MixtralForCausalLM, tuned: Mapping[str, MixtralForCausalLM]) -> MixtralForCausalLM:
+def dare_ties(base: PreTrainedModel, tuned: Mapping[str, PreTrainedModel]) -> PreTrainedModel:
     return merge_task_vectors(base, tuned, lambda t, w: merge_utils.dare_ties(t, w, DENSITY), 1.0)
 
 
 @torch.no_grad()
-def no_reconfiguration(model: MultiTenantMixtralForCausalLM) -> MultiTenantMixtralForCausalLM:
+def no_reconfiguration(model: MultiTenantForCausalLM) -> MultiTenantForCausalLM:
     """The paper's ablation: keep the consolidated pool and expert maps, but give every tenant the
     same non-expert layers (the tenants' mean), as if they were never swapped in per tenant."""
     shared = copy.deepcopy(model)

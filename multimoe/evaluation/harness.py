@@ -1,7 +1,7 @@
 """Exact match through `generate` (greedy, batched, left padding) and held-out perplexity.
 
-Both accept a `MixtralForCausalLM` or a `MultiTenantMixtralForCausalLM` with `tenant=`; a plain
-model ignores the tenant, so one merged model is scored with the same call as a multi-tenant one.
+Both accept a family's own causal LM or a multi-tenant model (`MultiTenantForCausalLM`) with
+`tenant=`; a plain model ignores the tenant, so one merged model is scored with the same call as a multi-tenant one.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..modeling import MultiTenantMixtralForCausalLM
+from ..modeling import MultiTenantForCausalLM
 from ..testbed import Example
 
 
 def _tenant_kwargs(model, tenant: str | None) -> dict:
-    if isinstance(model, MultiTenantMixtralForCausalLM):
+    if isinstance(model, MultiTenantForCausalLM):
         return {"tenant": tenant} if tenant is not None else {}
     return {}
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from transformers import MixtralForCausalLM
+from transformers import PreTrainedModel
 
 from ..consolidation import consolidate, needs_calibration
-from ..modeling import MultiTenantMixtralForCausalLM
+from ..modeling import MultiTenantForCausalLM
 from ..testbed import TASKS
 
 # The paper's algorithm: same-index experts, weight L2 distance, keep one member unchanged.
@@ -31,8 +31,8 @@ def calibration_pairs(tasks: Sequence[str], per_task: int = 64) -> list[dict[str
 
 
 def consolidate_preset(
-    models: Mapping[str, MixtralForCausalLM], preset: str, memory_budget: str, tokenizer
-) -> MultiTenantMixtralForCausalLM:
+    models: Mapping[str, PreTrainedModel], preset: str, memory_budget: str, tokenizer
+) -> MultiTenantForCausalLM:
     """`consolidate` with a named preset; each tenant is calibrated on its own task's training
     prompts, so distances, usage and losses reflect what that tenant serves."""
     settings = PRESETS[preset]

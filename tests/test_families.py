@@ -1,0 +1,494 @@
+"""Every supported MoE family, end to end: sources in both checkpoint layouts, lossless logits and
+generations against each tenant's own model, mixed batches, saving and reloading (also as remote
+code), the experts implementation in use, and clear refusals.
+
+Each family gets two fine-tunes of one random base, `zeta` and `alpha` (named so that their sorted
+order differs from the order given): `zeta` changed experts {0, 1}, `alpha` {1, 3}, so they share
+expert 2 (and, in DeepSeek-V3's eight, experts 4-7) and `alpha`'s other experts land on other pool
+indices than in its own model.
+
+Tolerance: a tenant's experts sit at other pool indices than in its own model and the pool holds
+more experts, so torch's CPU `grouped_mm` gets other group sizes and offsets (and, in a mixed batch,
+other rows around each row); on some CPUs (seen on AVX-512) it then sums in another order and the
+logits (magnitude ~1) differ by a few ulps, ~1e-6. Logits of separately built models are therefore
+compared within `TOLERANCE`; weights, and a saved model against itself reloaded, bit-exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from functools import cached_property
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+import multimoe
+from multimoe import CheckpointError, IncompatibleTenantsError, UnsupportedFamilyError
+from multimoe.checkpoints import SafetensorsFiles, TenantCheckpoint
+from multimoe.testing import character_tokenizer, fine_tune, random_model, tiny_config
+
+FAMILY_TYPES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
+STEMS = {
+    "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe",
+    "deepseek_v3": "DeepseekV3", "gpt_oss": "GptOss",
+}
+# The per-expert names of the legacy layout transformers' conversion mapping reads (and, in 5.x,
+# writes by default); gpt-oss has none: its checkpoints were always fused.
+LEGACY_EXPERT_KEY = {
+    "mixtral": r"model\.layers\.\d+\.block_sparse_moe\.experts\.\d+\.w[123]\.weight",
+    **{family: r"model\.layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight"
+       for family in ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")},
+}
+FUSED_EXPERT_KEY = r"model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?"
+
+TOLERANCE = 1e-5
+NAMES = ["zeta", "alpha"]  # the order given; sorted, it is the other way round
+PROMPTS = ["hello there", "hi", "what is 2+2?"]
+MIXED_ROWS = ["alpha", "zeta", "alpha"]
+GREEDY = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, message: str = "") -> None:
+    torch.testing.assert_close(actual, expected, rtol=0, atol=TOLERANCE, msg=lambda m: f"{message}\n{m}")
+
+
+def safetensors_keys(directory: Path) -> list[str]:
+    with safe_open(str(directory / "model.safetensors"), "pt") as handle:
+        return list(handle.keys())
+
+
+def assert_same_weights(model, reference) -> None:
+    actual, expected = model.state_dict(), reference.state_dict()
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+
+
+def expert_maps(model) -> dict[str, list[list[int]]]:
+    return {name: spec["expert_map"] for name, spec in model.config.tenants.items()}
+
+
+class Case:
+    """One family's tenants, their multi-tenant model and the directories built from them, each
+    made on first use."""
+
+    def __init__(self, family: str, root: Path):
+        self.family, self.root = family, root
+        base = random_model(tiny_config(family), seed=0)
+        self.originals = {
+            "zeta": fine_tune(base, seed=1, changed_experts=[0, 1]),
+            "alpha": fine_tune(base, seed=2, changed_experts=[1, 3]),
+        }
+
+    @property
+    def legacy_layout(self) -> bool:
+        return self.family in LEGACY_EXPERT_KEY
+
+    @cached_property
+    def multi(self):
+        return multimoe.from_models(dict(self.originals)).eval()
+
+    @cached_property
+    def sources(self) -> dict[str, dict[str, Path]]:
+        """Each tenant saved by its own class: `default` (what `save_pretrained` writes) and `fused`
+        (`save_original_format=False`, transformers' v5 layout)."""
+        directories = {}
+        for layout, options in (("default", {}), ("fused", {"save_original_format": False})):
+            directories[layout] = {}
+            for name, model in self.originals.items():
+                directory = self.root / "sources" / layout / name
+                model.save_pretrained(directory, **options)
+                directories[layout][name] = directory
+        return directories
+
+    @cached_property
+    def saved(self) -> Path:
+        directory = self.root / f"saved-{self.family}"
+        self.multi.save_pretrained(directory)
+        return directory
+
+
+class Cases(dict):
+    def __init__(self, tmp_path_factory):
+        super().__init__()
+        self.tmp_path_factory = tmp_path_factory
+
+    def __missing__(self, family: str) -> Case:
+        self[family] = Case(family, self.tmp_path_factory.mktemp(family))
+        return self[family]
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> Cases:
+    return Cases(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    """Three left-padded rows of different lengths."""
+    return character_tokenizer()(PROMPTS, return_tensors="pt", padding=True)
+
+
+def logits(model, inputs, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs, **kwargs).logits
+
+
+@pytest.fixture
+def no_weight_reads(monkeypatch):
+    """Fail the test if any weight of a source is read or a model is allocated."""
+
+    def refuse(what):
+        def read(*args, **kwargs):
+            raise AssertionError(f"{what} was called before the sources were refused")
+        return read
+
+    monkeypatch.setattr(TenantCheckpoint, "experts", refuse("TenantCheckpoint.experts"))
+    monkeypatch.setattr(TenantCheckpoint, "tensor", refuse("TenantCheckpoint.tensor"))
+    monkeypatch.setattr(SafetensorsFiles, "get", refuse("SafetensorsFiles.get"))
+    monkeypatch.setattr(multimoe.MultiTenantForCausalLM, "from_assembly", classmethod(refuse("from_assembly")))
+
+
+# -- 1. sources: loaded models and directories in both layouts --------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_from_models_picks_the_family_class(cases, family):
+    multi = cases[family].multi
+    assert type(multi) is getattr(multimoe, f"MultiTenant{STEMS[family]}ForCausalLM")
+    assert type(multi).__name__ == f"MultiTenant{STEMS[family]}ForCausalLM"
+    assert multi.config.model_type == f"multitenant_{family}"
+    assert multi.tenants == NAMES and multi.active_model == "zeta"
+
+
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_save_pretrained_writes_the_layout_we_claim(cases, family):
+    """transformers 5.24 writes the legacy per-expert layout by default where it has a conversion
+    mapping for the family, the fused one with `save_original_format=False`; gpt-oss is always fused."""
+    case = cases[family]
+    default = safetensors_keys(case.sources["default"]["zeta"])
+    fused = safetensors_keys(case.sources["fused"]["zeta"])
+    assert any(re.fullmatch(FUSED_EXPERT_KEY, key) for key in fused)
+    assert not any(re.fullmatch(r".*\.experts\.\d+\..*", key) for key in fused)
+    if case.legacy_layout:
+        assert any(re.fullmatch(LEGACY_EXPERT_KEY[family], key) for key in default)
+        assert not any(re.fullmatch(FUSED_EXPERT_KEY, key) for key in default)
+    else:
+        assert default == fused
+
+
+LAYOUT_CASES = [(family, layout) for family in FAMILY_TYPES for layout in ("default", "fused", "default+loaded")]
+
+
+@pytest.mark.parametrize("family, layout", LAYOUT_CASES, ids=[f"{f}-{l}" for f, l in LAYOUT_CASES])
+def test_from_directories_builds_the_same_model_as_from_loaded_models(cases, inputs, family, layout):
+    """Directories in either layout (and mixed with a loaded model) give bit-identical weights and
+    the same pool and maps as the loaded models, and the tenants' own logits."""
+    case = cases[family]
+    if layout == "default+loaded":
+        sources = {"zeta": case.sources["default"]["zeta"], "alpha": case.originals["alpha"]}
+    else:
+        sources = {"zeta": str(case.sources[layout]["zeta"]), "alpha": case.sources[layout]["alpha"]}
+    model = multimoe.from_models(sources).eval()
+    assert type(model) is type(case.multi)
+    assert model.tenants == NAMES
+    assert model.config.pool_sizes == case.multi.config.pool_sizes
+    assert expert_maps(model) == expert_maps(case.multi)
+    assert model.config.tenants["zeta"]["source"] == str(sources["zeta"])
+    assert_same_weights(model, case.multi)
+    mask = inputs["attention_mask"].bool()
+    for name in NAMES:
+        assert_close(logits(model, inputs, tenant=name)[mask], logits(case.originals[name], inputs)[mask], name)
+
+
+# -- 2. lossless against each tenant's own model ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_tenants_differ_and_alpha_reads_other_pool_entries(cases, inputs, family):
+    """Guards against fixtures that would make the comparisons below vacuous."""
+    case = cases[family]
+    assert (logits(case.originals["zeta"], inputs) - logits(case.originals["alpha"], inputs)).abs().max() > 1e-2
+    sparse = [index for index, size in enumerate(case.multi.config.pool_sizes) if size]
+    num_experts = len(expert_maps(case.multi)["zeta"][sparse[0]])
+    assert sparse and all(size == num_experts + 3 for size in case.multi.config.pool_sizes if size)
+    for layer in sparse:
+        assert expert_maps(case.multi)["zeta"][layer] == list(range(num_experts))
+        assert expert_maps(case.multi)["alpha"][layer] != list(range(num_experts))
+
+
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_left_padded_logits_match_each_tenants_own_model(cases, inputs, family):
+    case = cases[family]
+    mask = inputs["attention_mask"].bool()
+    assert not mask.all()  # really left-padded
+    for name in NAMES:
+        expected = logits(case.originals[name], inputs)
+        assert_close(logits(case.multi, inputs, tenant=name)[mask], expected[mask], name)
+        with case.multi.active(name):
+            assert_close(logits(case.multi, inputs)[mask], expected[mask], name)
+        assert_close(
+            logits(case.multi, inputs, tenant=name, use_cache=False)[mask],
+            logits(case.originals[name], inputs, use_cache=False)[mask],
+            name,
+        )
+
+
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_incremental_decoding_with_a_kv_cache_matches(cases, inputs, family):
+    case = cases[family]
+    steps = torch.tensor([[5, 9], [7, 11], [12, 30]])
+
+    def decode(model, **kwargs):
+        cache = DynamicCache(config=model.config)
+        mask = inputs["attention_mask"]
+        with torch.no_grad():
+            out = model(input_ids=inputs["input_ids"], attention_mask=mask, cache=cache, use_cache=True, **kwargs)
+            collected = [out.logits[:, -1]]
+            for step in steps.T:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                out = model(input_ids=step[:, None], attention_mask=mask, cache=out.cache, use_cache=True, **kwargs)
+                collected.append(out.logits[:, -1])
+        return torch.stack(collected)
+
+    for name in NAMES:
+        assert_close(decode(case.multi, tenant=name), decode(case.originals[name]), name)
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["kv-cache", "no-cache"])
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_greedy_generation_is_token_identical(cases, inputs, family, use_cache):
+    case = cases[family]
+    for name in NAMES:
+        expected = case.originals[name].generate(**inputs, **GREEDY, use_cache=use_cache)
+        assert torch.equal(case.multi.generate(**inputs, **GREEDY, use_cache=use_cache, tenant=name), expected), name
+
+
+# -- 3. mixed batches ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_mixed_batch_rows_match_their_own_models(cases, inputs, family):
+    case = cases[family]
+    actual = logits(case.multi, inputs, tenant_names=MIXED_ROWS)
+    for row, name in enumerate(MIXED_ROWS):
+        mask = inputs["attention_mask"][row].bool()
+        assert_close(actual[row][mask], logits(case.originals[name], inputs)[row][mask], f"row {row} ({name})")
+    assert case.multi.active_model == "zeta"
+
+
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_mixed_batch_greedy_generation_matches_row_by_row(cases, inputs, family):
+    case = cases[family]
+    expected = {name: model.generate(**inputs, **GREEDY) for name, model in case.originals.items()}
+    output = case.multi.generate(**inputs, **GREEDY, tenant_names=MIXED_ROWS)
+    for row, name in enumerate(MIXED_ROWS):
+        assert torch.equal(output[row], expected[name][row]), (row, name)
+    uncached = case.multi.generate(**inputs, **GREEDY, tenant_names=MIXED_ROWS, use_cache=False)
+    assert torch.equal(uncached, output)
+
+
+# -- 4. saving and reloading ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_save_and_reload_keeps_class_type_order_and_bits(cases, inputs, family):
+    case = cases[family]
+    class_name = f"MultiTenant{STEMS[family]}ForCausalLM"
+    config = json.loads((case.saved / "config.json").read_text())
+    assert config["model_type"] == f"multitenant_{family}"
+    assert config["architectures"] == [class_name]
+    assert [entry["name"] for entry in config["tenants"]] == NAMES
+    assert type(AutoConfig.from_pretrained(case.saved)).__name__ == f"MultiTenant{STEMS[family]}Config"
+    by_class = getattr(multimoe, class_name).from_pretrained(case.saved).eval()
+    by_auto = AutoModelForCausalLM.from_pretrained(case.saved).eval()
+    for loaded in (by_class, by_auto):
+        assert type(loaded).__name__ == class_name and type(loaded) is type(case.multi)
+        assert loaded.config.model_type == f"multitenant_{family}"
+        assert loaded.tenants == NAMES and loaded.active_model == "zeta"
+        assert expert_maps(loaded) == expert_maps(case.multi)
+        assert_same_weights(loaded, case.multi)
+        for name in NAMES:
+            assert torch.equal(logits(loaded, inputs, tenant=name), logits(case.multi, inputs, tenant=name)), name
+    assert torch.equal(
+        by_auto.generate(**inputs, **GREEDY, tenant_names=MIXED_ROWS),
+        case.multi.generate(**inputs, **GREEDY, tenant_names=MIXED_ROWS),
+    )
+
+
+# -- 5. remote code where multimoe is not installed -----------------------------------------------------------
+
+REMOTE_CODE = r"""
+import sys, traceback
+sys.modules["multimoe"] = None  # multimoe is not installed, as far as this process can tell
+import torch
+from transformers import AutoModelForCausalLM
+try:
+    import multimoe  # noqa: F401
+    raise SystemExit("multimoe should not be importable here")
+except ImportError:
+    pass
+inputs_path, out_path, *directories = sys.argv[1:]
+inputs = torch.load(inputs_path)
+results = {}
+for directory in directories:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits = {name: model(**inputs, tenant=name).logits for name in model.tenants}
+        results[directory] = {"class": type(model).__module__ + "." + type(model).__name__,
+                              "model_type": model.config.model_type, "tenants": model.tenants, "logits": logits}
+    except Exception:
+        results[directory] = {"error": traceback.format_exc()}
+torch.save(results, out_path)
+"""
+
+
+@pytest.fixture(scope="module")
+def remote(cases, inputs, tmp_path_factory) -> dict[str, dict]:
+    """Every family's saved checkpoint loaded with `trust_remote_code=True` in one fresh process
+    where multimoe cannot be imported (one process for all: each start costs seconds)."""
+    work = tmp_path_factory.mktemp("remote")
+    inputs_path, out_path = work / "inputs.pt", work / "out.pt"
+    torch.save(dict(inputs), inputs_path)
+    directories = {family: str(cases[family].saved) for family in FAMILY_TYPES}
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE, str(inputs_path), str(out_path), *directories.values()],
+        capture_output=True, text=True, cwd=work,
+        env={"HF_MODULES_CACHE": str(work / "modules"), "PATH": "/usr/bin:/bin", "HOME": str(work),
+             # the same kernels as this process: the same thread count
+             "OMP_NUM_THREADS": str(torch.get_num_threads())},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = torch.load(out_path)
+    return {family: loaded[directory] for family, directory in directories.items()}
+
+
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_loads_as_remote_code_where_multimoe_is_not_installed(cases, inputs, remote, family):
+    result = remote[family]
+    assert "error" not in result, result.get("error")
+    assert result["class"].startswith("transformers_modules.")
+    assert result["class"].endswith(f".MultiTenant{STEMS[family]}ForCausalLM")
+    assert result["model_type"] == f"multitenant_{family}" and result["tenants"] == NAMES
+    for name in NAMES:
+        assert torch.equal(result["logits"][name], logits(cases[family].multi, inputs, tenant=name)), name
+
+
+# -- 6. the experts implementation ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def experts_calls(monkeypatch):
+    """The experts implementation each experts call asks transformers' registry for, and the modules
+    `grouped_mm` ran for."""
+    calls = {"requested": [], "grouped_mm": []}
+    grouped_mm = ALL_EXPERTS_FUNCTIONS["grouped_mm"]
+    get_interface = ALL_EXPERTS_FUNCTIONS.get_interface
+
+    def counting_grouped_mm(module, *args, **kwargs):
+        calls["grouped_mm"].append(module)
+        return grouped_mm(module, *args, **kwargs)
+
+    def recording_get_interface(implementation, default):
+        calls["requested"].append(implementation)
+        return get_interface(implementation, default)
+
+    monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS, "grouped_mm", counting_grouped_mm)
+    monkeypatch.setattr(ALL_EXPERTS_FUNCTIONS, "get_interface", recording_get_interface)
+    return calls
+
+
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_the_pool_runs_grouped_mm_by_default_and_eager_on_request(cases, inputs, experts_calls, family):
+    case = cases[family]
+    model = type(case.multi).from_pretrained(case.saved).eval()  # a copy to switch: the shared model stays
+    pools = [layer.experts for layer in model.model.layers if hasattr(layer, "experts")]
+    mask = inputs["attention_mask"].bool()
+    assert model.config._experts_implementation == "grouped_mm"
+    default = logits(model, inputs, tenant="alpha")
+    assert experts_calls["requested"] == ["grouped_mm"] * len(pools)
+    assert [id(module) for module in experts_calls["grouped_mm"]] == [id(pool) for pool in pools]
+    experts_calls["requested"].clear(), experts_calls["grouped_mm"].clear()
+    model.set_experts_implementation("eager")
+    assert model.config._experts_implementation == "eager"
+    eager = logits(model, inputs, tenant="alpha")
+    mixed = logits(model, inputs, tenant_names=MIXED_ROWS)
+    assert experts_calls["requested"] == ["eager"] * 2 * len(pools)
+    assert not experts_calls["grouped_mm"]
+    expected = logits(case.originals["alpha"], inputs)
+    assert_close(default[mask], expected[mask], "grouped_mm")
+    assert_close(eager[mask], expected[mask], "eager")
+    assert_close(mixed[0][mask[0]], expected[0][mask[0]], "eager, mixed batch")
+
+
+# -- 7. clear refusals, before any weight is read --------------------------------------------------------------
+
+
+def other_family(family: str) -> str:
+    return FAMILY_TYPES[(FAMILY_TYPES.index(family) + 1) % len(FAMILY_TYPES)]
+
+
+def dense_llama() -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=47, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_tenants_of_two_families_are_refused_naming_both(cases, family, no_weight_reads):
+    other = cases[other_family(family)]
+    message = (rf"Tenants 'zeta' and 'intruder' are of different families: '{family}' and "
+               rf"'{other.family}'; one model serves fine-tunes of one family")
+    case = cases[family]
+    with pytest.raises(IncompatibleTenantsError, match=message):
+        multimoe.from_models({"zeta": case.originals["zeta"], "intruder": other.originals["alpha"]})
+    with pytest.raises(IncompatibleTenantsError, match=message):
+        multimoe.from_models({"zeta": case.sources["default"]["zeta"], "intruder": other.sources["fused"]["alpha"]})
+
+
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_a_dense_model_is_refused_naming_the_tenant_and_its_family(cases, family, no_weight_reads, tmp_path):
+    case, llama = cases[family], dense_llama()
+    with pytest.raises(UnsupportedFamilyError, match=r"Tenant 'dense' is a 'llama' model, which is not a supported MoE"):
+        multimoe.from_models({"zeta": case.originals["zeta"], "dense": llama})
+    llama.save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedFamilyError, match=r"Tenant 'dense' \(.*\) is a 'llama' model, which is not a supp"):
+        multimoe.from_models({"zeta": case.sources["default"]["zeta"], "dense": tmp_path})
+
+
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_a_family_class_refuses_sources_of_another_family(cases, family, no_weight_reads):
+    model_class = getattr(multimoe, f"MultiTenant{STEMS[family]}ForCausalLM")
+    other = cases[other_family(family)]
+    message = (rf"Tenant 'a' is a '{other.family}' model; this class serves '{family}' tenants "
+               r"\(multimoe.from_models picks the class from the sources\)")
+    with pytest.raises(IncompatibleTenantsError, match=message):
+        model_class.from_models({"a": other.originals["zeta"], "b": other.originals["alpha"]})
+    with pytest.raises(IncompatibleTenantsError, match=message):
+        model_class.from_models({"a": other.sources["fused"]["zeta"]})
+
+
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_a_quantized_source_is_refused_naming_the_quantization(cases, family, no_weight_reads, tmp_path):
+    case = cases[family]
+    quantized = tmp_path / "quantized"
+    quantized.mkdir()
+    for file in case.sources["default"]["alpha"].iterdir():
+        (quantized / file.name).write_bytes(file.read_bytes())
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"Tenant 'q': its weights are quantized \(mxfp4\)"):
+        multimoe.from_models({"zeta": case.sources["default"]["zeta"], "q": quantized})
+    loaded = random_model(tiny_config(family), seed=3)
+    loaded.config.quantization_config = {"quant_method": "fp8"}
+    with pytest.raises(CheckpointError, match=r"Tenant 'q': its weights are quantized \(fp8\)"):
+        multimoe.from_models({"zeta": case.originals["zeta"], "q": loaded})
