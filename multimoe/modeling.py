@@ -44,6 +44,7 @@ from .checkpoints import (
     CheckpointError,
     TenantSource,
     check_saved_directory,
+    read_json,
     resolve_directory,
     strict_from_pretrained,
 )
@@ -673,7 +674,12 @@ class MultiTenantForCausalLM(MultiTenantPreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path=None, *args, **kwargs):
         """The strict loading of every multi-tenant class, plus each tenant's generation config
-        (`tenants/<name>/generation_config.json`); a `generation_config=` given serves every tenant."""
+        (`tenants/<name>/generation_config.json`); a `generation_config=` given serves every tenant.
+        On `MultiTenantForCausalLM` itself, the checkpoint's family picks the class."""
+        if not hasattr(cls, "family"):
+            return cls.family_class(pretrained_model_name_or_path, kwargs).from_pretrained(
+                pretrained_model_name_or_path, *args, **kwargs
+            )
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         loaded = model[0] if isinstance(model, tuple) else model
         if kwargs.get("generation_config") is not None:
@@ -683,6 +689,24 @@ class MultiTenantForCausalLM(MultiTenantPreTrainedModel, GenerationMixin):
             checkpoint = resolve_directory(str(pretrained_model_name_or_path), owner=SAVED_CHECKPOINT, **kwargs)
             loaded.generation_configs = read_tenant_generation_configs(loaded, checkpoint / kwargs.get("subfolder", ""))
         return model
+
+    @staticmethod
+    def family_class(pretrained_model_name_or_path, options: dict) -> type[MultiTenantForCausalLM]:
+        """The multi-tenant causal-LM class a saved checkpoint (directory or Hub repo) is of."""
+        if options.get("config") is not None:
+            model_type = options["config"].model_type
+        else:
+            directory = resolve_directory(str(pretrained_model_name_or_path), owner=SAVED_CHECKPOINT, **options)
+            model_type = read_json(directory / options.get("subfolder", "") / "config.json", owner=SAVED_CHECKPOINT)
+            model_type = model_type.get("model_type")
+        for family in FAMILIES.values():
+            if family.multitenant_model_type == model_type:
+                return classes_for(family)[2]
+        hint = "build one with multimoe.from_models" if model_type in FAMILIES else "no registered family saves it"
+        raise CheckpointError(
+            f"{SAVED_CHECKPOINT}: {pretrained_model_name_or_path} holds a {model_type!r} model, not a multi-tenant one "
+            f"({hint})."
+        )
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained`, plus a model card (README.md), made atomic: an

@@ -214,3 +214,15 @@ def test_the_base_model_loads_strictly_too(multi, saved, tmp_path):
 
 def test_auto_model_builds_the_base_model(multi):
     assert type(AutoModel.from_config(multi.config)) is MultiTenantMixtralModel
+
+
+def test_the_generic_class_loads_each_family_as_its_own_class(tmp_path):
+    from multimoe.testing import random_model, tiny_config
+
+    multi = multimoe.from_models({"a": random_model(tiny_config("olmoe"))})
+    multi.save_pretrained(tmp_path / "multi")
+    loaded = multimoe.MultiTenantForCausalLM.from_pretrained(tmp_path / "multi")
+    assert type(loaded).__name__ == "MultiTenantOlmoeForCausalLM" and loaded.tenants == ["a"]
+    random_model(tiny_config("olmoe")).save_pretrained(tmp_path / "plain")
+    with pytest.raises(CheckpointError, match=r"holds a 'olmoe' model, not a multi-tenant one \(build one with multimoe"):
+        multimoe.MultiTenantForCausalLM.from_pretrained(tmp_path / "plain")
