@@ -115,22 +115,23 @@ class Family:
         for field in EXPERT_COUNT_FIELDS:
             if hasattr(sized, field):
                 setattr(sized, field, num_experts)
-        with torch.device("meta"):
-            layer = self.decoder_layer_class(sized, self.first_sparse_layer(config))
-        experts_class = type(getattr(getattr(layer, self.sparse_block), self.experts))
-        pool = experts_class(sized)
+        pool = type(self.experts_template(config))(sized)
         pool.config = config
         return pool
 
-    def first_sparse_layer(self, config: PreTrainedConfig) -> int:
-        return self.sparse_layers(config).index(True)
+    def experts_template(self, config: PreTrainedConfig) -> nn.Module:
+        """The experts module of the family's first sparse layer, built on the meta device (layers are
+        built one at a time until one is sparse: a full DeepSeek-V3 config holds 61)."""
+        with torch.device("meta"):
+            for layer_idx in range(config.num_hidden_layers):
+                block = self.sparse_block_of(self.decoder_layer_class(config, layer_idx))
+                if block is not None:
+                    return getattr(block, self.experts)
+        raise UnsupportedFamilyError(f"{self.model_type}: this config has no sparse layer.")
 
     def expert_parameter_names(self, config: PreTrainedConfig) -> tuple[str, ...]:
         """The experts' tensors in the family's fused layout, each stacked over experts on dim 0."""
-        with torch.device("meta"):
-            layer = self.decoder_layer_class(config, self.first_sparse_layer(config))
-        experts = getattr(getattr(layer, self.sparse_block), self.experts)
-        return tuple(name for name, _ in experts.named_parameters())
+        return tuple(name for name, _ in self.experts_template(config).named_parameters())
 
     def expert_outputs(self, config: PreTrainedConfig, experts: tuple[torch.Tensor, ...], inputs: torch.Tensor):
         """Every expert's output on every input row, [E, N, H], computed by the family's own experts

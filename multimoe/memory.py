@@ -8,11 +8,12 @@ from torch import nn
 
 
 def parameter_bytes(modules: list[nn.Module]) -> int:
-    """Bytes of the distinct parameters of `modules` (a tied tensor counts once)."""
+    """Bytes of the distinct tensors `modules` store (parameters and persistent buffers, such as
+    DeepSeek's router bias; a tied tensor counts once)."""
     seen = {}
     for module in modules:
-        for parameter in module.parameters():
-            seen[id(parameter)] = parameter.numel() * parameter.element_size()
+        for tensor in module.state_dict(keep_vars=True).values():
+            seen[id(tensor)] = tensor.numel() * tensor.element_size()
     return sum(seen.values())
 
 

@@ -86,19 +86,19 @@ def output_medoid(group: MergeGroup) -> ExpertTensors:
         raise ValueError("The 'output_medoid' merge rule needs calibration data and the family's experts.")
     if identical(group.members):
         return group.members[0]
+    # One run of every member on every tenant's inputs: outputs[t][c] is member c's output on
+    # tenant t's inputs, and outputs[t][t] what tenant t computes today.
+    stacked = tuple(torch.stack(tensors) for tensors in zip(*group.members))
+    rows = [len(inputs) for inputs in group.inputs]
+    outputs = group.run_experts(stacked, torch.cat(list(group.inputs))).split(rows, dim=1)
 
-    def outputs(member: ExpertTensors, inputs: torch.Tensor) -> torch.Tensor:
-        return group.run_experts(tuple(tensor[None] for tensor in member), inputs)[0]  # a pool of one expert
-
-    own = [outputs(member, inputs) for member, inputs in zip(group.members, group.inputs)]
-
-    def distortion(candidate: ExpertTensors) -> float:
+    def distortion(candidate: int) -> float:
         return sum(
-            float((outputs(candidate, inputs) - reference).norm() / reference.norm().clamp(min=1e-12))
-            for inputs, reference in zip(group.inputs, own)
+            float((output[candidate] - output[tenant]).norm() / output[tenant].norm().clamp(min=1e-12))
+            for tenant, output in enumerate(outputs)
         )
 
-    return min(group.members, key=distortion)
+    return group.members[min(range(len(group.members)), key=distortion)]
 
 
 __all__ = ["MERGE_RULES", "MergeGroup", "NEEDS_USAGE", "get_merge", "register_merge"]
