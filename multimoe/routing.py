@@ -98,7 +98,8 @@ class TenantRouting:
         """Apply `function(tenant, its rows, their batch indices)` per group and reassemble the batch.
 
         `rows` has the batch, or the batch's tokens flattened row by row, as dim 0. `function` may
-        return one tensor or a tuple (entries may be `None`), each with the same dim 0 as its input.
+        return one tensor or a tuple (entries may be `None`), each with the batch's rows, or their
+        tokens, on dim 0 (not necessarily as its input: DeepSeek's router flattens [rows, tokens]).
         A batch whose tenants are interleaved is gathered once into tenant order and each output
         scattered back once, whatever the number of tenants.
         """
@@ -117,9 +118,12 @@ class TenantRouting:
         joined = [
             None if parts[0] is None else torch.cat(parts) for parts in (zip(*results) if several else [results])
         ]
-        if self.order is not None:
-            inverse = token_positions(self.inverse, tokens)
-            joined = [None if output is None else output.index_select(0, inverse) for output in joined]
+        if self.order is not None:  # each output by its own tokens per row (a router may flatten its input)
+            joined = [
+                None if output is None
+                else output.index_select(0, token_positions(self.inverse, output.shape[0] // self.batch_size))
+                for output in joined
+            ]
         return tuple(joined) if several else joined[0]
 
 
