@@ -275,6 +275,7 @@ class TenantSet:
             name: {
                 "expert_map": expert_maps[name],
                 "tie_word_embeddings": checkpoint.tie_word_embeddings,
+                "pad_token_id": checkpoint.config.pad_token_id,
                 "source": checkpoint.label,
             }
             for name, checkpoint in self.checkpoints.items()

@@ -52,6 +52,9 @@ PER_TENANT_FIELDS = frozenset(
         "output_router_logits", "router_jitter_noise", "attention_dropout",
     }
 )
+# Fields no v5 MoE family's modeling code reads: their effect, where they have one, is already in
+# `sliding_window` / `layer_types` (derived from them by the config), which are compared.
+INERT_FIELDS = frozenset({"max_window_layers", "use_sliding_window", "pretraining_tp"})
 # Compared first, in this order, so that the usual mismatches are named as they always were.
 SHAPE_FIELDS = (
     "vocab_size",
@@ -560,9 +563,18 @@ def effective(config: PreTrainedConfig, field: str):
     return getattr(config, field, None)
 
 
+def rope_type(config: PreTrainedConfig) -> str:
+    parameters = getattr(config, "rope_parameters", None) or {}
+    return parameters.get("rope_type", "default") if isinstance(parameters, Mapping) else "default"
+
+
 def compared_fields(config: PreTrainedConfig) -> list[str]:
-    """Every config field that must agree between tenants, the shape fields first."""
-    fields = set(config.to_dict()) - PER_TENANT_FIELDS - {"model_type"}
+    """Every config field that must agree between tenants, the shape fields first. The one rotary
+    embedding reads `max_position_embeddings` for every scaled rope (dynamic NTK, longrope, yarn),
+    so it must agree there; with the default rope it only bounds the inputs."""
+    fields = set(config.to_dict()) - PER_TENANT_FIELDS - INERT_FIELDS - {"model_type"}
+    if rope_type(config) != "default":
+        fields.add("max_position_embeddings")
     return [field for field in SHAPE_FIELDS if field in fields or field == "head_dim"] + sorted(
         fields - set(SHAPE_FIELDS)
     )

@@ -59,7 +59,8 @@ class MultiTenantConfigMixin:
         One entry per tenant, in the tenants' order (a row's `tenant_ids` index into it). Each entry
         holds `expert_map`, a list with one list per layer mapping the tenant's local expert index
         to a pool index (empty for a dense layer); `tie_word_embeddings`, whether this tenant's
-        lm_head shares its embedding matrix; and `source`, where the tenant came from
+        lm_head shares its embedding matrix; `pad_token_id`, its embedding's padding token (the
+        model's when absent, as in earlier releases); and `source`, where the tenant came from
         (informational, may be `None`). config.json stores it as a list of entries with a `name`
         each, because transformers writes JSON with sorted keys, which would reorder a mapping;
         the mapping form of earlier releases still loads, in its stored order.
@@ -127,6 +128,9 @@ class MultiTenantConfigMixin:
             expert_map = spec.get("expert_map") if isinstance(spec, dict) else None
             if not isinstance(expert_map, list) or len(expert_map) != layers:
                 raise ValueError(f"Tenant {name!r}: expert_map must have one row per layer ({layers}).")
+            pad = spec.get("pad_token_id")
+            if pad is not None and not (is_index(pad) and 0 <= pad < self.vocab_size):
+                raise ValueError(f"Tenant {name!r}: pad_token_id {pad!r} is not a token id below {self.vocab_size}.")
             for layer_idx, row in enumerate(expert_map):
                 width = experts if pool_sizes[layer_idx] else 0
                 if not isinstance(row, list) or len(row) != width:

@@ -168,9 +168,10 @@ class GroupCache:
         while len(layers) <= layer_idx and getattr(self.cache, "layer_class_to_replicate", None) is not None:
             layers.append(self.cache.layer_class_to_replicate())
         layer = copy.copy(layers[layer_idx])
-        if getattr(layer, "is_initialized", False):
-            for state in ("keys", "values"):
-                setattr(layer, state, rows_of(getattr(layer, state), self.batch_rows, self.batch_size))
+        for state, value in vars(layer).items():  # a static layer advances its length tensor in place
+            if isinstance(value, torch.Tensor):
+                cut = state in ("keys", "values") and getattr(layer, "is_initialized", False)
+                setattr(layer, state, rows_of(value, self.batch_rows, self.batch_size) if cut else value.clone())
         self.pending.setdefault(layer_idx, []).append((key_states, value_states, args, kwargs))
         return layer.update(key_states, value_states, *args, **kwargs)
 
@@ -231,6 +232,26 @@ class RowDispatch(nn.Module):
         if pending:
             GroupCache.commit(kwargs[cache_key], pending, routing)
         return output
+
+
+class ReplayWithRouting:
+    """Gradient checkpointing for a mixed batch's layer: the backward pass replays the layer outside
+    the call, where no routing is current, so the replay gets the routing of the call it replays."""
+
+    def __init__(self, checkpoint):
+        self.checkpoint = checkpoint
+
+    def __call__(self, function, *args, **kwargs):
+        routing = MIXED_ROUTING.get()
+
+        def replay(*inputs, **options):
+            token = MIXED_ROUTING.set(routing)
+            try:
+                return function(*inputs, **options)
+            finally:
+                MIXED_ROUTING.reset(token)
+
+        return self.checkpoint(replay, *args, **kwargs)
 
 
 class RowMappedPool(nn.Module):
@@ -311,6 +332,12 @@ class MultiTenantDecoderLayer(nn.Module):
         mixed = self.__dict__["_mixed"]
         if mixed.training != self.training:
             mixed.train(self.training)
+        own = next(iter(self.tenants.values()))  # gradient checkpointing, as enabled on the tenants' layers
+        mixed.gradient_checkpointing = getattr(own, "gradient_checkpointing", False)
+        checkpoint = getattr(own, "_gradient_checkpointing_func", None)
+        current = getattr(mixed, "_gradient_checkpointing_func", None)
+        if checkpoint is not None and getattr(current, "checkpoint", None) is not checkpoint:
+            mixed._gradient_checkpointing_func = ReplayWithRouting(checkpoint)
         return mixed
 
     def build_mixed(self) -> nn.Module:
@@ -420,7 +447,7 @@ class MultiTenantModel(MultiTenantPreTrainedModel):
         unregistered(self, template=template, views={})
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.ModuleDict({name: self.fresh("embed_tokens") for name in config.tenants})
+        self.embed_tokens = nn.ModuleDict({name: self.tenant_embedding(name) for name in config.tenants})
         self.layers = nn.ModuleList(
             [MultiTenantDecoderLayer(config, idx, template.layers[idx]) for idx in range(config.num_hidden_layers)]
         )
@@ -433,8 +460,16 @@ class MultiTenantModel(MultiTenantPreTrainedModel):
         self.build_views()
 
     def fresh(self, child: str) -> nn.Module:
-        """A new tenant's own copy of the family model's `child` (e.g. its embedding), uninitialised."""
+        """A new tenant's own copy of the family model's `child` (e.g. its norm), uninitialised."""
         return materialize(copy_of(self.template.get_submodule(child), self.config))
+
+    def tenant_embedding(self, name: str) -> nn.Module:
+        """Tenant `name`'s embedding, uninitialised, with its own padding token (whose row training
+        leaves alone), as its source had it."""
+        embedding = self.fresh("embed_tokens")
+        if hasattr(embedding, "padding_idx"):
+            embedding.padding_idx = self.config.tenants[name].get("pad_token_id", self.config.pad_token_id)
+        return embedding
 
     def build_views(self) -> None:
         """One view per tenant and one for mixed batches, built ahead (a compiled call cannot build one)."""
@@ -612,7 +647,7 @@ class MultiTenantForCausalLM(MultiTenantPreTrainedModel, GenerationMixin):
         """Register new, uninitialised modules for tenant `name` (already in the config)."""
         for layer, template in zip(self.model.layers, self.model.template.layers):
             layer.tenants[name] = layer.tenant_layer(template, name)
-        self.model.embed_tokens[name] = self.model.fresh("embed_tokens")
+        self.model.embed_tokens[name] = self.model.tenant_embedding(name)
         self.model.norm[name] = self.model.fresh("norm")
         self.lm_head[name] = self.fresh_head()
 

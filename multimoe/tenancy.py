@@ -115,6 +115,7 @@ def add_tenant(
     config.tenants[name] = {
         "expert_map": expert_map,
         "tie_word_embeddings": checkpoint.tie_word_embeddings,
+        "pad_token_id": checkpoint.config.pad_token_id,
         "source": checkpoint.label,
     }
     for layer, extra in zip(model.model.layers, additions):

@@ -16,6 +16,7 @@ compared within `TOLERANCE`; weights, and a saved model against itself reloaded,
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import subprocess
@@ -511,3 +512,74 @@ def test_a_loaded_model_still_quantized_is_refused_naming_the_quantization(cases
     monkeypatch.setattr(loaded, "is_quantized", True, raising=False)
     with pytest.raises(CheckpointError, match=r"Tenant 'q': its weights are quantized \(fp8\)"):
         multimoe.from_models({"zeta": cases[family].originals["zeta"], "q": loaded})
+
+
+# -- mixed batches in every cache, training, and what tenants may keep for themselves --------------------------
+
+
+def test_gpt_oss_mixed_batch_with_a_static_cache_generates_each_tenants_tokens(cases, inputs):
+    """gpt-oss's attention (sinks) runs per tenant group over a per-group view of the cache; a static
+    cache advances its write position in a tensor, which each group's view must not move."""
+    case = cases["gpt_oss"]
+    options = dict(GREEDY, cache_implementation="static")
+    output = case.multi.generate(**inputs, tenant_names=MIXED_ROWS, **options)
+    for row, name in enumerate(MIXED_ROWS):
+        own = case.originals[name].generate(**inputs, **options)
+        assert torch.equal(output[row], own[row]), (row, name)
+
+
+def test_gradient_checkpointing_replays_a_mixed_batch_with_its_routing(cases, inputs):
+    """The backward pass replays each checkpointed layer outside the call; a mixed batch's layer must
+    get its rows' tenants back, and its gradients equal those of the tenants' own models."""
+    case = cases["qwen3_moe"]
+    model = multimoe.from_models(dict(case.originals))
+    model.gradient_checkpointing_enable()
+    model.train()
+    calls = []
+    projection = model.model.layers[0].tenants["alpha"].self_attn.q_proj
+    projection.register_forward_hook(lambda module, args, output: calls.append(1))
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    model(**inputs, labels=labels, tenant_names=MIXED_ROWS).loss.backward()
+    assert len(calls) == 2  # the forward and its replay
+    for name in NAMES:
+        own = copy.deepcopy(case.originals[name]).train()
+        rows = [row for row, tenant in enumerate(MIXED_ROWS) if tenant == name]
+        own(**{key: value[rows] for key, value in inputs.items()}, labels=labels[rows]).loss.backward()
+        ours = model.model.layers[0].tenants[name].self_attn.q_proj.weight.grad
+        theirs = own.model.layers[0].self_attn.q_proj.weight.grad
+        # The mixed loss averages over every row's tokens, each model's over its own rows' tokens.
+        tokens = (labels[:, 1:] != -100).sum()
+        own_tokens = (labels[rows, 1:] != -100).sum()
+        assert_close(ours * tokens / own_tokens, theirs, name)
+
+
+def test_each_tenant_keeps_its_own_padding_token(cases):
+    case = cases["olmoe"]
+    other = copy.deepcopy(case.originals["alpha"])
+    other.config.pad_token_id = 3
+    other.model.embed_tokens.padding_idx = 3
+    model = multimoe.from_models({"zeta": case.originals["zeta"], "alpha": other})
+    assert model.model.embed_tokens["zeta"].padding_idx == 0
+    assert model.model.embed_tokens["alpha"].padding_idx == 3
+    assert model.config.tenants["alpha"]["pad_token_id"] == 3
+
+
+def test_max_position_embeddings_must_agree_when_the_rope_reads_it(cases):
+    rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    short = random_model(tiny_config("qwen3_moe", rope_parameters=rope, max_position_embeddings=16), seed=1)
+    long = random_model(tiny_config("qwen3_moe", rope_parameters=rope), seed=2)
+    with pytest.raises(IncompatibleTenantsError, match="max_position_embeddings is 16 in 'short' but 128 in 'long'"):
+        multimoe.from_models({"short": short, "long": long})
+    # With the default rope it only bounds the inputs: tenants keep their own, the model the largest.
+    default_short = copy.deepcopy(cases["qwen3_moe"].originals["zeta"])
+    default_short.config.max_position_embeddings = 16
+    model = multimoe.from_models({"short": default_short, "long": cases["qwen3_moe"].originals["alpha"]})
+    assert model.config.max_position_embeddings == 128
+
+
+def test_fields_no_family_reads_do_not_make_tenants_incompatible(cases):
+    case = cases["qwen3_moe"]
+    other = copy.deepcopy(case.originals["alpha"])
+    other.config.max_window_layers, other.config.pretraining_tp = 7, 2
+    model = multimoe.from_models({"zeta": case.originals["zeta"], "alpha": other})
+    assert model.tenants == NAMES
