@@ -199,6 +199,7 @@ class TenantSet:
         self.checkpoints = checkpoints
         self.names = list(checkpoints)
         self.family: Family = checkpoints[self.names[0]].family
+        self.family.check(checkpoints[self.names[0]].config)
         self.default_tenant = self.names[0] if default_tenant is None else default_tenant
         if self.default_tenant not in checkpoints:
             raise ValueError(f"default_tenant {self.default_tenant!r} is not one of the tenants {self.names}.")

@@ -557,10 +557,12 @@ def strict_from_pretrained(
     return (model, loading_info) if wants_loading_info else model
 
 
-def effective(config: PreTrainedConfig, field: str):
+def effective(config: PreTrainedConfig, values: Mapping, field: str):
+    """A field's value as saved (`to_dict`: some families expose views without equality on the
+    config object), and the head dimension as attention computes it when the config leaves it unset."""
     if field == "head_dim" and getattr(config, "num_attention_heads", None):
-        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return getattr(config, field, None)
+        return values.get("head_dim") or config.hidden_size // config.num_attention_heads
+    return values.get(field, getattr(config, field, None))
 
 
 def rope_type(config: PreTrainedConfig) -> str:
@@ -590,8 +592,9 @@ def check_compatible(configs: Mapping[str, PreTrainedConfig]) -> None:
                 f"Tenants {reference_name!r} and {name!r} are of different families: {reference.model_type!r} and "
                 f"{config.model_type!r}; one model serves fine-tunes of one family."
             )
+        reference_values, values = reference.to_dict(), config.to_dict()
         for field in compared_fields(reference):
-            expected, found = effective(reference, field), effective(config, field)
+            expected, found = effective(reference, reference_values, field), effective(config, values, field)
             if expected != found:
                 raise IncompatibleTenantsError(
                     f"Tenants {reference_name!r} and {name!r} are incompatible: {field} is {expected!r} in "

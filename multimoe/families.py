@@ -33,7 +33,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 # The config fields families use for the number of routed experts; a pool sets every one present.
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-# The children of a family's base model that multimoe knows how to hold per tenant or once.
+# The children of a family's base model that multimoe knows how to hold: per tenant (the first
+# three, which it needs) or once (the rotary embedding, where the family has one).
 BASE_MODEL_CHILDREN = ("embed_tokens", "layers", "norm", "rotary_emb")
 
 
@@ -160,16 +161,30 @@ class Family:
     def is_expert_key(self, name: str) -> bool:
         return self.expert_key_pattern.match(name) is not None
 
-    def check(self) -> None:
-        """Refuse a family whose base model holds modules that multimoe has no place for."""
+    def check(self, config: PreTrainedConfig) -> None:
+        """Refuse, before any weight is read, a family (with the sources' `config`) whose base model
+        multimoe cannot hold: children it has no place for, or missing, weights of the base model's
+        own, decoder layers of several classes, or no sparse layer."""
         with torch.device("meta"):
-            config = self.config_class()
             model = self.base_model_class(config)
-        extra = sorted(set(dict(model.named_children())) - set(BASE_MODEL_CHILDREN))
+        children = dict(model.named_children())
+        problems = []
+        extra = sorted(set(children) - set(BASE_MODEL_CHILDREN))
         if extra:
-            raise UnsupportedFamilyError(
-                f"{self.model_type}: its base model holds {extra}, which multimoe has no per-tenant place for."
-            )
+            problems.append(f"its base model holds {extra}, which multimoe has no per-tenant place for")
+        missing = [name for name in BASE_MODEL_CHILDREN[:3] if children.get(name) is None]
+        if missing:
+            problems.append(f"its base model has no {missing}")
+        own = [name for name, _ in model.named_parameters(recurse=False)]
+        if own:
+            problems.append(f"its base model holds weights of its own ({own})")
+        layer_classes = sorted({type(layer).__name__ for layer in children.get("layers") or []})
+        if layer_classes and layer_classes != [self.decoder_layer_class.__name__]:
+            problems.append(f"its decoder layers are {layer_classes}, not all {self.decoder_layer_class.__name__}")
+        elif not any(self.sparse_block_of(layer) is not None for layer in children.get("layers") or []):
+            problems.append(f"no layer has a fused-experts `{self.sparse_block}.{self.experts}`")
+        if problems:
+            raise UnsupportedFamilyError(f"{self.model_type} cannot be served as tenants: {'; '.join(problems)}.")
 
 
 FAMILIES: dict[str, Family] = {}

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, StoppingCriteriaList
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.utils import can_return_tuple
@@ -161,6 +161,11 @@ class GroupCache:
         self.cache, self.batch_rows, self.batch_size, self.pending = cache, batch_rows, batch_size, pending
 
     def __getattr__(self, name: str):
+        if "conv_state" in name or "recurrent_state" in name:
+            raise ValueError(
+                "A mixed-tenant batch ran a module that keeps a recurrent state in the cache (linear attention) "
+                "per tenant group, which multimoe does not cut by rows: run one tenant per call, or use_cache=False."
+            )
         return getattr(self.cache, name)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -452,7 +457,9 @@ class MultiTenantModel(MultiTenantPreTrainedModel):
             [MultiTenantDecoderLayer(config, idx, template.layers[idx]) for idx in range(config.num_hidden_layers)]
         )
         self.norm = nn.ModuleDict({name: self.fresh("norm") for name in config.tenants})
-        self.rotary_emb = type(template.rotary_emb)(config=config)
+        # One rotary embedding for every tenant (their rope settings agree), where the family has one.
+        rotary = getattr(template, "rotary_emb", None)
+        self.rotary_emb = type(rotary)(config=config) if rotary is not None else None
         self.gradient_checkpointing = False
         self.active_tenant = config.default_tenant
         self.tenant_lock = TenantLock()
@@ -482,19 +489,20 @@ class MultiTenantModel(MultiTenantPreTrainedModel):
         view = self.views.get(tenant)
         if view is None or not self.view_is_current(view, tenant):
             pick = RowDispatch if tenant is None else (lambda owner: owner[tenant])
+            shared = {"rotary_emb": self.rotary_emb} if self.rotary_emb is not None else {}
             view = self.views[tenant] = view_of(
                 self.template,
                 embed_tokens=pick(self.embed_tokens),
                 layers=nn.ModuleList([LayerCall(layer, tenant) for layer in self.layers]),
                 norm=pick(self.norm),
-                rotary_emb=self.rotary_emb,
+                **shared,
             )
         view.training = self.training
         return view
 
     def view_is_current(self, view: nn.Module, tenant: str | None) -> bool:
         """Whether `view` still holds the registered modules (an embedding resize replaces them)."""
-        if len(view.layers) != len(self.layers) or view.rotary_emb is not self.rotary_emb:
+        if len(view.layers) != len(self.layers) or getattr(view, "rotary_emb", None) is not self.rotary_emb:
             return False
         return tenant is None or (view.embed_tokens is self.embed_tokens[tenant] and view.norm is self.norm[tenant])
 
@@ -506,20 +514,21 @@ class MultiTenantModel(MultiTenantPreTrainedModel):
                 "output_router_logits and output_attentions are per tenant: run a mixed-tenant batch one tenant "
                 "per call to get them."
             )
-        use_cache = inputs.get("use_cache")
-        if (use_cache if use_cache is not None else self.config.use_cache) and inputs.get("cache") is None:
-            inputs["cache"] = DynamicCache(config=self.config)
-        if inputs.get("cache") is not None and not torch.compiler.is_compiling():  # a compiled call: see `generate`
+        checking = not torch.compiler.is_compiling()  # a compiled call: see `generate`
+        if inputs.get("cache") is not None and checking:
             claim_cache(inputs["cache"], routing)
         if any(inputs.get(f"output_{kind}") for kind in ("hidden_states", "attentions", "router_logits")):
             maybe_install_capturing_hooks(self)
-        if not routing.is_mixed:
-            return view(**inputs)
-        token = MIXED_ROUTING.set(routing)
+        token = MIXED_ROUTING.set(routing) if routing.is_mixed else None
         try:
-            return view(**inputs)
+            output = view(**inputs)
         finally:
-            MIXED_ROUTING.reset(token)
+            if token is not None:
+                MIXED_ROUTING.reset(token)
+        created = getattr(output, "cache", None)  # the family's code made it (the kind it needs)
+        if inputs.get("cache") is None and created is not None and checking:
+            claim_cache(created, routing)
+        return output
     @property
     def tenant_names(self) -> list[str]:
         return list(self.embed_tokens)
