@@ -160,11 +160,16 @@ class GroupCache:
     def __init__(self, cache: Cache, batch_rows: torch.Tensor, batch_size: int, pending: dict):
         self.cache, self.batch_rows, self.batch_size, self.pending = cache, batch_rows, batch_size, pending
 
+    # What a module run per group may read off the cache besides `update`: answers that do not
+    # depend on the rows. Anything else (a recurrent state of linear attention, a family's own cache
+    # fields) would be the whole batch's, so it is refused rather than read.
+    ROW_INDEPENDENT = ("get_seq_length", "get_mask_sizes", "is_compileable")
+
     def __getattr__(self, name: str):
-        if "conv_state" in name or "recurrent_state" in name:
+        if name not in self.ROW_INDEPENDENT:
             raise ValueError(
-                "A mixed-tenant batch ran a module that keeps a recurrent state in the cache (linear attention) "
-                "per tenant group, which multimoe does not cut by rows: run one tenant per call, or use_cache=False."
+                f"A mixed-tenant batch ran a module per tenant group that reads the cache's {name!r}, state "
+                "multimoe does not cut by rows (such as linear attention's): run one tenant per call, or use_cache=False."
             )
         return getattr(self.cache, name)
 

@@ -385,8 +385,8 @@ def classify(error: BaseException) -> str:
     deliberate = (multimoe.UnsupportedFamilyError, CheckpointError, multimoe.IncompatibleTenantsError)
     if isinstance(error, deliberate):
         return "refused"
-    if isinstance(error, AttributeError) and "a mixed-tenant batch cannot run it" in str(error):
-        return "refused"
+    if isinstance(error, (AttributeError, ValueError)) and "mixed-tenant batch" in str(error):
+        return "refused"  # RowDispatch's refusal of a tensor read directly; GroupCache's of recurrent state
     return "fails"
 
 
@@ -467,12 +467,6 @@ def try_family(model_type: str) -> dict:
             multimoe.register_family(family)
         except Exception as error:  # noqa: BLE001
             return finish(row, notes, f"{classify(error)}: register_family: {summary(error)}")
-    try:  # what multimoe's own refusal of extra base-model modules would say (see docs/families.md)
-        family.check()
-    except multimoe.UnsupportedFamilyError as error:
-        notes.append(f"Family.check() (not called by multimoe) would refuse it: {error}")
-    except Exception as error:  # noqa: BLE001
-        notes.append(f"Family.check() crashes (it builds the family's default config): {summary(error)}")
 
     step = "build the models"
     try:
