@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .validation import check_number, number_argument
+from .validation import number_argument
 
 
 def tenant_argument(text: str) -> tuple[str, str]:

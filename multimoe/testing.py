@@ -106,6 +106,21 @@ def fine_tune(
     return tuned.eval()
 
 
+def load_offloaded(model_class: type[PreTrainedModel], directory, *, max_cpu_bytes: int, offload_folder):
+    """`model_class.from_pretrained(directory)` split by accelerate between the CPU (at most
+    `max_cpu_bytes`) and disk, after checking that the split reaches the disk and keeps every
+    decoder layer (its pool and every tenant's share) whole."""
+    model = model_class.from_pretrained(
+        directory, device_map="auto", max_memory={"cpu": max_cpu_bytes}, offload_folder=offload_folder
+    ).eval()
+    placements = model.hf_device_map
+    assert {"cpu", "disk"} <= set(placements.values()), placements
+    for module in placements:
+        if module.startswith("model.layers."):
+            assert module.count(".") == 2, f"{module}: a decoder layer (pool + its tenants) must not be split"
+    return model
+
+
 def character_tokenizer() -> PreTrainedTokenizerFast:
     """One token per character, left padding; ids match `tiny_mixtral_config`'s vocabulary."""
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
@@ -122,4 +137,4 @@ def character_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-__all__ = ["character_tokenizer", "fine_tune", "random_mixtral", "random_model", "tiny_config", "tiny_mixtral_config"]
+__all__ = ["character_tokenizer", "load_offloaded", "fine_tune", "random_mixtral", "random_model", "tiny_config", "tiny_mixtral_config"]

@@ -92,7 +92,6 @@ class Footprint:
 
     @classmethod
     def of(cls, tenants: TenantSet) -> Footprint:
-        config = tenants.reference
         itemsize = torch.empty((), dtype=tenants.dtype).element_size()
         own = {}
         for name, checkpoint in tenants.checkpoints.items():
