@@ -31,6 +31,40 @@ def quantize_experts_to_mxfp4(directory) -> None:
     (directory / "config.json").write_text(json.dumps(config))
 
 
+def quantize_linears_to_fp8(directory) -> None:
+    """Rewrite a saved DeepSeek-V3 checkpoint's projections (experts, attention, dense MLPs) in the
+    block-wise FP8 layout of the released DeepSeek-V3 checkpoints (e4m3 weights, one inverse scale
+    per 128x128 block), with its quantization_config."""
+    weights = load_file(directory / "model.safetensors")
+    for key in list(weights):
+        tensor = weights[key]
+        skip = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight")
+        if tensor.dim() == 2 and key.endswith(".weight") and not any(part in key for part in skip):
+            blocks = [-(-size // 128) for size in tensor.shape]
+            weights[key] = tensor.to(torch.float8_e4m3fn)
+            weights[key.replace(".weight", ".weight_scale_inv")] = torch.full(blocks, 0.5)
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def test_an_fp8_checkpoint_is_dequantized_on_load_and_served_as_transformers_dequantizes_it(tmp_path):
+    config = tiny_config("deepseek_v3", hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+                         q_lora_rank=128, kv_lora_rank=128, num_attention_heads=2, num_key_value_heads=2)
+    random_model(config).save_pretrained(tmp_path)
+    quantize_linears_to_fp8(tmp_path)
+    reference = multimoe.FAMILIES["deepseek_v3"].causal_lm_class.from_pretrained(
+        tmp_path, quantization_config=FineGrainedFP8Config(dequantize=True)
+    ).eval()
+    assert not reference.is_quantized
+    model = multimoe.from_models({"quantized": tmp_path, "dequantized": reference}).eval()
+    assert model.config.pool_sizes == [0, 8, 8]  # a dense layer, then the same dequantized experts once
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids, tenant="quantized").logits, reference(ids).logits, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def mxfp4_directory(tmp_path_factory):
     directory = tmp_path_factory.mktemp("gpt-oss-mxfp4")
