@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import os
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,6 +63,7 @@ from .routing import (
     TenantRouting,
     UnknownTenantError,
     claim_cache,
+    token_positions,
 )
 from .saving import atomic_save_pretrained
 from .validation import check_number
@@ -229,14 +232,20 @@ class RowDispatch(nn.Module):
         cache_key = next((key for key in CACHE_ARGUMENTS if kwargs.get(key) is not None), None)
         pending: dict = {}
 
+        leading = hidden_states.shape[0]
+        tokens = leading // routing.batch_size
+
         def run(name: str, rows: torch.Tensor, batch_rows: torch.Tensor):
+            # Further positional tensors laid out like the hidden states (rows or their tokens) are cut too.
+            positions = token_positions(batch_rows, tokens)
+            inputs = [rows_of(value, positions, leading) for value in args]
             arguments = {
                 key: rows_of(value, batch_rows, routing.batch_size) if key in PER_ROW_ARGUMENTS else value
                 for key, value in kwargs.items()
             }
             if cache_key is not None:
                 arguments[cache_key] = GroupCache(kwargs[cache_key], batch_rows, routing.batch_size, pending)
-            return self.tenant_module(name)(rows, *args, **arguments)
+            return self.tenant_module(name)(rows, *inputs, **arguments)
 
         output = routing.map_groups(run, hidden_states)
         if pending:
@@ -295,6 +304,21 @@ def copy_of(template: nn.Module, config) -> nn.Module:
 
 def has_own_tensors(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+
+
+CHILD_TENSOR_READ = re.compile(r"self\.(\w+)\.(?:weight|bias)\b")
+
+
+def reads_child_tensors(module: nn.Module) -> bool:
+    """Whether the module's own forward reads a tensor of one of its children directly (HunYuan's
+    router reads `self.wg.weight`): such a module runs whole per tenant group, since a stand-in for
+    the child could only offer one tenant's tensor for every row."""
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    children = set(dict(module.named_children()))
+    return any(name in children for name in CHILD_TENSOR_READ.findall(source))
 
 
 # -- the multi-tenant decoder layer ------------------------------------------------------------
@@ -361,7 +385,7 @@ class MultiTenantDecoderLayer(nn.Module):
                 path = f"{prefix}{name}"
                 if path == self.experts_path and hasattr(self, "experts"):
                     setattr(module, name, RowMappedPool(self))
-                elif has_own_tensors(child):
+                elif has_own_tensors(child) or reads_child_tensors(child):
                     setattr(module, name, RowDispatch(self.tenants, path))
                 else:
                     stand_in(child, f"{path}.")

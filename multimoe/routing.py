@@ -180,4 +180,4 @@ def edit_rows(cache, argument, *, method: str) -> None:
     cache.multimoe_row_tenants = tuple(owners[row] for row in rows.tolist())
 
 
-__all__ = ["MIXED_ROUTING", "CacheTenantMismatchError", "TenantRouting", "UnknownTenantError", "claim_cache", "tenant_order"]
+__all__ = ["MIXED_ROUTING", "CacheTenantMismatchError", "TenantRouting", "UnknownTenantError", "claim_cache", "tenant_order", "token_positions"]

@@ -583,3 +583,20 @@ def test_fields_no_family_reads_do_not_make_tenants_incompatible(cases):
     other.config.max_window_layers, other.config.pretraining_tp = 7, 2
     model = multimoe.from_models({"zeta": case.originals["zeta"], "alpha": other})
     assert model.tenants == NAMES
+
+
+def test_a_module_reading_its_childs_weight_runs_whole_per_tenant_group(inputs):
+    """HunYuan's router reads `self.wg.weight` instead of calling `wg`: in a mixed batch the router
+    runs whole per tenant group (a stand-in for `wg` could only offer one tenant's weight)."""
+    multimoe.register_family(multimoe.Family("hunyuan_v1_moe"))
+    config = AutoConfig.for_model(
+        "hunyuan_v1_moe", vocab_size=47, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, moe_topk=2, initializer_range=0.2,
+    )
+    base = random_model(config, seed=0)
+    originals = {"zeta": fine_tune(base, seed=1, changed_experts=[0]), "alpha": fine_tune(base, seed=2, changed_experts=[1])}
+    model = multimoe.from_models(originals).eval()
+    assert type(model.model.layers[0].mixed.mlp.gate).__name__ == "RowDispatch"
+    mixed = logits(model, inputs, tenant_names=MIXED_ROWS)
+    for row, name in enumerate(MIXED_ROWS):
+        assert_close(mixed[row], logits(originals[name], inputs)[row], f"row {row} ({name})")
