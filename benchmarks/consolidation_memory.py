@@ -32,7 +32,7 @@ def sample():  # ru_maxrss would keep the import-time high-water mark; sample th
         peak[0] = max(peak[0], process.memory_info().rss)
         time.sleep(0.005)
 
-sampler = threading.Thread(target=sample)
+sampler = threading.Thread(target=sample, daemon=True)  # a failed consolidation must not leave the process running
 sampler.start()
 sources = json.loads(sys.argv[1])
 start = time.perf_counter()
