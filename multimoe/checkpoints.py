@@ -32,7 +32,7 @@ from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
 from transformers.utils import GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .alignment import realign
-from .families import EXPERT_COUNT_FIELDS, Family, family_for
+from .families import EXPERT_COUNT_FIELDS, Family, family_for, routed_experts
 
 TenantSource = Union[str, os.PathLike, PreTrainedModel]
 
@@ -218,7 +218,7 @@ class TenantCheckpoint:
 
     @property
     def num_experts(self) -> int:
-        return next(getattr(self.config, field) for field in EXPERT_COUNT_FIELDS if getattr(self.config, field, None))
+        return routed_experts(self.config)
 
     def tensor(self, name: str) -> torch.Tensor:
         """One non-expert tensor by its v5 name; a tied lm_head reads the embedding matrix."""

@@ -16,7 +16,7 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import PreTrainedConfig
 
-from .families import EXPERT_COUNT_FIELDS, FAMILIES, Family
+from .families import FAMILIES, Family, routed_experts
 
 TENANT_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
@@ -97,7 +97,7 @@ class MultiTenantConfigMixin:
     @property
     def num_routed_experts(self) -> int:
         """E, the number of local experts each tenant routes among."""
-        return next(getattr(self, field) for field in EXPERT_COUNT_FIELDS if getattr(self, field, None))
+        return routed_experts(self)
 
     @property
     def tenant_names(self) -> list[str]:

@@ -38,6 +38,11 @@ EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "
 BASE_MODEL_CHILDREN = ("embed_tokens", "layers", "norm", "rotary_emb")
 
 
+def routed_experts(config: PreTrainedConfig) -> int:
+    """E, the number of routed experts per sparse layer, under whichever field the family names it."""
+    return next(getattr(config, field) for field in EXPERT_COUNT_FIELDS if getattr(config, field, None))
+
+
 class UnsupportedFamilyError(ValueError):
     """A model family that multimoe cannot serve as tenants (no fused experts, or a layout it cannot hold)."""
 
@@ -147,7 +152,7 @@ class Family:
         hidden = inputs.to(experts[0].dtype).repeat(count, 1)
         index = torch.arange(count, device=inputs.device).repeat_interleave(rows)[:, None]
         weights = torch.ones(count * rows, 1, dtype=hidden.dtype, device=inputs.device)
-        parameters = dict(zip(self.expert_parameter_names(config), experts))
+        parameters = dict(zip((name for name, _ in module.named_parameters()), experts))
         output = torch.func.functional_call(module, parameters, (hidden, index, weights))
         return output.view(count, rows, -1)
 

@@ -587,6 +587,13 @@ class MultiTenantModel(MultiTenantPreTrainedModel):
         names = self.tenant_names
         return torch.tensor([names.index(self.known_tenant(name)) for name in tenant_names], device=device)
 
+    def route_inputs(self, input_ids, inputs_embeds, tenant=None, tenant_names=None, tenant_ids=None) -> TenantRouting:
+        """`route` for a forward's inputs (`input_ids` or `inputs_embeds`, batch on dim 0)."""
+        rows = input_ids if input_ids is not None else inputs_embeds
+        if rows is None:
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        return self.route(rows.shape[0], tenant=tenant, tenant_names=tenant_names, tenant_ids=tenant_ids)
+
     def route(
         self,
         batch_size: int,
@@ -637,11 +644,8 @@ class MultiTenantModel(MultiTenantPreTrainedModel):
     ):
         """The family's base-model forward, as tenant `tenant` (or one tenant per row; see the causal LM)."""
         if routing is None:
-            rows = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-            if rows is None:
-                raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-            routing = self.route(rows.shape[0], tenant=tenant, tenant_names=tenant_names, tenant_ids=tenant_ids)
-        return self.run(self.view(None if routing.is_mixed else routing.groups[0][0]), routing, input_ids=input_ids, **kwargs)
+            routing = self.route_inputs(input_ids, kwargs.get("inputs_embeds"), tenant, tenant_names, tenant_ids)
+        return self.run(self.view(routing.tenant), routing, input_ids=input_ids, **kwargs)
 
 
 class MultiTenantForCausalLM(MultiTenantPreTrainedModel, GenerationMixin):
@@ -997,14 +1001,10 @@ class MultiTenantForCausalLM(MultiTenantPreTrainedModel, GenerationMixin):
         tenant_ids (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             The same as `tenant_names`, as indices into [`tenants`].
         """
-        rows = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        if rows is None:
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        routing = self.model.route(rows.shape[0], tenant=tenant, tenant_names=tenant_names, tenant_ids=tenant_ids)
+        routing = self.model.route_inputs(input_ids, kwargs.get("inputs_embeds"), tenant, tenant_names, tenant_ids)
         if kwargs.get("output_router_logits") is None:
             kwargs["output_router_logits"] = getattr(self.config, "output_router_logits", None)
-        view = self.view(None if routing.is_mixed else routing.groups[0][0])
-        return self.model.run(view, routing, input_ids=input_ids, **kwargs)
+        return self.model.run(self.view(routing.tenant), routing, input_ids=input_ids, **kwargs)
 
 
 # -- one set of classes per family -------------------------------------------------------------

@@ -81,6 +81,11 @@ class TenantRouting:
         return torch.stack(tensors).index_select(0, self.tenant_ids)
 
     @property
+    def tenant(self) -> str | None:
+        """The one tenant of a batch that is all one tenant; `None` for a mixed batch."""
+        return None if self.is_mixed else self.groups[0][0]
+
+    @property
     def batch_size(self) -> int:
         return len(self.row_tenants)
 
