@@ -7,20 +7,21 @@ classes (AutoConfig, AutoModel, AutoModelForCausalLM), so `AutoModelForCausalLM.
 and `pipeline("text-generation")` accept saved multi-tenant models.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from .checkpoints import CheckpointError, IncompatibleTenantsError
 from .configuration import MultiTenantMixtralConfig, config_class_for
 from .consolidation import ConsolidationReport, consolidate
 from .families import FAMILIES, Family, LegacyExperts, UnsupportedFamilyError, register
 from .memory import MemoryReport
-from .modeling import MultiTenantForCausalLM, MultiTenantMixtralForCausalLM, MultiTenantMixtralModel, classes_for
+from .modeling import MultiTenantForCausalLM, MultiTenantLM, MultiTenantMixtralForCausalLM, MultiTenantMixtralModel, classes_for
 from .routing import CacheTenantMismatchError, UnknownTenantError
 
 
-def register_family(family: Family) -> type[MultiTenantForCausalLM]:
+def register_family(family: Family) -> type[MultiTenantLM]:
     """Serve fine-tunes of `family`: register its adapter, make its multi-tenant config and model
-    classes, and register them with the transformers Auto classes. Returns its causal-LM class.
+    classes, and register them with the transformers Auto classes (AutoModelForSeq2SeqLM for an
+    encoder-decoder family). Returns its model class with the head.
 
     Saved checkpoints carry `auto_map` and multimoe's code, so they load with
     `trust_remote_code=True` where multimoe is not installed (for the families registered when
@@ -30,10 +31,11 @@ def register_family(family: Family) -> type[MultiTenantForCausalLM]:
     _, base_class, causal_class = classes_for(family)
     AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     AutoModel.register(config_class, base_class, exist_ok=True)
-    AutoModelForCausalLM.register(config_class, causal_class, exist_ok=True)
+    head_auto = AutoModelForSeq2SeqLM if family.is_encoder_decoder else AutoModelForCausalLM
+    head_auto.register(config_class, causal_class, exist_ok=True)
     config_class.register_for_auto_class()
     base_class.register_for_auto_class("AutoModel")
-    causal_class.register_for_auto_class("AutoModelForCausalLM")
+    causal_class.register_for_auto_class(head_auto.__name__)
     for public in (config_class, base_class, causal_class):
         globals()[public.__name__] = public
     return causal_class
@@ -57,6 +59,7 @@ __all__ = [
     "IncompatibleTenantsError",
     "MemoryReport",
     "MultiTenantForCausalLM",
+    "MultiTenantLM",
     "MultiTenantMixtralConfig",
     "MultiTenantMixtralForCausalLM",
     "MultiTenantMixtralModel",

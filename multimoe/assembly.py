@@ -31,19 +31,6 @@ from .validation import check_number
 ExpertTensors = tuple[torch.Tensor, ...]
 
 
-def tenant_key(key: str, tenant: str) -> str:
-    """Where a non-expert parameter of `tenant` (v5 naming) lives in the multi-tenant model."""
-    if key.startswith("model.layers."):
-        _, _, layer_idx, rest = key.split(".", 3)
-        return f"model.layers.{layer_idx}.tenants.{tenant}.{rest}"
-    module, parameter = key.rsplit(".", 1)
-    return f"{module}.{tenant}.{parameter}"
-
-
-def pool_keys(layer_idx: int, parameters: tuple[str, ...] = ("gate_up_proj", "down_proj")) -> tuple[str, ...]:
-    return tuple(f"model.layers.{layer_idx}.experts.{name}" for name in parameters)
-
-
 def open_checkpoints(
     models: Mapping[str, TenantSource], revision: str | None, family: Family | None = None
 ) -> dict[str, TenantCheckpoint]:
@@ -68,10 +55,16 @@ def open_checkpoints(
 
 
 def expected_shapes(checkpoint: TenantCheckpoint) -> dict[str, torch.Size]:
-    """Parameter shapes of the family's own causal LM with this config, measured on the meta device."""
+    """Parameter shapes of the family's own model with this config, measured on the meta device,
+    under the names multimoe reads them by (a per-expert family's experts stacked)."""
+    family, config = checkpoint.family, checkpoint.config
     with torch.device("meta"):
-        reference = checkpoint.family.causal_lm_class(checkpoint.config)
-    return {name: tensor.shape for name, tensor in reference.state_dict().items()}
+        reference = family.model_class(config)
+    shapes = {}
+    for name, tensor in reference.state_dict().items():
+        stacked = family.stacked_name(config, name)
+        shapes[stacked] = tensor.shape if stacked == name else torch.Size([checkpoint.num_experts, *tensor.shape])
+    return shapes
 
 
 def checked(tensor: torch.Tensor, *, tenant: str, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -217,6 +210,7 @@ class TenantSet:
                 )
         self.expert_parameters = checkpoints[self.names[0]].expert_parameters
         self.sparse_layers = self.family.sparse_layers(self.reference)
+        self.layer_paths = self.family.layer_paths(self.reference)
 
     @classmethod
     def open(
@@ -238,7 +232,7 @@ class TenantSet:
 
     @property
     def num_layers(self) -> int:
-        return self.reference.num_hidden_layers
+        return len(self.layer_paths)
 
     def layer_experts(self, layer_idx: int) -> dict[str, ExpertTensors]:
         """Every tenant's experts of one sparse layer, checked and cast: the most ever held at once."""
@@ -256,9 +250,9 @@ class TenantSet:
         checkpoint = self.checkpoints[name]
         tensors = {}
         for key, shape in self.shapes.items():
-            if self.family.is_expert_key(key) or (key == "lm_head.weight" and checkpoint.tie_word_embeddings):
+            if self.family.is_expert_key(key) or key in checkpoint.tied_aliases:
                 continue
-            tensors[tenant_key(key, name)] = checked(
+            tensors[self.family.tenant_key(key, name, self.layer_paths)] = checked(
                 checkpoint.tensor(key), tenant=name, name=key, shape=shape, dtype=self.dtype
             )
         return tensors
@@ -271,7 +265,8 @@ class TenantSet:
         fields = self.reference.to_dict()
         for field in ("model_type", "architectures", "transformers_version", "auto_map"):
             fields.pop(field, None)
-        fields["max_position_embeddings"] = max(c.config.max_position_embeddings for c in self.checkpoints.values())
+        if "max_position_embeddings" in fields:
+            fields["max_position_embeddings"] = max(c.config.max_position_embeddings for c in self.checkpoints.values())
         tenants = {
             name: {
                 "expert_map": expert_maps[name],
@@ -313,8 +308,10 @@ def assemble(tenants: TenantSet, pool_for_layer: PoolBuilder) -> tuple[MultiTena
                 expert_maps[name].append([])
             continue
         pool, maps = pool_for_layer(layer_idx, tenants.layer_experts(layer_idx))
-        for index, key in enumerate(pool_keys(layer_idx, tenants.expert_parameters)):
-            state_dict[key] = torch.stack([entry[index] for entry in pool])
+        stacked = tuple(torch.stack([entry[index] for entry in pool]) for index in range(len(pool[0])))
+        prefix = tenants.family.multitenant_key(f"{tenants.layer_paths[layer_idx]}.experts")
+        for name, tensor in tenants.family.experts_state(tenants.reference, stacked).items():
+            state_dict[f"{prefix}.{name}"] = tensor
         pool_sizes.append(len(pool))
         for name in tenants.names:
             expert_maps[name].append(maps[name])
@@ -329,4 +326,4 @@ def assemble_lossless(tenants: TenantSet) -> tuple[MultiTenantConfigMixin, dict[
     return assemble(tenants, lambda layer_idx, experts: identical_expert_pool(experts))
 
 
-__all__ = ["TenantSet", "assemble", "assemble_lossless", "identical_expert_pool", "tenant_key"]
+__all__ = ["TenantSet", "assemble", "assemble_lossless", "identical_expert_pool"]

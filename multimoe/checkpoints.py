@@ -105,10 +105,10 @@ class TenantCheckpoint:
         """Open `source` without reading any weight yet (only the config and the file index)."""
         if isinstance(source, PreTrainedModel):
             family = family_for(getattr(source.config, "model_type", None), owner=f"Tenant {tenant!r}")
-            if type(source) is not family.causal_lm_class:
+            if type(source) is not family.model_class:
                 raise CheckpointError(
-                    f"Tenant {tenant!r}: expected a {family.causal_lm_class.__name__} (the {family.model_type} causal "
-                    f"LM), got {type(source).__name__}."
+                    f"Tenant {tenant!r}: expected a {family.model_class.__name__} (the {family.model_type} model "
+                    f"with its head), got {type(source).__name__}."
                 )
             check_not_quantized(source, owner=f"Tenant {tenant!r}")
             state = dict(source.state_dict())
@@ -136,12 +136,13 @@ class TenantCheckpoint:
         says. A loaded model does when its lm_head is the embedding tensor. A directory does when
         its config ties and it stores no lm_head, or one equal to the embedding: with other values,
         transformers leaves the two untied and uses the stored lm_head."""
+        embedding_key = self.family.embedding_key
         if self._tensors is not None:
-            head, embedding = self._tensors["lm_head.weight"], self._tensors["model.embed_tokens.weight"]
+            head, embedding = self._tensors["lm_head.weight"], self._tensors[embedding_key]
             return head.data_ptr() == embedding.data_ptr() and head.shape == embedding.shape
         if not self.config.tie_word_embeddings or "lm_head.weight" not in self._files:
             return bool(self.config.tie_word_embeddings)
-        return torch.equal(self._files.get("lm_head.weight"), self._files.get("model.embed_tokens.weight"))
+        return torch.equal(self._files.get("lm_head.weight"), self._files.get(embedding_key))
 
     @cached_property
     def dtype(self) -> torch.dtype | None:
@@ -176,8 +177,19 @@ class TenantCheckpoint:
         """The names of the experts' tensors in the family's fused layout (e.g. gate_up_proj, down_proj)."""
         return self.family.expert_parameter_names(self.config)
 
+    @cached_property
+    def layer_expert_keys(self) -> list[tuple[str, ...] | None]:
+        return self.family.expert_keys(self.config)
+
     def expert_keys(self, layer_idx: int) -> tuple[str, ...]:
-        return tuple(self.family.expert_key(layer_idx, name) for name in self.expert_parameters)
+        """The names multimoe reads layer `layer_idx`'s stacked experts by (see `Family.expert_keys`)."""
+        return self.layer_expert_keys[layer_idx]
+
+    @cached_property
+    def tied_aliases(self) -> dict[str, str]:
+        """The family's names that read another tensor when this tenant ties its embeddings
+        (lm_head; Switch's encoder and decoder embeddings too)."""
+        return dict(self.family.model_class._tied_weights_keys) if self.tie_word_embeddings else {}
 
     def names(self) -> list[str]:
         """Parameter names in v5 naming, each once; legacy per-expert keys appear as the fused names."""
@@ -201,6 +213,8 @@ class TenantCheckpoint:
         """What a stored key stands for in v5 naming. Only exact legacy names are translated (a
         per-expert weight of an expert this config has, a router); any other key stands for itself,
         so that a stray tensor is refused by its own name instead of vanishing into a fused one."""
+        if self.family.per_expert_modules:
+            return (self.family.stacked_name(self.config, key),)
         if self.legacy_patterns is None:
             return (key,)
         expert_pattern, router_pattern = self.legacy_patterns
@@ -222,8 +236,7 @@ class TenantCheckpoint:
 
     def tensor(self, name: str) -> torch.Tensor:
         """One non-expert tensor by its v5 name; a tied lm_head reads the embedding matrix."""
-        if name == "lm_head.weight" and self.tie_word_embeddings:
-            name = "model.embed_tokens.weight"
+        name = self.tied_aliases.get(name, name)
         if self._tensors is not None:
             return self._tensors[name]
         legacy = self.family.legacy
@@ -234,6 +247,9 @@ class TenantCheckpoint:
     def experts(self, layer_idx: int) -> tuple[torch.Tensor, ...]:
         """The layer's experts in the family's fused layout, one tensor per expert parameter."""
         keys = self.expert_keys(layer_idx)
+        if self.family.per_expert_modules:
+            stored = self._tensors.__getitem__ if self._tensors is not None else self._files.get
+            return self.family.read_experts(self.config, layer_idx, stored)
         if self._tensors is not None:
             return tuple(self._tensors[key] for key in keys)
         if keys[0] in self._files:
@@ -415,7 +431,7 @@ def dequantize(directory: Path, config: PreTrainedConfig, method: str, *, owner:
             f"{owner}: its weights are quantized ({method}), which transformers cannot dequantize on load; "
             "multimoe builds tenants from unquantized weights: dequantize them first."
         )
-    model_class = family_for(config.model_type, owner=owner).causal_lm_class
+    model_class = family_for(config.model_type, owner=owner).model_class
     return model_class.from_pretrained(directory, quantization_config=quantizer(dequantize=True), dtype="auto")
 
 

@@ -116,7 +116,7 @@ class MultiTenantConfigMixin:
 
     def check_tenant_maps(self) -> None:
         """Reject maps that would index past the pool, before any module is built from them."""
-        layers, experts = self.num_hidden_layers, self.num_routed_experts
+        layers, experts = len(self.family.layer_paths(self)), self.num_routed_experts
         pool_sizes = self.pool_sizes
         if not isinstance(pool_sizes, list) or len(pool_sizes) != layers:
             raise ValueError(f"pool_sizes must list one size per layer ({layers}), got {pool_sizes!r}.")

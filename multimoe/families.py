@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -29,7 +30,11 @@ import torch
 import transformers
 from torch import nn
 from transformers import PreTrainedConfig
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_MAPPING_NAMES,
+)
 
 # The config fields families use for the number of routed experts; a pool sets every one present.
 EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -72,9 +77,16 @@ class Family:
 
     # -- the family's own classes --------------------------------------------------------------
 
+    is_encoder_decoder = False
+
     @cached_property
-    def causal_lm_class(self) -> type:
+    def model_class(self) -> type:
+        """The family's model with its head: what a tenant is, and what multimoe reproduces."""
         return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[self.model_type])
+
+    @property
+    def causal_lm_class(self) -> type:
+        return self.model_class
 
     @cached_property
     def base_model_class(self) -> type:
@@ -82,7 +94,7 @@ class Family:
 
     @cached_property
     def config_class(self) -> type[PreTrainedConfig]:
-        return self.causal_lm_class.config_class
+        return self.model_class.config_class
 
     @cached_property
     def decoder_layer_class(self) -> type[nn.Module]:
@@ -92,27 +104,50 @@ class Family:
     @property
     def class_stem(self) -> str:
         """`Qwen3Moe` for `Qwen3MoeForCausalLM`: the multi-tenant classes are named after it."""
-        return self.causal_lm_class.__name__.removesuffix("ForCausalLM")
+        return self.model_class.__name__.removesuffix("ForCausalLM")
 
     @property
     def multitenant_model_type(self) -> str:
         return f"multitenant_{self.model_type}"
 
-    # -- reading a config --------------------------------------------------------------------
+    # -- the layers and where their experts sit -------------------------------------------
 
-    def sparse_block_of(self, decoder_layer: nn.Module) -> nn.Module | None:
-        """The layer's sparse block, or None for a dense layer (its MLP holds no fused experts)."""
-        block = getattr(decoder_layer, self.sparse_block, None)
+    def layer_paths(self, config: PreTrainedConfig) -> list[str]:
+        """Where each layer sits in the family's model, in multimoe's layer order (the index of a
+        tenant's `expert_map` row and of `pool_sizes`)."""
+        return [f"model.layers.{layer_idx}" for layer_idx in range(config.num_hidden_layers)]
+
+    def layer_templates(self, config: PreTrainedConfig) -> Iterator[nn.Module]:
+        """The family's layers for `config`, built one at a time on the meta device (a full
+        DeepSeek-V3 config holds 61)."""
+        with torch.device("meta"):
+            for layer_idx in range(config.num_hidden_layers):
+                yield self.decoder_layer_class(config, layer_idx)
+
+    def experts_path(self, layer: nn.Module) -> str | None:
+        """Where a layer keeps its experts, or None for a dense layer (no fused experts)."""
+        block = getattr(layer, self.sparse_block, None)
         experts = getattr(block, self.experts, None) if block is not None else None
-        return block if experts is not None and hasattr(type(experts), "_apply_gate") else None
+        if experts is None or not hasattr(type(experts), "_apply_gate"):
+            return None
+        return f"{self.sparse_block}.{self.experts}"
+
+    def sparse_block_of(self, layer: nn.Module) -> nn.Module | None:
+        """The layer's sparse block (the module that calls its experts), or None for a dense layer."""
+        path = self.experts_path(layer)
+        return None if path is None else layer.get_submodule(path.rpartition(".")[0])
 
     def sparse_layers(self, config: PreTrainedConfig) -> list[bool]:
-        """Which decoder layers are sparse, read off the family's own layers built on the meta device."""
-        with torch.device("meta"):
-            return [
-                self.sparse_block_of(self.decoder_layer_class(config, layer_idx)) is not None
-                for layer_idx in range(config.num_hidden_layers)
-            ]
+        """Which layers are sparse, read off the family's own layers."""
+        return [self.experts_path(layer) is not None for layer in self.layer_templates(config)]
+
+    def experts_template(self, config: PreTrainedConfig) -> nn.Module:
+        """The experts module of the family's first sparse layer, on the meta device."""
+        for layer in self.layer_templates(config):
+            path = self.experts_path(layer)
+            if path is not None:
+                return layer.get_submodule(path)
+        raise UnsupportedFamilyError(f"{self.model_type}: this config has no sparse layer.")
 
     def pool(self, config: PreTrainedConfig, num_experts: int) -> nn.Module:
         """The family's experts class holding `num_experts` experts, computing with `config` (so that
@@ -125,19 +160,44 @@ class Family:
         pool.config = config
         return pool
 
-    def experts_template(self, config: PreTrainedConfig) -> nn.Module:
-        """The experts module of the family's first sparse layer, built on the meta device (layers are
-        built one at a time until one is sparse: a full DeepSeek-V3 config holds 61)."""
-        with torch.device("meta"):
-            for layer_idx in range(config.num_hidden_layers):
-                block = self.sparse_block_of(self.decoder_layer_class(config, layer_idx))
-                if block is not None:
-                    return getattr(block, self.experts)
-        raise UnsupportedFamilyError(f"{self.model_type}: this config has no sparse layer.")
+    # -- experts as stacked tensors --------------------------------------------------------
+    # multimoe reads, compares, merges and writes a layer's experts as one tensor per expert
+    # parameter, stacked over experts on dim 0: the fused layout's own tensors.
 
     def expert_parameter_names(self, config: PreTrainedConfig) -> tuple[str, ...]:
-        """The experts' tensors in the family's fused layout, each stacked over experts on dim 0."""
+        """The experts' tensors, each stacked over experts on dim 0."""
         return tuple(name for name, _ in self.experts_template(config).named_parameters())
+
+    def experts_state(self, config: PreTrainedConfig, stacked: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        """The state of an experts module holding `stacked` (names relative to the module)."""
+        return dict(zip(self.expert_parameter_names(config), stacked))
+
+    def stacked_experts(self, config: PreTrainedConfig, experts: nn.Module) -> tuple[torch.Tensor, ...]:
+        """An experts module's tensors, stacked (the inverse of `experts_state`)."""
+        return tuple(experts.get_parameter(name) for name in self.expert_parameter_names(config))
+
+    per_expert_modules = False  # the experts are fused tensors, read as they are stored
+
+    def stacked_name(self, config: PreTrainedConfig, key: str) -> str:
+        """The name a stored key is read under (see `Seq2SeqFamily`; a fused family's are its own)."""
+        return key
+
+    def pool_routing(self, local: torch.Tensor, maps: torch.Tensor, pool_size: int) -> torch.Tensor:
+        """The routing a sparse block passes its experts (here local expert indices, [tokens, k]),
+        turned into the same routing over pool entries. `maps` is one tenant's local -> pool map [E],
+        or one map per token [tokens, E]."""
+        if maps.dim() == 1:
+            return torch.take(maps, local)
+        return torch.gather(maps, 1, local.reshape(maps.shape[0], -1)).view_as(local)
+
+    def local_experts(self, routing: torch.Tensor) -> torch.Tensor:
+        """The local expert indices of each token in the routing a block passes its experts
+        (flattened; a token no expert takes adds none): what calibration counts."""
+        return routing.flatten()
+
+    def experts_call(self, index: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routing arguments an experts module takes for expert `index[t]` per token, with `weights`."""
+        return index, weights
 
     def expert_outputs(self, config: PreTrainedConfig, experts: tuple[torch.Tensor, ...], inputs: torch.Tensor):
         """Every expert's output on every input row, [E, N, H], computed by the family's own experts
@@ -152,12 +212,27 @@ class Family:
         hidden = inputs.to(experts[0].dtype).repeat(count, 1)
         index = torch.arange(count, device=inputs.device).repeat_interleave(rows)[:, None]
         weights = torch.ones(count * rows, 1, dtype=hidden.dtype, device=inputs.device)
-        parameters = dict(zip((name for name, _ in module.named_parameters()), experts))
-        output = torch.func.functional_call(module, parameters, (hidden, index, weights))
+        parameters = self.experts_state(config, experts)
+        output = torch.func.functional_call(module, parameters, (hidden, *self.experts_call(index, weights)))
         return output.view(count, rows, -1)
 
-    def expert_key(self, layer_idx: int, parameter: str) -> str:
-        return f"model.layers.{layer_idx}.{self.sparse_block}.{self.experts}.{parameter}"
+    # -- checkpoint names ------------------------------------------------------------------
+
+    def experts_modules(self, config: PreTrainedConfig) -> list[str | None]:
+        """Per layer, where its experts module sits in the family's model (`None` for a dense layer)."""
+        return [
+            None if path is None else f"{layer}.{path}"
+            for layer, path in zip(self.layer_paths(config), map(self.experts_path, self.layer_templates(config)))
+        ]
+
+    def expert_keys(self, config: PreTrainedConfig) -> list[tuple[str, ...] | None]:
+        """Per layer, the names under which multimoe reads its stacked expert parameters from a
+        source (`None` for a dense layer)."""
+        parameters = self.expert_parameter_names(config)
+        return [
+            None if module is None else tuple(f"{module}.{name}" for name in parameters)
+            for module in self.experts_modules(config)
+        ]
 
     @cached_property
     def expert_key_pattern(self) -> re.Pattern:
@@ -165,6 +240,30 @@ class Family:
 
     def is_expert_key(self, name: str) -> bool:
         return self.expert_key_pattern.match(name) is not None
+
+    def multitenant_key(self, key: str) -> str:
+        """Where a source's parameter (or layer) `key` lives in the multi-tenant model, before the
+        tenant is inserted: the causal families keep their names."""
+        return key
+
+    def tenant_key(self, key: str, tenant: str, layer_paths: list[str]) -> str:
+        """Where a non-expert parameter of `tenant` (the family's name `key`) lives in the
+        multi-tenant model: inside its layer's `tenants.<tenant>`, or in the `<tenant>` entry of a
+        per-tenant module. `layer_paths` are `self.layer_paths(config)`."""
+        for layer in layer_paths:
+            if key.startswith(f"{layer}."):
+                return self.multitenant_key(f"{layer}.tenants.{tenant}.{key.removeprefix(layer + '.')}")
+        module, parameter = self.multitenant_key(key).rsplit(".", 1)
+        return f"{module}.{tenant}.{parameter}"
+
+    @property
+    def embedding_key(self) -> str:
+        """The input embedding a tied lm_head reads."""
+        return self.model_class._tied_weights_keys.get("lm_head.weight", "model.embed_tokens.weight")
+
+    def head_scale(self, config: PreTrainedConfig) -> float | None:
+        """What a tied tenant's hidden states are multiplied by before its lm_head, if anything."""
+        return None
 
     def check(self, config: PreTrainedConfig) -> None:
         """Refuse, before any weight is read, a family (with the sources' `config`) whose base model
@@ -190,6 +289,133 @@ class Family:
             problems.append(f"no layer has a fused-experts `{self.sparse_block}.{self.experts}`")
         if problems:
             raise UnsupportedFamilyError(f"{self.model_type} cannot be served as tenants: {'; '.join(problems)}.")
+
+
+@dataclass(frozen=True)
+class Seq2SeqFamily(Family):
+    """An encoder-decoder MoE family whose experts are one module per expert, as in Switch
+    Transformers (`experts.expert_<e>.wi`, `.wo`).
+
+    Its layers are the encoder's blocks, then the decoder's, numbered on together. A sparse block is
+    wherever a module holds an `experts` container (Switch: the last sub-layer's `mlp`). multimoe sees
+    a layer's experts stacked (`experts.wi.weight` [E, d_ff, d_model]); the pool is the family's own
+    container sized to the pool. The block passes its experts a one-hot dispatch mask [tokens, 1, E]
+    (zero for a token dropped by expert capacity) and the router probability [tokens, 1]. A tied
+    tenant's hidden states are scaled by `d_model ** -0.5` before its lm_head, as the family does.
+    """
+
+    stacks: tuple[str, ...] = ("encoder", "decoder")
+    layer_list: str = "block"
+    is_encoder_decoder = True
+
+    @cached_property
+    def model_class(self) -> type:
+        return getattr(transformers, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES[self.model_type])
+
+    @property
+    def class_stem(self) -> str:
+        return self.model_class.__name__.removesuffix("ForConditionalGeneration")
+
+    def stack_sizes(self, config: PreTrainedConfig) -> dict[str, int]:
+        sizes = (config.num_layers, config.num_decoder_layers)
+        return dict(zip(self.stacks, sizes))
+
+    def layer_paths(self, config: PreTrainedConfig) -> list[str]:
+        return [
+            f"{stack}.{self.layer_list}.{index}"
+            for stack, size in self.stack_sizes(config).items()
+            for index in range(size)
+        ]
+
+    def layer_templates(self, config: PreTrainedConfig) -> Iterator[nn.Module]:
+        with torch.device("meta"):
+            model = self.model_class(config)
+        for path in self.layer_paths(config):
+            yield model.get_submodule(path)
+
+    def experts_path(self, layer: nn.Module) -> str | None:
+        for name, module in layer.named_modules():
+            if isinstance(getattr(module, self.experts, None), (nn.ModuleDict, nn.ModuleList)):
+                return f"{name}.{self.experts}"
+        return None
+
+    def expert_parameter_names(self, config: PreTrainedConfig) -> tuple[str, ...]:
+        experts = self.experts_template(config)
+        return tuple(name for name, _ in next(iter(experts.children())).named_parameters())
+
+    per_expert_modules = True
+
+    def entry_names(self, config: PreTrainedConfig, count: int) -> list[str]:
+        """The names of an experts container's `count` entries (Switch: `expert_0`, ...)."""
+        with torch.device("meta"):
+            return [name for name, _ in self.pool(config, count).named_children()]
+
+    @cached_property
+    def stored_expert_pattern(self) -> re.Pattern:
+        return re.compile(rf"(?P<experts>{self.expert_key_pattern.pattern[:-2]})\.(?P<entry>[^.]+)\.(?P<parameter>.+)")
+
+    def stacked_name(self, config: PreTrainedConfig, key: str) -> str:
+        """A stored per-expert key of an expert this config has (`...experts.expert_3.wi.weight`)
+        stands for the layer's stacked tensor (`...experts.wi.weight`); any other key for itself, so
+        that a stray tensor is refused by its own name."""
+        match = self.stored_expert_pattern.fullmatch(key)
+        if match and match["entry"] in self.entry_names(config, routed_experts(config)):
+            return f"{match['experts']}.{match['parameter']}"
+        return key
+
+    def read_experts(self, config: PreTrainedConfig, layer_idx: int, read) -> tuple[torch.Tensor, ...]:
+        """Layer `layer_idx`'s experts, stacked, from a source whose `read(key)` gives a stored tensor."""
+        keys = self.expert_keys(config)[layer_idx]
+        entries = self.entry_names(config, routed_experts(config))
+        names = self.expert_parameter_names(config)
+        return tuple(
+            torch.stack([read(f"{key.removesuffix(name)}{entry}.{name}") for entry in entries])
+            for key, name in zip(keys, names)
+        )
+
+    def experts_state(self, config: PreTrainedConfig, stacked: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        names = self.expert_parameter_names(config)
+        entries = self.entry_names(config, stacked[0].shape[0])
+        return {
+            f"{entry}.{name}": tensor[index]
+            for index, entry in enumerate(entries)
+            for name, tensor in zip(names, stacked)
+        }
+
+    def stacked_experts(self, config: PreTrainedConfig, experts: nn.Module) -> tuple[torch.Tensor, ...]:
+        return tuple(
+            torch.stack([entry.get_parameter(name) for entry in experts.children()])
+            for name in self.expert_parameter_names(config)
+        )
+
+    def pool_routing(self, local: torch.Tensor, maps: torch.Tensor, pool_size: int) -> torch.Tensor:
+        # A one-hot mask over local experts becomes one over pool entries; a dropped token stays all zero.
+        index = maps.view(-1, 1, local.shape[-1]).expand_as(local)
+        return local.new_zeros(*local.shape[:-1], pool_size).scatter_add_(-1, index, local)
+
+    def local_experts(self, routing: torch.Tensor) -> torch.Tensor:
+        return routing.reshape(-1, routing.shape[-1]).nonzero()[:, 1]
+
+    def experts_call(self, index: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        count = int(index.max()) + 1
+        return nn.functional.one_hot(index, count), weights
+
+    @cached_property
+    def expert_key_pattern(self) -> re.Pattern:
+        stacks = "|".join(self.stacks)
+        return re.compile(rf"(?:{stacks})\.{self.layer_list}\.\d+\.(?:[\w.]+\.)?{re.escape(self.experts)}\.")
+
+    def multitenant_key(self, key: str) -> str:
+        # The family's model holds the embedding, encoder and decoder at the top; the multi-tenant
+        # model keeps them in its base model, under `model.`, as the causal families do.
+        return key if key.startswith("lm_head.") else f"model.{key}"
+
+    def head_scale(self, config: PreTrainedConfig) -> float | None:
+        return config.d_model**-0.5
+
+    def check(self, config: PreTrainedConfig) -> None:
+        if not any(self.sparse_layers(config)):
+            raise UnsupportedFamilyError(f"{self.model_type} cannot be served as tenants: no block has experts.")
 
 
 FAMILIES: dict[str, Family] = {}
@@ -230,5 +456,6 @@ register(Family("qwen3_moe", legacy=PROJECTION_LEGACY))
 register(Family("olmoe", legacy=PROJECTION_LEGACY))
 register(Family("deepseek_v3", legacy=PROJECTION_LEGACY))
 register(Family("gpt_oss"))
+register(Seq2SeqFamily("switch_transformers"))
 
-__all__ = ["FAMILIES", "Family", "LegacyExperts", "UnsupportedFamilyError", "family_for", "register"]
+__all__ = ["FAMILIES", "Family", "LegacyExperts", "Seq2SeqFamily", "UnsupportedFamilyError", "family_for", "register"]

@@ -45,9 +45,10 @@ def model_card(model, name: str | None = None) -> str:
     report = getattr(model, "consolidation_report", None)
     if report is not None:
         sections.append("## Consolidation and quality\n\n" + report.to_markdown())
+    auto = "AutoModelForSeq2SeqLM" if config.family.is_encoder_decoder else "AutoModelForCausalLM"
     sections.append(
-        "## Use\n\n```python\nfrom transformers import AutoModelForCausalLM\n\n"
-        "model = AutoModelForCausalLM.from_pretrained(REPO, trust_remote_code=True)  # or `import multimoe` first\n"
+        f"## Use\n\n```python\nfrom transformers import {auto}\n\n"
+        f"model = {auto}.from_pretrained(REPO, trust_remote_code=True)  # or `import multimoe` first\n"
         f'model.set_active_model("{config.default_tenant}")\n'
         'out = model.generate(**inputs, tenant_names=[...])  # or one tenant per row\n```'
     )

@@ -36,10 +36,11 @@ class MemoryReport:
         """Measure a multi-tenant model from its registered parameters. A source model holds, in
         each sparse layer, E experts of the size of one pool entry."""
         config, decoder = model.config, model.model
-        pools = [layer.experts for layer in decoder.layers if hasattr(layer, "experts")]
+        sparse = [layer for layer in decoder.layers if hasattr(layer, "experts")]
+        pools = [layer.experts for layer in sparse]
         pool_bytes = parameter_bytes(pools)
         tenant_bytes = {name: parameter_bytes(list(model.tenant_modules(name).values())) for name in config.tenants}
-        expert_bytes = sum(tensor[0].numel() * tensor.element_size() for tensor in pools[0].parameters())
+        expert_bytes = parameter_bytes([pools[0]]) // sparse[0].pool_size  # every entry is one expert's size
         one_model_experts = len(pools) * config.num_routed_experts * expert_bytes
         return cls(
             pool_bytes=pool_bytes,

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, StoppingCriteriaList
 from transformers import initialization as init
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, EncoderDecoderCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.utils import can_return_tuple
@@ -117,8 +117,9 @@ def unregistered(module: nn.Module, **references) -> None:
 class TenantExperts(nn.Module):
     """Where a tenant's sparse block keeps its experts: the map from its E local experts to the
     layer's pool entries. The family's block calls it exactly as it calls its own experts
-    (`experts(hidden, top_k_index, top_k_weights)`), so the family's router, shared experts and
-    scaling run unchanged; it only maps the local indices and calls the pool."""
+    (`experts(hidden, top_k_index, top_k_weights)`, or Switch's one-hot dispatch mask), so the
+    family's router, shared experts and scaling run unchanged; it only maps the routing to pool
+    entries (`Family.pool_routing`) and calls the pool."""
 
     def __init__(self, layer: MultiTenantDecoderLayer, tenant: str):
         super().__init__()
@@ -129,8 +130,10 @@ class TenantExperts(nn.Module):
     def expert_map_from(self, config: MultiTenantConfigMixin) -> torch.Tensor:
         return torch.tensor(config.expert_map(self.tenant, self.layer.layer_idx), dtype=torch.long)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        return self.layer.experts(hidden_states, torch.take(self.expert_map, top_k_index), top_k_weights)
+    def forward(self, hidden_states: torch.Tensor, routing: torch.Tensor, weights: torch.Tensor):
+        layer = self.layer
+        pool_routing = layer.config.family.pool_routing(routing, self.expert_map, layer.pool_size)
+        return layer.experts(hidden_states, pool_routing, weights)
 
 
 # -- a mixed batch: modules that stand for every tenant's own ----------------------------------
@@ -138,7 +141,17 @@ class TenantExperts(nn.Module):
 
 # The keyword arguments a family's layers pass with one entry per row (batch on dim 0, unless
 # broadcast over the batch); a module run per tenant group gets them cut to the group's rows.
-PER_ROW_ARGUMENTS = ("attention_mask", "position_ids", "position_embeddings")
+PER_ROW_ARGUMENTS = (
+    "attention_mask",
+    "mask",
+    "position_ids",
+    "position_embeddings",
+    "position_bias",
+    "key_value_states",
+    "encoder_hidden_states",
+    "encoder_attention_mask",
+    "encoder_decoder_position_bias",
+)
 
 
 def rows_of(value, batch_rows: torch.Tensor, batch_size: int):
@@ -161,7 +174,20 @@ class GroupCache:
     `commit` then updates the cache once with every group's new states, in batch order."""
 
     def __init__(self, cache: Cache, batch_rows: torch.Tensor, batch_size: int, pending: dict):
-        self.cache, self.batch_rows, self.batch_size, self.pending = cache, batch_rows, batch_size, pending
+        self.cache, self.batch_rows, self.batch_size = cache, batch_rows, batch_size
+        self.pending = pending.setdefault(id(cache), (cache, {}))[1]
+
+    @classmethod
+    def of(cls, cache: Cache, batch_rows: torch.Tensor, batch_size: int, pending: dict) -> Cache | GroupCache:
+        """The group's view of `cache`; an encoder-decoder cache stays one (the family's attention
+        picks its self- or cross-attention half by type), each half seen by the group."""
+        if not isinstance(cache, EncoderDecoderCache):
+            return cls(cache, batch_rows, batch_size, pending)
+        view = EncoderDecoderCache.__new__(EncoderDecoderCache)
+        view.self_attention_cache = cls(cache.self_attention_cache, batch_rows, batch_size, pending)
+        view.cross_attention_cache = cls(cache.cross_attention_cache, batch_rows, batch_size, pending)
+        view.is_updated = cache.is_updated
+        return view
 
     # What a module run per group may read off the cache besides `update`: answers that do not
     # depend on the rows. Anything else (a recurrent state of linear attention, a family's own cache
@@ -189,13 +215,25 @@ class GroupCache:
         return layer.update(key_states, value_states, *args, **kwargs)
 
     @staticmethod
-    def commit(cache: Cache, pending: dict, routing: TenantRouting) -> None:
-        for layer_idx, updates in pending.items():
-            keys, values = (torch.cat([update[index] for update in updates]) for index in (0, 1))
-            if routing.order is not None:
-                keys, values = keys.index_select(0, routing.inverse), values.index_select(0, routing.inverse)
-            _, _, args, kwargs = updates[0]
-            cache.update(keys, values, layer_idx, *args, **kwargs)
+    def commit(pending: dict, routing: TenantRouting) -> None:
+        """Update each cache the groups saw once, with every group's new states in batch order."""
+        for cache, layers in pending.values():
+            for layer_idx, updates in layers.items():
+                keys, values = (torch.cat([update[index] for update in updates]) for index in (0, 1))
+                if routing.order is not None:
+                    keys, values = keys.index_select(0, routing.inverse), values.index_select(0, routing.inverse)
+                _, _, args, kwargs = updates[0]
+                cache.update(keys, values, layer_idx, *args, **kwargs)
+
+
+def for_each_row(output, rows: int):
+    """A group's output with anything broadcast over its rows (dim 0 of size 1, such as Switch's
+    position bias) spelled out per row, so that the groups' outputs rejoin into the batch's."""
+    if isinstance(output, tuple):
+        return tuple(for_each_row(item, rows) for item in output)
+    if isinstance(output, torch.Tensor) and output.dim() and output.shape[0] == 1 and rows > 1:
+        return output.expand(rows, *output.shape[1:])
+    return output
 
 
 class RowDispatch(nn.Module):
@@ -244,12 +282,13 @@ class RowDispatch(nn.Module):
                 for key, value in kwargs.items()
             }
             if cache_key is not None:
-                arguments[cache_key] = GroupCache(kwargs[cache_key], batch_rows, routing.batch_size, pending)
-            return self.tenant_module(name)(rows, *inputs, **arguments)
+                arguments[cache_key] = GroupCache.of(kwargs[cache_key], batch_rows, routing.batch_size, pending)
+            output = self.tenant_module(name)(rows, *inputs, **arguments)
+            return for_each_row(output, rows.shape[0])
 
         output = routing.map_groups(run, hidden_states)
         if pending:
-            GroupCache.commit(kwargs[cache_key], pending, routing)
+            GroupCache.commit(pending, routing)
         return output
 
 
@@ -281,12 +320,12 @@ class RowMappedPool(nn.Module):
         super().__init__()
         unregistered(self, layer=layer)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        routing = MIXED_ROUTING.get()
-        maps = routing.per_row([own.expert_map for own in self.layer.tenant_experts()])
-        maps = maps.repeat_interleave(top_k_index.shape[0] // routing.batch_size, dim=0)
-        pool_index = torch.gather(maps, 1, top_k_index.reshape(maps.shape[0], -1)).view_as(top_k_index)
-        return self.layer.experts(hidden_states, pool_index, top_k_weights)
+    def forward(self, hidden_states: torch.Tensor, routing: torch.Tensor, weights: torch.Tensor):
+        rows, layer = MIXED_ROUTING.get(), self.layer
+        maps = rows.per_row([own.expert_map for own in layer.tenant_experts()])
+        maps = maps.repeat_interleave(routing.shape[0] // rows.batch_size, dim=0)
+        pool_routing = layer.config.family.pool_routing(routing, maps, layer.pool_size)
+        return layer.experts(hidden_states, pool_routing, weights)
 
 
 def materialize(module: nn.Module) -> nn.Module:
@@ -321,6 +360,13 @@ def reads_child_tensors(module: nn.Module) -> bool:
     return any(name in children for name in CHILD_TENSOR_READ.findall(source))
 
 
+def holds_position_table(module: nn.Module) -> bool:
+    """Whether the module looks rows up in a table of its own by position, not by token (Switch's
+    relative attention bias): such a module runs whole per tenant group, since the lookup's input has
+    no rows to split and its output (a bias over positions) is the tenant's own."""
+    return any(isinstance(child, nn.Embedding) for child in module.children())
+
+
 # -- the multi-tenant decoder layer ------------------------------------------------------------
 
 
@@ -334,9 +380,10 @@ class MultiTenantDecoderLayer(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
+        unregistered(self, template=template)
         family = config.family
-        self.experts_path = f"{family.sparse_block}.{family.experts}"
-        sparse = family.sparse_block_of(template) is not None
+        self.experts_path = family.experts_path(template)
+        sparse = self.experts_path is not None
         if sparse != bool(config.pool_sizes[layer_idx]):
             raise ValueError(
                 f"Layer {layer_idx} is {'sparse' if sparse else 'dense'} in {family.model_type} with this config, "
@@ -353,6 +400,10 @@ class MultiTenantDecoderLayer(nn.Module):
         if hasattr(self, "experts"):
             layer.set_submodule(self.experts_path, TenantExperts(self, name))
         return materialize(layer)
+
+    @property
+    def pool_size(self) -> int:
+        return self.config.pool_sizes[self.layer_idx]
 
     def tenant_experts(self) -> list[TenantExperts]:
         """Each tenant's `TenantExperts`, in the tenants' order."""
@@ -375,8 +426,7 @@ class MultiTenantDecoderLayer(nn.Module):
         return mixed
 
     def build_mixed(self) -> nn.Module:
-        with torch.device("meta"):
-            layer = self.config.family.decoder_layer_class(self.config, self.layer_idx)
+        layer = copy_of(self.template, self.config)
         if has_own_tensors(layer):
             return RowDispatch(self.tenants)
 
@@ -385,7 +435,7 @@ class MultiTenantDecoderLayer(nn.Module):
                 path = f"{prefix}{name}"
                 if path == self.experts_path and hasattr(self, "experts"):
                     setattr(module, name, RowMappedPool(self))
-                elif has_own_tensors(child) or reads_child_tensors(child):
+                elif has_own_tensors(child) or reads_child_tensors(child) or holds_position_table(child):
                     setattr(module, name, RowDispatch(self.tenants, path))
                 else:
                     stand_in(child, f"{path}.")
@@ -472,68 +522,12 @@ class MultiTenantPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
-class MultiTenantModel(MultiTenantPreTrainedModel):
-    """The decoder stack: each tenant's embedding and final norm, and the multi-tenant layers."""
+class TenantRouter:
+    """Which tenant each row of a call runs as, and running a view for them: what every
+    multi-tenant base model shares, whatever its layout. The tenants are the keys of
+    `tenant_embeddings`, in order."""
 
-    def __init__(self, config: MultiTenantConfigMixin):
-        super().__init__(config)
-        template = meta_template(self.family.base_model_class, config)
-        unregistered(self, template=template, views={})
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.ModuleDict({name: self.tenant_embedding(name) for name in config.tenants})
-        self.layers = nn.ModuleList(
-            [MultiTenantDecoderLayer(config, idx, template.layers[idx]) for idx in range(config.num_hidden_layers)]
-        )
-        self.norm = nn.ModuleDict({name: self.fresh("norm") for name in config.tenants})
-        # One rotary embedding for every tenant (their rope settings agree), where the family has one.
-        rotary = getattr(template, "rotary_emb", None)
-        self.rotary_emb = type(rotary)(config=config) if rotary is not None else None
-        self.gradient_checkpointing = False
-        self.active_tenant = config.default_tenant
-        self.tenant_lock = TenantLock()
-        self.post_init()
-        self.build_views()
-
-    def fresh(self, child: str) -> nn.Module:
-        """A new tenant's own copy of the family model's `child` (e.g. its norm), uninitialised."""
-        return materialize(copy_of(self.template.get_submodule(child), self.config))
-
-    def tenant_embedding(self, name: str) -> nn.Module:
-        """Tenant `name`'s embedding, uninitialised, with its own padding token (whose row training
-        leaves alone), as its source had it."""
-        embedding = self.fresh("embed_tokens")
-        if hasattr(embedding, "padding_idx"):
-            embedding.padding_idx = self.config.tenants[name].get("pad_token_id", self.config.pad_token_id)
-        return embedding
-
-    def build_views(self) -> None:
-        """One view per tenant and one for mixed batches, built ahead (a compiled call cannot build one)."""
-        self.views.clear()
-        for tenant in (*self.tenant_names, None):
-            self.view(tenant)
-
-    def view(self, tenant: str | None) -> nn.Module:
-        """The family's base model running tenant `tenant`'s modules (`None`: a mixed batch's)."""
-        view = self.views.get(tenant)
-        if view is None or not self.view_is_current(view, tenant):
-            pick = RowDispatch if tenant is None else (lambda owner: owner[tenant])
-            shared = {"rotary_emb": self.rotary_emb} if self.rotary_emb is not None else {}
-            view = self.views[tenant] = view_of(
-                self.template,
-                embed_tokens=pick(self.embed_tokens),
-                layers=nn.ModuleList([LayerCall(layer, tenant) for layer in self.layers]),
-                norm=pick(self.norm),
-                **shared,
-            )
-        view.training = self.training
-        return view
-
-    def view_is_current(self, view: nn.Module, tenant: str | None) -> bool:
-        """Whether `view` still holds the registered modules (an embedding resize replaces them)."""
-        if len(view.layers) != len(self.layers) or getattr(view, "rotary_emb", None) is not self.rotary_emb:
-            return False
-        return tenant is None or (view.embed_tokens is self.embed_tokens[tenant] and view.norm is self.norm[tenant])
+    tenant_embeddings: nn.ModuleDict
 
     def run(self, view: nn.Module, routing: TenantRouting, **inputs):
         """Call `view` (the family's own model code) for `routing`'s rows: a KV cache is tagged with
@@ -560,7 +554,7 @@ class MultiTenantModel(MultiTenantPreTrainedModel):
         return output
     @property
     def tenant_names(self) -> list[str]:
-        return list(self.embed_tokens)
+        return list(self.tenant_embeddings)
 
     def resolve_tenant(self, tenant: str | None) -> str:
         """The tenant a call runs as: the one it names, else the innermost `active()` block's, else
@@ -572,7 +566,7 @@ class MultiTenantModel(MultiTenantPreTrainedModel):
         """`name` itself if this model holds that tenant; `None` never names one."""
         if name is None:
             raise UnknownTenantError(f"Name a tenant: got None; known tenants: {self.tenant_names}.")
-        if not isinstance(name, str) or name not in self.embed_tokens:
+        if not isinstance(name, str) or name not in self.tenant_embeddings:
             raise UnknownTenantError(f"Unknown tenant {name!r}; known tenants: {self.tenant_names}.")
         return name
 
@@ -627,10 +621,77 @@ class MultiTenantModel(MultiTenantPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         """The current tenant's embedding (see `resolve_tenant`), so `inputs_embeds` built from it
         match what a call without `tenant=` runs as."""
-        return self.embed_tokens[self.resolve_tenant(None)]
+        return self.tenant_embeddings[self.resolve_tenant(None)]
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens[self.resolve_tenant(None)] = value
+        self.tenant_embeddings[self.resolve_tenant(None)] = value
+
+class MultiTenantModel(TenantRouter, MultiTenantPreTrainedModel):
+    """The decoder stack: each tenant's embedding and final norm, and the multi-tenant layers."""
+
+    def __init__(self, config: MultiTenantConfigMixin):
+        super().__init__(config)
+        template = meta_template(self.family.base_model_class, config)
+        unregistered(self, template=template, views={})
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.ModuleDict({name: self.tenant_embedding(name) for name in config.tenants})
+        self.layers = nn.ModuleList(
+            [MultiTenantDecoderLayer(config, idx, template.layers[idx]) for idx in range(config.num_hidden_layers)]
+        )
+        self.norm = nn.ModuleDict({name: self.fresh("norm") for name in config.tenants})
+        # One rotary embedding for every tenant (their rope settings agree), where the family has one.
+        rotary = getattr(template, "rotary_emb", None)
+        self.rotary_emb = type(rotary)(config=config) if rotary is not None else None
+        self.gradient_checkpointing = False
+        self.active_tenant = config.default_tenant
+        self.tenant_lock = TenantLock()
+        self.post_init()
+        self.build_views()
+
+    @property
+    def tenant_embeddings(self) -> nn.ModuleDict:
+        return self.embed_tokens
+
+    def fresh(self, child: str) -> nn.Module:
+        """A new tenant's own copy of the family model's `child` (e.g. its norm), uninitialised."""
+        return materialize(copy_of(self.template.get_submodule(child), self.config))
+
+    def tenant_embedding(self, name: str) -> nn.Module:
+        """Tenant `name`'s embedding, uninitialised, with its own padding token (whose row training
+        leaves alone), as its source had it."""
+        embedding = self.fresh("embed_tokens")
+        if hasattr(embedding, "padding_idx"):
+            embedding.padding_idx = self.config.tenants[name].get("pad_token_id", self.config.pad_token_id)
+        return embedding
+
+    def build_views(self) -> None:
+        """One view per tenant and one for mixed batches, built ahead (a compiled call cannot build one)."""
+        self.views.clear()
+        for tenant in (*self.tenant_names, None):
+            self.view(tenant)
+
+    def view(self, tenant: str | None) -> nn.Module:
+        """The family's base model running tenant `tenant`'s modules (`None`: a mixed batch's)."""
+        view = self.views.get(tenant)
+        if view is None or not self.view_is_current(view, tenant):
+            pick = RowDispatch if tenant is None else (lambda owner: owner[tenant])
+            shared = {"rotary_emb": self.rotary_emb} if self.rotary_emb is not None else {}
+            view = self.views[tenant] = view_of(
+                self.template,
+                embed_tokens=pick(self.embed_tokens),
+                layers=nn.ModuleList([LayerCall(layer, tenant) for layer in self.layers]),
+                norm=pick(self.norm),
+                **shared,
+            )
+        view.training = self.training
+        return view
+
+    def view_is_current(self, view: nn.Module, tenant: str | None) -> bool:
+        """Whether `view` still holds the registered modules (an embedding resize replaces them)."""
+        if len(view.layers) != len(self.layers) or getattr(view, "rotary_emb", None) is not self.rotary_emb:
+            return False
+        return tenant is None or (view.embed_tokens is self.embed_tokens[tenant] and view.norm is self.norm[tenant])
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -648,58 +709,12 @@ class MultiTenantModel(MultiTenantPreTrainedModel):
         return self.run(self.view(routing.tenant), routing, input_ids=input_ids, **kwargs)
 
 
-class MultiTenantForCausalLM(MultiTenantPreTrainedModel, GenerationMixin):
-    """Several fine-tunes of one MoE model in one causal LM: a shared expert pool per sparse layer and
-    each tenant's own other layers. Every registered family has its class (`MultiTenantMixtralForCausalLM`,
-    `MultiTenantQwen3MoeForCausalLM`, ...).
+class MultiTenantLM(MultiTenantPreTrainedModel, GenerationMixin):
+    """What every multi-tenant model with a language-modelling head shares, whatever its layout:
+    building (`from_models`), loading and saving, the tenants and switching between them, and
+    `generate` with the tenant fixed per call or per row. A subclass lays out the modules
+    (`view`, `add_tenant_modules`, `tenant_modules`) and runs the family's forward."""
 
-    Build it with [`from_models`], pick a tenant with [`set_active_model`] (or per call with
-    `tenant=`), and use it like any causal LM: `generate`, `pipeline("text-generation")`,
-    `save_pretrained` / `from_pretrained`.
-    """
-
-    def __init__(self, config: MultiTenantConfigMixin):
-        super().__init__(config)
-        unregistered(self, template=meta_template(self.family.causal_lm_class, config), views={})
-        self.model = self.base_model_class_for_family(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.ModuleDict({name: self.fresh_head() for name in config.tenants})
-        for key, value in vars(self.template).items():  # the family's settings where its users read them
-            if not key.startswith("_") and isinstance(value, (bool, int, float)) and not hasattr(self, key):
-                setattr(self, key, value)
-        self.post_init()
-        self.build_views()
-
-    base_model_class_for_family: type[MultiTenantModel]
-
-    def view(self, tenant: str | None) -> nn.Module:
-        """The family's causal LM running tenant `tenant`'s modules (`None`: a mixed batch's)."""
-        model = self.model.view(tenant)
-        view = self.views.get(tenant)
-        head = RowDispatch(self.lm_head) if tenant is None else self.lm_head[tenant]
-        if view is None or view.model is not model or (tenant is not None and view.lm_head is not head):
-            view = self.views[tenant] = view_of(self.template, model=model, lm_head=head)
-        view.training = self.training
-        return view
-
-    def fresh_head(self) -> nn.Module:
-        return materialize(copy_of(self.template.lm_head, self.config))
-
-    def add_tenant_modules(self, name: str) -> None:
-        """Register new, uninitialised modules for tenant `name` (already in the config)."""
-        for layer, template in zip(self.model.layers, self.model.template.layers):
-            layer.tenants[name] = layer.tenant_layer(template, name)
-        self.model.embed_tokens[name] = self.model.tenant_embedding(name)
-        self.model.norm[name] = self.model.fresh("norm")
-        self.lm_head[name] = self.fresh_head()
-
-    def build_views(self) -> None:
-        """Build the views afresh (after the tenant set changed: a stale one would keep a removed
-        tenant alive), ahead of any call (a compiled call cannot build one)."""
-        self.model.build_views()
-        self.views.clear()
-        for tenant in (*self.tenants, None):
-            self.view(tenant)
 
     @classmethod
     def from_models(
@@ -792,7 +807,7 @@ class MultiTenantForCausalLM(MultiTenantPreTrainedModel, GenerationMixin):
         title = Path(os.path.abspath(save_directory)).name
 
         def save(directory, **options) -> None:
-            super(MultiTenantForCausalLM, self).save_pretrained(directory, **options)
+            super(MultiTenantLM, self).save_pretrained(directory, **options)
             if options.get("is_main_process", True):
                 for name, generation_config in self.generation_configs.items():
                     generation_config.save_pretrained(Path(directory, TENANTS_FOLDER, name))
@@ -810,11 +825,16 @@ class MultiTenantForCausalLM(MultiTenantPreTrainedModel, GenerationMixin):
 
     @property
     def _tied_weights_keys(self) -> dict[str, str]:
-        # Tying is a per-tenant property recorded in the config, not one class-wide switch.
+        # Tying is a per-tenant property recorded in the config, not one class-wide switch: a tied
+        # tenant's copies of the family's tied names (its lm_head; Switch's stack embeddings too)
+        # read its own embedding.
+        family = self.family
+        layer_paths = family.layer_paths(self.config)
         return {
-            f"lm_head.{name}.weight": f"model.embed_tokens.{name}.weight"
+            family.tenant_key(alias, name, layer_paths): family.tenant_key(target, name, layer_paths)
             for name, spec in self.config.tenants.items()
             if spec.get("tie_word_embeddings", False)
+            for alias, target in family.model_class._tied_weights_keys.items()
         }
 
     def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict[str, str]:
@@ -881,19 +901,6 @@ class MultiTenantForCausalLM(MultiTenantPreTrainedModel, GenerationMixin):
             with self.active(name):
                 super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         return self.get_input_embeddings()
-
-    def tenant_modules(self, name: str) -> dict[str, nn.Module]:
-        """Every module that belongs to tenant `name` alone, keyed by qualified name, in a fixed
-        order (embedding, final norm, lm_head, then one entry per layer)."""
-        name = self.model.known_tenant(name)
-        modules = {
-            f"model.embed_tokens.{name}": self.model.embed_tokens[name],
-            f"model.norm.{name}": self.model.norm[name],
-            f"lm_head.{name}": self.lm_head[name],
-        }
-        for layer_idx, layer in enumerate(self.model.layers):
-            modules[f"model.layers.{layer_idx}.tenants.{name}"] = layer.tenants[name]
-        return modules
 
     def memory_report(self) -> MemoryReport:
         return MemoryReport.of(self)
@@ -976,6 +983,72 @@ class MultiTenantForCausalLM(MultiTenantPreTrainedModel, GenerationMixin):
         routing = self.model.route(batch_size, tenant=tenant, tenant_ids=given.get("tenant_ids"))
         return generation_for_rows(self.generation_configs, routing.row_tenants, given)
 
+
+class MultiTenantForCausalLM(MultiTenantLM):
+    """Several fine-tunes of one MoE model in one causal LM: a shared expert pool per sparse layer and
+    each tenant's own other layers. Every registered family has its class (`MultiTenantMixtralForCausalLM`,
+    `MultiTenantQwen3MoeForCausalLM`, ...).
+
+    Build it with [`from_models`], pick a tenant with [`set_active_model`] (or per call with
+    `tenant=`), and use it like any causal LM: `generate`, `pipeline("text-generation")`,
+    `save_pretrained` / `from_pretrained`.
+    """
+    def __init__(self, config: MultiTenantConfigMixin):
+        super().__init__(config)
+        unregistered(self, template=meta_template(self.family.causal_lm_class, config), views={})
+        self.model = self.base_model_class_for_family(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.ModuleDict({name: self.fresh_head() for name in config.tenants})
+        for key, value in vars(self.template).items():  # the family's settings where its users read them
+            if not key.startswith("_") and isinstance(value, (bool, int, float)) and not hasattr(self, key):
+                setattr(self, key, value)
+        self.post_init()
+        self.build_views()
+
+    base_model_class_for_family: type[MultiTenantModel]
+
+    def view(self, tenant: str | None) -> nn.Module:
+        """The family's causal LM running tenant `tenant`'s modules (`None`: a mixed batch's)."""
+        model = self.model.view(tenant)
+        view = self.views.get(tenant)
+        head = RowDispatch(self.lm_head) if tenant is None else self.lm_head[tenant]
+        if view is None or view.model is not model or (tenant is not None and view.lm_head is not head):
+            view = self.views[tenant] = view_of(self.template, model=model, lm_head=head)
+        view.training = self.training
+        return view
+
+    def fresh_head(self) -> nn.Module:
+        return materialize(copy_of(self.template.lm_head, self.config))
+
+    def add_tenant_modules(self, name: str) -> None:
+        """Register new, uninitialised modules for tenant `name` (already in the config)."""
+        for layer, template in zip(self.model.layers, self.model.template.layers):
+            layer.tenants[name] = layer.tenant_layer(template, name)
+        self.model.embed_tokens[name] = self.model.tenant_embedding(name)
+        self.model.norm[name] = self.model.fresh("norm")
+        self.lm_head[name] = self.fresh_head()
+
+    def build_views(self) -> None:
+        """Build the views afresh (after the tenant set changed: a stale one would keep a removed
+        tenant alive), ahead of any call (a compiled call cannot build one)."""
+        self.model.build_views()
+        self.views.clear()
+        for tenant in (*self.tenants, None):
+            self.view(tenant)
+
+    def tenant_modules(self, name: str) -> dict[str, nn.Module]:
+        """Every module that belongs to tenant `name` alone, keyed by qualified name, in a fixed
+        order (embedding, final norm, lm_head, then one entry per layer)."""
+        name = self.model.known_tenant(name)
+        modules = {
+            f"model.embed_tokens.{name}": self.model.embed_tokens[name],
+            f"model.norm.{name}": self.model.norm[name],
+            f"lm_head.{name}": self.lm_head[name],
+        }
+        for layer_idx, layer in enumerate(self.model.layers):
+            modules[f"model.layers.{layer_idx}.tenants.{name}"] = layer.tenants[name]
+        return modules
+
     # -- forward ------------------------------------------------------------------------------
 
     @can_return_tuple
@@ -1012,7 +1085,8 @@ class MultiTenantForCausalLM(MultiTenantPreTrainedModel, GenerationMixin):
 
 def multitenant_classes(family: Family) -> tuple[type, type, type]:
     """`MultiTenant<Stem>PreTrainedModel`, `MultiTenant<Stem>Model` and `MultiTenant<Stem>ForCausalLM`
-    of `family`: the generic classes above, on top of the family's own `PreTrainedModel`."""
+    (`...ForConditionalGeneration` for an encoder-decoder family, from `multimoe.modeling_seq2seq`)
+    of `family`: the generic classes, on top of the family's own `PreTrainedModel`."""
     stem, config_class = family.class_stem, config_class_for(family)
     family_pretrained = family.base_model_class.__bases__[0]
 
@@ -1030,12 +1104,15 @@ def multitenant_classes(family: Family) -> tuple[type, type, type]:
         family=family,
         _can_record_outputs=recorders,
     )
-    base = define(f"MultiTenant{stem}Model", (MultiTenantModel, pretrained), MultiTenantModel.__doc__)
+    if family.is_encoder_decoder:
+        from .modeling_seq2seq import MultiTenantForConditionalGeneration, MultiTenantSeq2SeqModel
+
+        base_class, head_class, head_suffix = MultiTenantSeq2SeqModel, MultiTenantForConditionalGeneration, "ForConditionalGeneration"
+    else:
+        base_class, head_class, head_suffix = MultiTenantModel, MultiTenantForCausalLM, "ForCausalLM"
+    base = define(f"MultiTenant{stem}Model", (base_class, pretrained), base_class.__doc__)
     causal = define(
-        f"MultiTenant{stem}ForCausalLM",
-        (MultiTenantForCausalLM, pretrained),
-        MultiTenantForCausalLM.__doc__,
-        base_model_class_for_family=base,
+        f"MultiTenant{stem}{head_suffix}", (head_class, pretrained), head_class.__doc__, base_model_class_for_family=base
     )
     if family.saved_renames:
         register_checkpoint_conversion_mapping(

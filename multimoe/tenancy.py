@@ -16,7 +16,7 @@ from .assembly import SHARED_SETTINGS, TenantSet
 from .checkpoints import IncompatibleTenantsError, TenantCheckpoint, TenantSource, check_compatible
 from .configuration import validate_tenant_name
 from .consolidation.similarity import NEEDS_CALIBRATION, expert_runner, get_metric
-from .modeling import MultiTenantForCausalLM
+from .modeling import MultiTenantLM
 from .validation import check_number
 
 
@@ -35,7 +35,7 @@ def match_to_pool(distances: torch.Tensor, threshold: float) -> list[int | None]
     return matches
 
 
-def install_output_hooks(model: MultiTenantForCausalLM, modules: dict[str, nn.Module]) -> None:
+def install_output_hooks(model: MultiTenantLM, modules: dict[str, nn.Module]) -> None:
     """Give new modules the output-capturing hooks the model already installed on the others
     (transformers installs them once, on first use, for the modules present then)."""
     decoder = model.model
@@ -51,7 +51,7 @@ def install_output_hooks(model: MultiTenantForCausalLM, modules: dict[str, nn.Mo
 
 
 def add_tenant(
-    model: MultiTenantForCausalLM,
+    model: MultiTenantLM,
     name: str,
     source: TenantSource,
     *,
@@ -92,7 +92,7 @@ def add_tenant(
     incoming = TenantSet({name: checkpoint}, None, model.dtype)
     own_tensors = incoming.non_expert_tensors(name)  # read and checked before anything changes
 
-    device, parameters = model.device, incoming.expert_parameters
+    device, family = model.device, config.family
     run_experts = expert_runner(config.family, config)
     expert_map, additions = [], []
     for layer_idx, layer in enumerate(model.model.layers):
@@ -101,7 +101,7 @@ def add_tenant(
             additions.append(None)
             continue
         experts = incoming.layer_experts(layer_idx)[name]
-        pool = tuple(getattr(layer.experts, parameter).detach().cpu() for parameter in parameters)
+        pool = tuple(tensor.detach().cpu() for tensor in family.stacked_experts(config, layer.experts))
         matches = match_to_pool(metric(experts, pool, None, run_experts), threshold)
         new = [expert for expert, entry in enumerate(matches) if entry is None]
         row = list(matches)
@@ -120,26 +120,22 @@ def add_tenant(
     }
     for layer, extra in zip(model.model.layers, additions):
         if extra is not None and len(extra[0]):
-            pool = layer.experts
-            for parameter, tensor in zip(parameters, extra):
-                joined = torch.cat([getattr(pool, parameter).data, tensor.to(device)])
-                setattr(pool, parameter, nn.Parameter(joined, requires_grad=getattr(pool, parameter).requires_grad))
-            pool.num_experts += len(extra[0])
+            stacked = family.stacked_experts(config, layer.experts)
+            store_pool(layer, tuple(torch.cat([old.data, new.to(device)]) for old, new in zip(stacked, extra)))
     model.add_tenant_modules(name)
     model.generation_configs[name] = incoming.generation_configs()[name]  # read by TenantSet above
     modules = model.tenant_modules(name)
     for module in modules.values():
-        module.to(device=device, dtype=model.dtype)
+        module.to(device=device, dtype=model.dtype).train(model.training)  # new modules start in training mode
     with torch.no_grad():
         for key, tensor in own_tensors.items():
             model.get_parameter_or_buffer(key).copy_(tensor)
-    if checkpoint.tie_word_embeddings:
-        model.lm_head[name].weight = model.model.embed_tokens[name].weight
+    model.tie_weights()  # the new tenant's tied names (see `_tied_weights_keys`) read its embedding
     install_output_hooks(model, modules)
     model.build_views()
 
 
-def remove_tenant(model: MultiTenantForCausalLM, name: str) -> None:
+def remove_tenant(model: MultiTenantLM, name: str) -> None:
     name = model.model.known_tenant(name)
     if len(model.tenants) == 1:
         raise ValueError(f"Cannot remove {name!r}: it is the only tenant.")
@@ -148,8 +144,10 @@ def remove_tenant(model: MultiTenantForCausalLM, name: str) -> None:
     for layer_idx, layer in enumerate(model.model.layers):
         if config.pool_sizes[layer_idx]:
             remove_pool_entries(layer, layer_idx, config, survivors)
-        del layer.tenants[name]
-    del model.model.embed_tokens[name], model.model.norm[name], model.lm_head[name], model.generation_configs[name]
+    for key in model.tenant_modules(name):
+        owner, _, tenant = key.rpartition(".")
+        del model.get_submodule(owner)[tenant]
+    del model.generation_configs[name]
     del config.tenants[name]
     if config.default_tenant == name:
         config.default_tenant = survivors[0]
@@ -162,17 +160,25 @@ def remove_pool_entries(layer, layer_idx: int, config, survivors: list[str]) -> 
     """Drop the layer's pool entries no survivor reads and renumber the survivors' maps to the same experts."""
     kept = sorted({entry for tenant in survivors for entry in config.expert_map(tenant, layer_idx)})
     renumber = {old: new for new, old in enumerate(kept)}
-    pool = layer.experts
     if len(kept) < config.pool_sizes[layer_idx]:
-        for parameter, tensor in list(pool.named_parameters()):
-            index = torch.tensor(kept, device=tensor.device)
-            setattr(pool, parameter, nn.Parameter(tensor.data.index_select(0, index), requires_grad=tensor.requires_grad))
-        pool.num_experts = len(kept)
+        stacked = config.family.stacked_experts(config, layer.experts)
+        index = torch.tensor(kept, device=stacked[0].device)
+        store_pool(layer, tuple(tensor.data.index_select(0, index) for tensor in stacked))
     for tenant in survivors:
         row = [renumber[entry] for entry in config.tenants[tenant]["expert_map"][layer_idx]]
         config.tenants[tenant]["expert_map"][layer_idx] = row
         layer.tenants[tenant].get_submodule(layer.experts_path).expert_map.copy_(torch.tensor(row))
     config.pool_sizes[layer_idx] = len(kept)
+
+
+def store_pool(layer, stacked: tuple[torch.Tensor, ...]) -> None:
+    """Make `stacked` the layer's pool entries: the family's experts module, sized to them, holding
+    them as its parameters (trainable, and in the mode, of the pool it replaces)."""
+    config, old = layer.config, layer.experts
+    with torch.device("meta"):
+        pool = config.family.pool(config, stacked[0].shape[0])
+    pool.load_state_dict(config.family.experts_state(config, stacked), assign=True)
+    layer.experts = pool.requires_grad_(next(old.parameters()).requires_grad).train(old.training)
 
 
 __all__ = ["add_tenant", "remove_tenant"]

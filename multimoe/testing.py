@@ -15,7 +15,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, MixtralConfig, MixtralForCausalLM, PreTrainedConfig, PreTrainedModel
 from transformers import PreTrainedTokenizerFast
 
-from .families import FAMILIES
+from .families import FAMILIES, routed_experts
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARACTERS = list(string.ascii_lowercase + string.digits + " .,?!+=")
@@ -53,10 +53,19 @@ TINY_FIELDS = {
     ),
     "gpt_oss": dict(intermediate_size=16, num_local_experts=4, head_dim=8, sliding_window=4),
 }
+# Switch Transformers names its fields its own way; every other block is sparse, in both stacks.
+SWITCH_FIELDS = dict(
+    vocab_size=len(SPECIAL_TOKENS) + len(CHARACTERS), d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=2,
+    num_decoder_layers=2, num_experts=4, encoder_sparse_step=2, decoder_sparse_step=2, expert_capacity=64,
+    relative_attention_num_buckets=8, relative_attention_max_distance=16, initializer_factor=1.0,
+    pad_token_id=0, decoder_start_token_id=0, bos_token_id=1, eos_token_id=2,
+)
 
 
 def tiny_config(model_type: str, **overrides) -> PreTrainedConfig:
     """A config of `model_type` small enough for a unit test (any field can be overridden)."""
+    if model_type == "switch_transformers":
+        return AutoConfig.for_model(model_type, **SWITCH_FIELDS | overrides)
     fields = dict(
         vocab_size=len(SPECIAL_TOKENS) + len(CHARACTERS),
         hidden_size=32,
@@ -77,7 +86,7 @@ def random_model(config: PreTrainedConfig, seed: int = 0) -> PreTrainedModel:
     """The family's own causal LM with random weights; persistent float buffers (such as DeepSeek's
     router bias) are randomised too, so that every per-tenant tensor matters."""
     torch.manual_seed(seed)
-    model = FAMILIES[config.model_type].causal_lm_class(config).eval()
+    model = FAMILIES[config.model_type].model_class(config).eval()
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             if buffer.is_floating_point() and name in model.state_dict():
@@ -92,16 +101,21 @@ def fine_tune(
     experts listed in `changed_experts` (in every sparse layer); the other experts stay bit-identical."""
     generator = torch.Generator().manual_seed(seed)
     rows = torch.tensor(sorted(set(changed_experts)), dtype=torch.long)
-    family = FAMILIES[base.config.model_type]
+    family, config = FAMILIES[base.config.model_type], base.config
+    # A per-expert family stores each expert's tensors apart: those of the changed entries move whole.
+    entries = family.entry_names(config, routed_experts(config)) if family.per_expert_modules else []
+    changed = [f".{entries[index]}." for index in rows.tolist()] if entries else []
     tuned = copy.deepcopy(base)
     with torch.no_grad():
         for name, tensor in tuned.state_dict().items():
             if not tensor.is_floating_point():
                 continue
             noise = scale * torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
-            if family.is_expert_key(name):
+            if not family.is_expert_key(name):
+                tensor += noise
+            elif not family.per_expert_modules:
                 tensor[rows] += noise[rows]
-            else:
+            elif any(entry in name for entry in changed):
                 tensor += noise
     return tuned.eval()
 

@@ -121,7 +121,7 @@ def test_a_checkpoint_of_any_other_model_type_is_refused_by_name(saved):
 def save_verified(model, directory, **kwargs):
     """`atomic_save_pretrained` with the header check, as `save_pretrained` is to call it."""
     atomic_save_pretrained(
-        super(multimoe.MultiTenantForCausalLM, model).save_pretrained,
+        super(multimoe.MultiTenantLM, model).save_pretrained,
         directory,
         verify=lambda staged: check_saved_directory(staged, type(model), variant=kwargs.get("variant")),
         **kwargs,

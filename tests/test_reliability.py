@@ -53,7 +53,7 @@ def load_with_model(path, **kwargs):
 
 def save_with_helper(model, directory, **kwargs):
     """What `model.save_pretrained` does with the override pasted."""
-    atomic_save_pretrained(super(multimoe.MultiTenantForCausalLM, model).save_pretrained, directory, **kwargs)
+    atomic_save_pretrained(super(multimoe.MultiTenantLM, model).save_pretrained, directory, **kwargs)
 
 
 def save_with_model(model, directory, **kwargs):
@@ -551,7 +551,7 @@ def test_the_same_interruption_breaks_a_plain_transformers_save(pair, previous, 
     before = snapshot(previous)
     interrupt_shard_writes(monkeypatch, OSError(28, "No space left on device"))
     with pytest.raises(OSError):
-        super(multimoe.MultiTenantForCausalLM, pair).save_pretrained(previous, max_shard_size="20KB")
+        super(multimoe.MultiTenantLM, pair).save_pretrained(previous, max_shard_size="20KB")
     monkeypatch.undo()
     assert snapshot(previous) != before
     with pytest.raises(CheckpointError, match=rf"cannot read .*{SHARD}"):  # old shards gone, new ones half written

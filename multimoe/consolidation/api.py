@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..assembly import ExpertTensors, TenantSet, assemble, check_settings
 from ..checkpoints import TenantSource
-from ..modeling import MultiTenantForCausalLM, classes_for
+from ..modeling import MultiTenantLM, classes_for
 from ..validation import check_number
 from .calibration import CalibrationStats, collect, language_model_loss, per_tenant_data
 from .grouping import ExpertGroup, get_grouping
@@ -245,8 +245,8 @@ def pool_builder(planner: Planner, chosen: Sequence[Candidate], merge: str, stat
 
 def most_sensitive_plan(
     plan: Plan,
-    losses: Callable[[MultiTenantForCausalLM], dict[str, float]],
-    build: Callable[..., MultiTenantForCausalLM],
+    losses: Callable[[MultiTenantLM], dict[str, float]],
+    build: Callable[..., MultiTenantLM],
     stats: CalibrationStats,
     threshold: float | None,
     budget: int | None,
@@ -299,7 +299,7 @@ def consolidate(
     max_calibration_rows: int = 256,
     progress: bool = True,
     **shared_settings,
-) -> MultiTenantForCausalLM:
+) -> MultiTenantLM:
     """Build one multi-tenant model from N fine-tunes of one MoE model, sharing experts that are
     close. Every supported family (`multimoe.FAMILIES`) takes the same options: distances, merges
     and byte counts follow the family's own expert layout, and dense layers are left alone.
@@ -355,8 +355,10 @@ def consolidate(
             f"similarity={similarity!r}, merge={merge!r}, anchor={anchor!r}, max_quality_loss={max_quality_loss!r} "
             "need calibration data."
         )
-    data = per_tenant_data(calibration, list(models), tokenizer) if calibration is not None else None
     tenants = TenantSet.open(models, default_tenant=default_tenant, dtype=dtype, revision=revision, **shared_settings)
+    # Read once the family is known (configs only: no weight has been read yet).
+    encoder_decoder = tenants.family.is_encoder_decoder
+    data = per_tenant_data(calibration, list(models), tokenizer, encoder_decoder) if calibration is not None else None
     footprint = Footprint.of(tenants)
     budget = None if requested_budget is None else requested_budget.bytes(footprint.one_model)
     if budget is not None and budget < footprint.smallest:
@@ -371,7 +373,7 @@ def consolidate(
     planner = Planner(tenants, footprint, first_anchor, similarity, grouping, stats, progress)
     plan = Plan.within(planner, threshold, budget)
 
-    def build(plan: Plan, merges: int, rule: str = merge) -> MultiTenantForCausalLM:
+    def build(plan: Plan, merges: int, rule: str = merge) -> MultiTenantLM:
         config, state_dict = assemble(tenants, pool_builder(plan.planner, plan.allowed[:merges], rule, stats))
         return classes_for(tenants.family)[2].from_assembly(tenants, config, state_dict).eval()
 

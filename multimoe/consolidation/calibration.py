@@ -26,11 +26,37 @@ CalibrationInput = Union[CalibrationSample, Sequence[CalibrationSample]]
 @dataclass(frozen=True)
 class CalibrationData:
     """Left-padded calibration rows; `labels` score every real token, or only the completion of
-    prompt/completion pairs (padding and prompts are -100)."""
+    prompt/completion pairs (padding and prompts are -100). For an encoder-decoder model the rows
+    are the prompts, and `labels` the completions, right-padded with -100."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+
+    @classmethod
+    def pairs_for_encoder_decoder(cls, calibration: CalibrationInput, tokenizer: Callable | None, pad_token_id: int = 0) -> CalibrationData:
+        """`{"prompt", "completion"}` pairs for an encoder-decoder model: the prompt is the
+        encoder's input and the completion (with the tokenizer's end token) the scored target."""
+        samples = [calibration] if isinstance(calibration, Mapping) else calibration
+        if not isinstance(samples, Sequence) or isinstance(samples, str) or not all(
+            isinstance(sample, Mapping) and set(sample) == PAIR_KEYS for sample in samples
+        ):
+            raise ValueError(
+                "An encoder-decoder model is calibrated on {'prompt': ..., 'completion': ...} pairs (the prompt goes "
+                "to the encoder, the completion is scored), not on texts or token ids."
+            )
+        prompts = [cls.tokenize(sample["prompt"], tokenizer) for sample in samples]
+        targets = [cls.tokenize(sample["completion"], tokenizer) for sample in samples]
+        if not samples or not all(prompts) or not all(targets):
+            raise ValueError("Calibration data is empty: give pairs with a non-empty prompt and completion.")
+        input_ids = torch.full((len(samples), max(map(len, prompts))), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        labels = torch.full((len(samples), max(map(len, targets))), -100, dtype=torch.long)
+        for index, (prompt, target) in enumerate(zip(prompts, targets)):
+            input_ids[index, input_ids.shape[1] - len(prompt) :] = torch.tensor(prompt)
+            attention_mask[index, input_ids.shape[1] - len(prompt) :] = 1
+            labels[index, : len(target)] = torch.tensor(target)
+        return cls(input_ids, attention_mask, labels)
 
     @classmethod
     def from_user(cls, calibration: CalibrationInput, tokenizer: Callable | None = None, pad_token_id: int = 0) -> CalibrationData:
@@ -94,15 +120,18 @@ class CalibrationData:
             yield self.input_ids[rows], self.attention_mask[rows], self.labels[rows]
 
 
-def per_tenant_data(calibration, tenants: Sequence[str], tokenizer=None) -> dict[str, CalibrationData]:
+def per_tenant_data(
+    calibration, tenants: Sequence[str], tokenizer=None, encoder_decoder: bool = False
+) -> dict[str, CalibrationData]:
     """Each tenant's calibration rows: its own entry when `calibration` maps tenant names to data
     (a tenant is then measured on what it serves), else the same data for all."""
+    read = CalibrationData.pairs_for_encoder_decoder if encoder_decoder else CalibrationData.from_user
     if isinstance(calibration, Mapping) and set(calibration) != PAIR_KEYS:
         missing = [name for name in tenants if name not in calibration]
         if missing or len(calibration) != len(tenants):
             raise ValueError(f"Per-tenant calibration must name exactly the tenants {list(tenants)}; got {list(calibration)}.")
-        return {name: CalibrationData.from_user(calibration[name], tokenizer) for name in tenants}
-    shared = CalibrationData.from_user(calibration, tokenizer)
+        return {name: read(calibration[name], tokenizer) for name in tenants}
+    shared = read(calibration, tokenizer)
     return dict.fromkeys(tenants, shared)
 
 
@@ -116,11 +145,13 @@ class CalibrationStats:
 def original_model(tenants: TenantSet, name: str) -> PreTrainedModel:
     """The tenant as its family's own causal LM, read from its checkpoint (one model in memory)."""
     checkpoint = tenants.checkpoints[name]
-    state = {key: checkpoint.tensor(key) for key in tenants.shapes if not tenants.family.is_expert_key(key)}
-    for layer_idx, sparse in enumerate(tenants.sparse_layers):
-        if sparse:
-            state.update(zip(checkpoint.expert_keys(layer_idx), checkpoint.experts(layer_idx)))
-    model_class = tenants.family.causal_lm_class
+    family = tenants.family
+    state = {key: checkpoint.tensor(key) for key in tenants.shapes if not family.is_expert_key(key)}
+    for layer_idx, module in enumerate(family.experts_modules(checkpoint.config)):
+        if module is not None:
+            experts = family.experts_state(checkpoint.config, checkpoint.experts(layer_idx))
+            state.update((f"{module}.{name}", tensor) for name, tensor in experts.items())
+    model_class = family.model_class
     return model_class.from_pretrained(None, config=checkpoint.config, state_dict=state, dtype=tenants.dtype).eval()
 
 
@@ -128,8 +159,9 @@ def original_model(tenants: TenantSet, name: str) -> PreTrainedModel:
 def language_model_loss(model, data: CalibrationData, **forward_kwargs) -> float:
     """Token-weighted mean loss over the calibration rows."""
     total, tokens = 0.0, 0
+    shift = 0 if model.config.is_encoder_decoder else 1  # a causal LM scores each label from the token before
     for input_ids, attention_mask, labels in data.batches():
-        count = int((labels[:, 1:] != -100).sum())
+        count = int((labels[:, shift:] != -100).sum())
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **forward_kwargs).loss
         total += float(loss) * count
         tokens += count
@@ -150,21 +182,22 @@ def collect(
         inputs: list[list[torch.Tensor]] = [[] for _ in range(layers)]
         valid: list[torch.Tensor] = []
 
-        def hook(layer_idx):
-            def record(module, args):  # the experts' call: (hidden states, local expert indices, weights)
-                rows = valid[0]
+        def hook(layer_idx, stack):
+            def record(module, args):  # the experts' call: (hidden states, local routing, weights)
+                rows = valid[stack]
                 inputs[layer_idx].append(args[0].reshape(-1, args[0].shape[-1])[rows].float())
-                counts[layer_idx] += torch.bincount(args[1][rows].flatten(), minlength=experts).float()
+                counts[layer_idx] += torch.bincount(family.local_experts(args[1][rows]), minlength=experts).float()
 
             return record
 
         def remember_valid_rows(module, args, kwargs):
-            valid[:] = [kwargs["attention_mask"].reshape(-1).bool()]
+            # The tokens that reach the experts: the prompt's real ones, and in a decoder the scored targets.
+            valid[:] = [kwargs["attention_mask"].reshape(-1).bool(), (kwargs["labels"] != -100).reshape(-1)]
 
         handles = [
-            family.sparse_block_of(layer).get_submodule(family.experts).register_forward_pre_hook(hook(i))
-            for i, layer in enumerate(model.model.layers)
-            if family.sparse_block_of(layer) is not None
+            model.get_submodule(path).register_forward_pre_hook(hook(i, int(path.startswith("decoder."))))
+            for i, path in enumerate(family.experts_modules(model.config))
+            if path is not None
         ]
         handles.append(model.register_forward_pre_hook(remember_valid_rows, with_kwargs=True))
         losses[name] = language_model_loss(model, data[name])

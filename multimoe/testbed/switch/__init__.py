@@ -1,0 +1,130 @@
+"""A tiny, shipped Switch Transformers seq2seq testbed: a word-level tokenizer, a base pre-trained
+on a mix of four free-text tasks, and one full fine-tune per task (made by
+`scripts/make_switch_testbed.py`), scored with ROUGE (`multimoe.evaluation.rouge_scores`).
+
+The four tasks read the same kind of input (a short event: who did what to which object, where,
+maybe when) and each writes a different text of several words from it, over one 101-word
+vocabulary, so the fine-tunes pull the shared embeddings and experts in different directions and a
+merge of them visibly loses ROUGE:
+
+- `keywords`: the name, object, city and day of a sentence, in the order they appear;
+- `compress`: the sentence without its day, adverb and size phrase;
+- `title`: a headline "colour object <verb as a noun> in city" (e.g. "red car purchase in paris");
+- `describe`: data-to-text, a sentence from a shuffled "field value" record.
+
+Each prompt starts with its task's name, as in T5, so one model can be trained on the mix.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerFast, SwitchTransformersForConditionalGeneration
+
+from .. import Example, Task
+
+ROOT = Path(__file__).parent
+TOKENIZER_DIR = ROOT / "tokenizer"
+BASE = "base"
+
+# T5 / Switch convention: pad (0) doubles as the decoder's start token, eos is 1.
+SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
+NAMES = "anna ben carl dora emil fay gus hana ivan june kurt lena".split()
+# Past tense -> the noun a headline uses for it.
+VERBS = {
+    "bought": "purchase", "sold": "sale", "painted": "painting", "found": "discovery", "lost": "loss",
+    "built": "construction", "fixed": "repair", "stole": "theft", "rented": "rental", "delivered": "delivery",
+}
+COLORS = "red blue green black white yellow brown grey".split()
+SIZES = "old new small big tiny huge".split()
+INTENSIFIERS = "very quite rather".split()
+NOUNS = "car house boat bike lamp piano table clock bridge garden tower kite".split()
+CITIES = "paris rome oslo lima cairo tokyo berlin madrid vienna dublin".split()
+DAYS = "monday tuesday wednesday thursday friday saturday sunday".split()
+ADVERBS = "quietly quickly suddenly finally proudly slowly secretly happily".split()
+FUNCTION_WORDS = "a the in on".split()
+FIELDS = "name action size color item city day".split()
+PREFIXES = "keywords compress title describe".split()
+WORDS = (
+    PREFIXES + FIELDS + FUNCTION_WORDS + NAMES + list(VERBS) + list(VERBS.values()) + COLORS + SIZES
+    + INTENSIFIERS + NOUNS + CITIES + DAYS + ADVERBS
+)
+
+
+def _event(rng: random.Random) -> dict[str, str | None]:
+    """One event; day, size (with an optional intensifier) and adverb are optional, and the day and
+    adverb go before or after the rest, so a sentence's shape varies as much as its words."""
+    size = rng.choice(SIZES) if rng.random() < 0.5 else None
+    return dict(
+        name=rng.choice(NAMES), verb=rng.choice(list(VERBS)), color=rng.choice(COLORS), noun=rng.choice(NOUNS),
+        city=rng.choice(CITIES), det=rng.choice(("a", "the")), size=size,
+        intensifier=rng.choice(INTENSIFIERS) if size and rng.random() < 0.5 else None,
+        day=rng.choice(DAYS) if rng.random() < 0.6 else None, day_first=rng.random() < 0.5,
+        adverb=rng.choice(ADVERBS) if rng.random() < 0.6 else None, adverb_first=rng.random() < 0.5,
+    )
+
+
+def _sentence(e: dict) -> list[str]:
+    day = ["on", e["day"]] if e["day"] else []
+    adverb = [e["adverb"]] if e["adverb"] else []
+    words = (day if e["day_first"] else []) + [e["name"]] + (adverb if e["adverb_first"] else [])
+    words += [e["verb"], e["det"]] + [w for w in (e["intensifier"], e["size"]) if w] + [e["color"], e["noun"]]
+    words += ["in", e["city"]] + ([] if e["adverb_first"] else adverb) + ([] if e["day_first"] else day)
+    return words
+
+
+def _keywords(rng: random.Random) -> Example:
+    sentence = _sentence(_event(rng))
+    keep = set(NAMES) | set(NOUNS) | set(CITIES) | set(DAYS)
+    return Example(" ".join(["keywords"] + sentence), " ".join(w for w in sentence if w in keep))
+
+
+def _compress(rng: random.Random) -> Example:
+    e = _event(rng)
+    answer = [e["name"], e["verb"], e["det"], e["color"], e["noun"], "in", e["city"]]
+    return Example(" ".join(["compress"] + _sentence(e)), " ".join(answer))
+
+
+def _title(rng: random.Random) -> Example:
+    e = _event(rng)
+    answer = [e["color"], e["noun"], VERBS[e["verb"]], "in", e["city"]]
+    return Example(" ".join(["title"] + _sentence(e)), " ".join(answer))
+
+
+def _describe(rng: random.Random) -> Example:
+    e = _event(rng)
+    record = dict(
+        name=e["name"], action=e["verb"], size=e["size"], color=e["color"], item=e["noun"], city=e["city"], day=e["day"]
+    )
+    fields = [(k, v) for k, v in record.items() if v]
+    rng.shuffle(fields)
+    answer = (["on", e["day"]] if e["day"] else []) + [e["name"], e["verb"], "a"]
+    answer += ([e["size"]] if e["size"] else []) + [e["color"], e["noun"], "in", e["city"]]
+    return Example(" ".join(["describe"] + [w for field in fields for w in field]), " ".join(answer))
+
+
+TASKS: dict[str, Task] = {
+    name: Task(name, make)
+    for name, make in [("keywords", _keywords), ("compress", _compress), ("title", _title), ("describe", _describe)]
+}
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    """The shipped word-level tokenizer: one token per word of `WORDS`, `</s>` appended, right padding."""
+    return PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR)
+
+
+def checkpoint(name: str) -> Path:
+    """Directory of the shipped `base` or of a task's fine-tune."""
+    path = ROOT / name
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no shipped Switch checkpoint {name!r}; run scripts/make_switch_testbed.py")
+    return path
+
+
+def load(name: str) -> SwitchTransformersForConditionalGeneration:
+    return SwitchTransformersForConditionalGeneration.from_pretrained(checkpoint(name)).eval()
+
+
+__all__ = ["BASE", "ROOT", "SPECIAL_TOKENS", "TASKS", "TOKENIZER_DIR", "WORDS", "checkpoint", "load", "tokenizer"]

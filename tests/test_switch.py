@@ -1,0 +1,211 @@
+"""Switch Transformers tenants: an encoder-decoder with per-expert modules, top-1 routing with
+expert capacity, relative position bias and a tied, rescaled lm_head, served losslessly against
+`SwitchTransformersForConditionalGeneration`.
+
+Each tenant's logits are compared bit for bit with its original's: the multi-tenant model runs the
+family's own modules on the same rows, so the kernels and layouts are the same. A mixed batch runs
+each tenant group's rows through that tenant's modules in a smaller batch, whose kernels may round
+differently: there rows are compared within 1e-5, and greedy or beam generations token for token.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForSeq2SeqLM, SwitchTransformersForConditionalGeneration
+
+import multimoe
+from multimoe import consolidate
+from multimoe.testing import character_tokenizer, fine_tune, random_model, tiny_config
+
+TEXTS = ["sort dcba", "hi", "what is 2+2?", "rev abc"]
+ROWS = ["base", "untied", "a", "base"]
+PAIRS = [{"prompt": "sort dcba", "completion": "abcd"}, {"prompt": "2+2", "completion": "4"},
+         {"prompt": "rev abc", "completion": "cba"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return character_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def originals() -> dict[str, SwitchTransformersForConditionalGeneration]:
+    """A tied base, a fine-tune moving experts {0, 1}, and a tenant with untied embeddings and head."""
+    base = random_model(tiny_config("switch_transformers"), seed=0)
+    untied = random_model(tiny_config("switch_transformers", tie_word_embeddings=False), seed=1)
+    return {"base": base, "a": fine_tune(base, seed=2, changed_experts={0, 1}), "untied": untied}
+
+
+@pytest.fixture(scope="module")
+def multi(originals):
+    return multimoe.from_models(originals).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    return tokenizer(TEXTS, return_tensors="pt", padding=True)
+
+
+def decoder_inputs(batch) -> torch.Tensor:
+    return torch.roll(batch["input_ids"], 1, dims=1)[:, :5]
+
+
+def test_the_class_and_its_layout(multi, originals):
+    assert type(multi).__name__ == "MultiTenantSwitchTransformersForConditionalGeneration"
+    assert multi.config.pool_sizes == [0, 10, 0, 10]  # base 4, `a` 2 more (it shares 2, 3), untied 4
+    assert {name: spec["tie_word_embeddings"] for name, spec in multi.config.tenants.items()} == {
+        "base": True, "a": True, "untied": False
+    }
+    names = dict(multi.named_parameters())
+    assert "model.encoder.block.1.experts.expert_5.wi.weight" in names
+    assert "model.decoder.block.0.tenants.a.layer.0.SelfAttention.relative_attention_bias.weight" in names
+    assert multi.model.encoder.embed_tokens["a"].weight is multi.model.shared["a"].weight
+    assert multi.model.encoder.embed_tokens["untied"].weight is not multi.model.shared["untied"].weight
+
+
+def test_every_tenants_logits_equal_its_originals(multi, originals, batch):
+    inputs = dict(batch, decoder_input_ids=decoder_inputs(batch))
+    with torch.no_grad():
+        for name, original in originals.items():
+            assert torch.equal(multi(**inputs, tenant=name).logits, original(**inputs).logits), name
+            with multi.active(name):
+                assert torch.equal(multi(**inputs).logits, original(**inputs).logits), name
+
+
+def test_expert_capacity_drops_the_same_tokens(originals, batch):
+    """With a capacity of one token per expert and sequence most tokens overflow; the multi-tenant
+    model must drop exactly the tokens the original drops."""
+    config = tiny_config("switch_transformers", expert_capacity=1)
+    tight = {name: random_model(config, seed=seed) for seed, name in enumerate(("x", "y"))}
+    model = multimoe.from_models(tight).eval()
+    inputs = dict(batch, decoder_input_ids=decoder_inputs(batch))
+    router = tight["x"].encoder.block[1].layer[1].mlp.router
+    with torch.no_grad():
+        dispatch, _, _ = router(torch.randn(4, 12, config.d_model))
+        assert int(dispatch.sum()) < 4 * 12  # tokens are dropped
+        for name, original in tight.items():
+            assert torch.equal(model(**inputs, tenant=name).logits, original(**inputs).logits), name
+        mixed = model(**inputs, tenant_names=["x", "y", "y", "x"]).logits
+        for row, name in enumerate(["x", "y", "y", "x"]):
+            torch.testing.assert_close(mixed[row], tight[name](**inputs).logits[row], rtol=0, atol=1e-5)
+
+
+def test_bfloat16_tenants_keep_the_routers_float32(originals, batch):
+    sources = {name: SwitchTransformersForConditionalGeneration(model.config).to(torch.bfloat16).eval()
+               for name, model in originals.items() if name != "untied"}
+    for source, original in zip(sources.values(), (originals["base"], originals["a"])):
+        source.load_state_dict(original.state_dict())
+    model = multimoe.from_models(sources).eval()
+    assert model.dtype == torch.bfloat16
+    inputs = dict(batch, decoder_input_ids=decoder_inputs(batch))
+    with torch.no_grad():
+        for name, source in sources.items():
+            assert torch.equal(model(**inputs, tenant=name).logits, source(**inputs).logits), name
+
+
+def test_mixed_batch_rows_match_their_originals(multi, originals, batch):
+    inputs = dict(batch, decoder_input_ids=decoder_inputs(batch))
+    with torch.no_grad():
+        mixed = multi(**inputs, tenant_names=ROWS).logits
+        for row, name in enumerate(ROWS):
+            torch.testing.assert_close(mixed[row], originals[name](**inputs).logits[row], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(num_beams=3)], ids=["greedy", "beams"])
+def test_generations_equal_the_originals_alone_and_mixed(multi, originals, tokenizer, batch, settings):
+    settings = dict(max_new_tokens=6, do_sample=False, **settings)
+    for name, original in originals.items():
+        assert torch.equal(multi.generate(**batch, tenant=name, **settings), original.generate(**batch, **settings))
+    mixed = multi.generate(**batch, tenant_names=ROWS, **settings)
+    for row, (text, name) in enumerate(zip(TEXTS, ROWS)):
+        alone = originals[name].generate(**tokenizer(text, return_tensors="pt"), **settings)[0]
+        assert mixed[row, : len(alone)].tolist() == alone.tolist(), (row, name)
+
+
+def test_save_and_load_through_auto_model_for_seq2seq_lm(multi, originals, batch, tmp_path):
+    multi.save_pretrained(tmp_path)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(multi) and loaded.tenants == multi.tenants
+    assert multimoe.MultiTenantForCausalLM.from_pretrained(tmp_path).tenants == multi.tenants  # by model type
+    for (key, mine), (_, theirs) in zip(multi.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(mine, theirs), key
+    with torch.no_grad():
+        for name, original in originals.items():
+            settings = dict(max_new_tokens=5, do_sample=False)
+            assert torch.equal(loaded.generate(**batch, tenant=name, **settings), original.generate(**batch, **settings))
+
+
+REMOTE_CODE = r"""
+import sys
+sys.modules["multimoe"] = None  # multimoe is not installed, as far as this process can tell
+import torch
+from transformers import AutoModelForSeq2SeqLM
+directory, inputs_path, out_path = sys.argv[1:]
+model = AutoModelForSeq2SeqLM.from_pretrained(directory, trust_remote_code=True).eval()
+inputs = torch.load(inputs_path)
+with torch.no_grad():
+    out = {name: model.generate(**inputs, tenant=name, max_new_tokens=5, do_sample=False) for name in model.tenants}
+torch.save({"class": type(model).__name__, "generations": out}, out_path)
+"""
+
+
+def test_loads_with_trust_remote_code_where_multimoe_is_not_installed(multi, originals, batch, tmp_path):
+    multi.save_pretrained(tmp_path / "saved")
+    torch.save(dict(batch), tmp_path / "inputs.pt")
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE, str(tmp_path / "saved"), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        capture_output=True, text=True, cwd=tmp_path,
+        env={"HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+             "OMP_NUM_THREADS": str(torch.get_num_threads())},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = torch.load(tmp_path / "out.pt")
+    assert remote["class"] == "MultiTenantSwitchTransformersForConditionalGeneration"
+    for name, original in originals.items():
+        assert torch.equal(remote["generations"][name], original.generate(**batch, max_new_tokens=5, do_sample=False))
+
+
+def test_consolidate_lossless_then_within_a_budget_with_output_similarity(originals, tokenizer, batch):
+    sources = {name: originals[name] for name in ("base", "a")}
+    lossless = consolidate(sources, progress=False)
+    assert lossless.config.pool_sizes == multimoe.from_models(sources).config.pool_sizes
+    report = lossless.consolidation_report
+    shared = consolidate(sources, memory_budget=report.bytes_after - 1, similarity="output", merge="keep_anchor",
+                         calibration=PAIRS, tokenizer=tokenizer, progress=False)
+    assert type(shared).__name__ == "MultiTenantSwitchTransformersForConditionalGeneration"
+    assert sum(shared.config.pool_sizes) < sum(lossless.config.pool_sizes)
+    assert shared.consolidation_report.deciding_limit == "memory_budget"
+    out = shared.generate(**batch, tenant_names=["base", "a", "a", "base"], max_new_tokens=4, do_sample=False)
+    assert out.shape[0] == 4
+
+
+def test_calibration_of_an_encoder_decoder_takes_pairs(originals, tokenizer):
+    with pytest.raises(ValueError, match="encoder-decoder model is calibrated on"):
+        consolidate({n: originals[n] for n in ("base", "a")}, similarity="output", memory_budget="2.0x",
+                    calibration=["plain text"], tokenizer=tokenizer, progress=False)
+
+
+def test_unknown_tenants_and_one_name_per_row_are_refused(multi, batch):
+    with pytest.raises(multimoe.UnknownTenantError, match="nope"):
+        multi.generate(**batch, tenant="nope", max_new_tokens=2)
+    with pytest.raises(ValueError, match="Give one tenant per row"):
+        multi(**batch, decoder_input_ids=decoder_inputs(batch), tenant_ids=torch.tensor([0, 1]))
+
+
+def test_add_tenant_then_remove_it_leaves_the_others_bit_identical(originals, batch):
+    model = multimoe.from_models({name: originals[name] for name in ("base", "untied")}).eval()
+    inputs = dict(batch, decoder_input_ids=decoder_inputs(batch))
+    with torch.no_grad():
+        before = {name: model(**inputs, tenant=name).logits for name in model.tenants}
+        model.add_tenant("a", originals["a"])
+        assert model.config.pool_sizes == [0, 10, 0, 10]  # `a` brings only the experts it moved
+        assert model.model.encoder.embed_tokens["a"].weight is model.model.shared["a"].weight
+        assert torch.equal(model(**inputs, tenant="a").logits, originals["a"](**inputs).logits)
+        model.remove_tenant("base")
+        assert model.config.pool_sizes == [0, 8, 0, 8]  # untied's 4, `a`'s 2 and the 2 of base's it reads
+        assert torch.equal(model(**inputs, tenant="untied").logits, before["untied"])
+        assert torch.equal(model(**inputs, tenant="a").logits, originals["a"](**inputs).logits)
