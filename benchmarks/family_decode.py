@@ -1,8 +1,9 @@
-"""One tenant's greedy decode speed, multi-tenant class vs the family's own class, for each built-in family.
+"""One tenant's greedy generation speed, multi-tenant class vs the family's own class, for each built-in family.
 
 For every family: a model at the family's real proportions, scaled down to `--hidden` (the real
 config's intermediate sizes, head count and LoRA ranks scale with hidden_size; head dims, expert
-counts and top-k stay real; gpt-oss uses gpt-oss-20b's 32 experts), is wrapped as the only tenant
+counts and top-k stay real; gpt-oss uses gpt-oss-20b's 32 experts; Switch is switch-base-8, the paper's
+model, with `--layers` blocks in each stack; its prompt goes to the encoder), is wrapped as the only tenant
 of `multimoe.from_models`. Both classes then generate the same greedy tokens from the same prompt
 (batch 1, KV cache on, exactly `--new-tokens` tokens); whole `generate` calls alternate between the
 two (which goes first alternates too), and tokens/s is new tokens over the median call time. The
@@ -29,12 +30,15 @@ from transformers.utils import logging
 import multimoe
 from multimoe.families import EXPERT_COUNT_FIELDS, FAMILIES
 
-BUILT_IN = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
+BUILT_IN = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "switch_transformers")
 GOAL = 0.97
 PROMPT_LENGTH = 8
 # Where the family's default config is not the checkpoint to scale: gpt-oss's default is the
 # 120B (128 experts); the 20B has 32. DeepSeek-V3's first 3 of 61 layers are dense: keep one.
 REAL_OVERRIDES = {"gpt_oss": dict(num_local_experts=32), "deepseek_v3": dict(first_k_dense_replace=1)}
+# google/switch-base-8 (the paper's model); the config class defaults differ in d_ff and sparse step.
+SWITCH_BASE_8 = dict(d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_experts=8, encoder_sparse_step=2,
+                     decoder_sparse_step=2, expert_capacity=64)
 LORA_RANKS = ("q_lora_rank", "kv_lora_rank")
 
 
@@ -42,8 +46,23 @@ def round_to(value: float, multiple: int = 16) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 
 
+def switch_config(hidden: int, layers: int, vocab: int, max_experts: int | None):
+    """switch-base-8 scaled to `hidden`: d_ff and the head count scale, head width and experts stay;
+    `layers` blocks in each of encoder and decoder, every other one sparse."""
+    scale = hidden / SWITCH_BASE_8["d_model"]
+    fields = SWITCH_BASE_8 | dict(
+        d_model=hidden, d_ff=round_to(SWITCH_BASE_8["d_ff"] * scale), num_heads=max(1, round(SWITCH_BASE_8["num_heads"] * scale)),
+        num_layers=layers, num_decoder_layers=layers, vocab_size=vocab, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    fields["num_experts"] = min(fields["num_experts"], max_experts or fields["num_experts"])
+    return FAMILIES["switch_transformers"].config_class(**fields)
+
+
 def scaled_config(model_type: str, hidden: int, layers: int, vocab: int, max_experts: int | None):
     """The family's default config with its widths scaled to `hidden` (see the module docstring)."""
+    if model_type == "switch_transformers":
+        return switch_config(hidden, layers, vocab, max_experts)
     family = FAMILIES[model_type]
     real = family.config_class(**REAL_OVERRIDES.get(model_type, {}))
     scale = hidden / real.hidden_size
@@ -86,6 +105,11 @@ def scaled_config(model_type: str, hidden: int, layers: int, vocab: int, max_exp
 
 def shapes(config) -> str:
     family = FAMILIES[config.model_type]
+    if family.is_encoder_decoder:
+        sparse = sum(family.sparse_layers(config))
+        return (f"{config.num_layers}+{config.num_decoder_layers} blocks ({sparse} sparse), d_model={config.d_model}, "
+                f"d_ff={config.d_ff}, {config.num_heads}x{config.d_kv} heads, {config.num_experts} experts top-1, "
+                f"capacity {config.expert_capacity}, vocab {config.vocab_size}")
     experts = next(value for key, value in config.to_dict().items() if key in EXPERT_COUNT_FIELDS)
     top_k = getattr(config, "num_experts_per_tok", None)
     widths = ", ".join(
@@ -125,7 +149,7 @@ def generate_seconds(model, prompt: torch.Tensor, new_tokens: int, **options) ->
 def measure(model_type: str, args) -> dict:
     config = scaled_config(model_type, args.hidden, args.layers, args.vocab, args.max_experts)
     torch.manual_seed(0)
-    own = FAMILIES[model_type].causal_lm_class(config).eval()
+    own = FAMILIES[model_type].model_class(config).eval()
     multi = multimoe.from_models({"t0": own}).eval()
     assert multi.config._attn_implementation == own.config._attn_implementation, "compare like with like"
     prompt = torch.randint(3, config.vocab_size, (1, PROMPT_LENGTH), generator=torch.Generator().manual_seed(0))
@@ -145,7 +169,7 @@ def measure(model_type: str, args) -> dict:
     multi_rate = args.new_tokens / statistics.median(timings["multimoe"])
     return dict(
         family=model_type,
-        class_name=FAMILIES[model_type].causal_lm_class.__name__,
+        class_name=FAMILIES[model_type].model_class.__name__,
         shapes=shapes(config),
         own=own_rate,
         multi=multi_rate,

@@ -48,6 +48,13 @@ def tenant_copies(template: nn.Module, config: MultiTenantConfigMixin) -> nn.Mod
     return nn.ModuleDict({name: materialize(copy_of(template, config)) for name in config.tenants})
 
 
+def add_tenant_copies(owner: nn.Module, children: list[str], name: str) -> None:
+    """A new tenant's uninitialised copy of each per-tenant child of `owner` (a stack or model
+    holding its family `template` and `config`)."""
+    for child in children:
+        getattr(owner, child)[name] = materialize(copy_of(owner.template.get_submodule(child), owner.config))
+
+
 def picker(tenant: str | None):
     """How a view takes a per-tenant module from its `ModuleDict`: the tenant's own, or for a
     mixed batch (`None`) a `RowDispatch` over every tenant's."""
@@ -61,7 +68,7 @@ class MultiTenantStack(nn.Module):
 
     def __init__(self, config: MultiTenantConfigMixin, template: nn.Module, first_layer: int):
         super().__init__()
-        unregistered(self, template=template)
+        unregistered(self, template=template, config=config)
         self.layer_list = config.family.layer_list
         blocks = getattr(template, self.layer_list)
         layers = [MultiTenantDecoderLayer(config, first_layer + index, block) for index, block in enumerate(blocks)]
@@ -88,8 +95,7 @@ class MultiTenantStack(nn.Module):
         return modules
 
     def add_tenant_modules(self, name: str) -> None:
-        for own in self.own:
-            getattr(self, own)[name] = materialize(copy_of(self.template.get_submodule(own), self.layers[0].config))
+        add_tenant_copies(self, self.own, name)
         for layer in self.layers:
             layer.tenants[name] = layer.tenant_layer(layer.template, name)
 
@@ -175,6 +181,11 @@ class MultiTenantSeq2SeqModel(TenantRouter, MultiTenantPreTrainedModel):
     def get_encoder(self, modality: str | None = None) -> TenantEncoder:
         return TenantEncoder(self)
 
+    def add_tenant_modules(self, name: str) -> None:
+        add_tenant_copies(self, self.own, name)
+        for stack in self.stacks:
+            stack.add_tenant_modules(name)
+
     def tenant_modules(self, name: str) -> dict[str, nn.Module]:
         modules = {f"model.{own}.{name}": getattr(self, own)[name] for own in self.own}
         for stack_name in self.family.stacks:
@@ -254,11 +265,8 @@ class MultiTenantForConditionalGeneration(MultiTenantLM):
 
     def add_tenant_modules(self, name: str) -> None:
         """Register new, uninitialised modules for tenant `name` (already in the config)."""
-        for own in self.model.own:
-            getattr(self.model, own)[name] = materialize(copy_of(self.model.template.get_submodule(own), self.config))
-        for stack in self.model.stacks:
-            stack.add_tenant_modules(name)
-        self.lm_head[name] = materialize(copy_of(self.template.lm_head, self.config))
+        self.model.add_tenant_modules(name)
+        add_tenant_copies(self, ["lm_head"], name)
 
     def tenant_modules(self, name: str) -> dict[str, nn.Module]:
         """Every module that belongs to tenant `name` alone, keyed by qualified name."""
