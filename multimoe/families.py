@@ -102,6 +102,12 @@ class Family:
         return getattr(module, self.base_model_class._no_split_modules[0])
 
     @property
+    def output_recorders(self) -> dict:
+        """What the family's code records for `output_hidden_states`, `output_router_logits`, ...:
+        the `_can_record_outputs` of the class whose forward collects them."""
+        return dict(getattr(self.base_model_class.__bases__[0], "_can_record_outputs", None) or {})
+
+    @property
     def class_stem(self) -> str:
         """`Qwen3Moe` for `Qwen3MoeForCausalLM`: the multi-tenant classes are named after it."""
         return self.model_class.__name__.removesuffix("ForCausalLM")
@@ -315,6 +321,13 @@ class Seq2SeqFamily(Family):
     @property
     def class_stem(self) -> str:
         return self.model_class.__name__.removesuffix("ForConditionalGeneration")
+
+    @property
+    def output_recorders(self) -> dict:
+        # Each stack collects its own (Switch: `SwitchTransformersStack._can_record_outputs`).
+        with torch.device("meta"):
+            stack = getattr(self.base_model_class(self.config_class()), self.stacks[0])
+        return dict(type(stack)._can_record_outputs)
 
     def stack_sizes(self, config: PreTrainedConfig) -> dict[str, int]:
         sizes = (config.num_layers, config.num_decoder_layers)

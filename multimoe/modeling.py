@@ -1094,8 +1094,7 @@ def multitenant_classes(family: Family) -> tuple[type, type, type]:
         namespace = {"__module__": __name__, "__qualname__": name, "__doc__": doc} | attributes
         return type(name, bases, namespace)
 
-    recorders = dict(getattr(family_pretrained, "_can_record_outputs", None) or {})
-    recorders["hidden_states"] = MultiTenantDecoderLayer
+    recorders = family.output_recorders | {"hidden_states": MultiTenantDecoderLayer}
     pretrained = define(
         f"MultiTenant{stem}PreTrainedModel",
         (MultiTenantPreTrainedModel, family_pretrained),

@@ -51,7 +51,7 @@ def batch(tokenizer):
 
 
 def decoder_inputs(batch) -> torch.Tensor:
-    return torch.roll(batch["input_ids"], 1, dims=1)[:, :5]
+    return torch.roll(batch["input_ids"], 1, dims=1)[:, :5].contiguous()
 
 
 def test_the_class_and_its_layout(multi, originals):
@@ -209,3 +209,13 @@ def test_add_tenant_then_remove_it_leaves_the_others_bit_identical(originals, ba
         assert model.config.pool_sizes == [0, 8, 0, 8]  # untied's 4, `a`'s 2 and the 2 of base's it reads
         assert torch.equal(model(**inputs, tenant="untied").logits, before["untied"])
         assert torch.equal(model(**inputs, tenant="a").logits, originals["a"](**inputs).logits)
+
+
+def test_loss_with_router_losses_and_recorded_outputs_equal_the_originals(multi, originals, batch):
+    labels = decoder_inputs(batch)
+    for name, original in originals.items():
+        mine = multi(**batch, labels=labels, tenant=name, output_router_logits=True, output_hidden_states=True)
+        theirs = original(**batch, labels=labels, output_router_logits=True, output_hidden_states=True)
+        assert torch.equal(mine.loss, theirs.loss) and torch.equal(mine.encoder_aux_loss, theirs.encoder_aux_loss), name
+        for kind in ("encoder_hidden_states", "decoder_hidden_states", "encoder_router_logits"):
+            assert all(torch.equal(x, y) for x, y in zip(getattr(mine, kind), getattr(theirs, kind), strict=True)), kind
