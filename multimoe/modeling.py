@@ -529,6 +529,12 @@ class TenantRouter:
 
     tenant_embeddings: nn.ModuleDict
 
+    def build_views(self) -> None:
+        """One view per tenant and one for mixed batches, built ahead (a compiled call cannot build one)."""
+        self.views.clear()
+        for tenant in (*self.tenant_names, None):
+            self.view(tenant)
+
     def run(self, view: nn.Module, routing: TenantRouting, **inputs):
         """Call `view` (the family's own model code) for `routing`'s rows: a KV cache is tagged with
         the rows' tenants first, and a mixed batch's modules read the routing."""
@@ -664,12 +670,6 @@ class MultiTenantModel(TenantRouter, MultiTenantPreTrainedModel):
         if hasattr(embedding, "padding_idx"):
             embedding.padding_idx = self.config.tenants[name].get("pad_token_id", self.config.pad_token_id)
         return embedding
-
-    def build_views(self) -> None:
-        """One view per tenant and one for mixed batches, built ahead (a compiled call cannot build one)."""
-        self.views.clear()
-        for tenant in (*self.tenant_names, None):
-            self.view(tenant)
 
     def view(self, tenant: str | None) -> nn.Module:
         """The family's base model running tenant `tenant`'s modules (`None`: a mixed batch's)."""
@@ -842,6 +842,14 @@ class MultiTenantLM(MultiTenantPreTrainedModel, GenerationMixin):
         return self._tied_weights_keys
 
     # -- tenants ------------------------------------------------------------------------------
+
+    def build_views(self) -> None:
+        """Build the views afresh (after the tenant set changed: a stale one would keep a removed
+        tenant alive), ahead of any call (a compiled call cannot build one)."""
+        self.model.build_views()
+        self.views.clear()
+        for tenant in (*self.tenants, None):
+            self.view(tenant)
 
     @property
     def tenants(self) -> list[str]:
@@ -1027,14 +1035,6 @@ class MultiTenantForCausalLM(MultiTenantLM):
         self.model.embed_tokens[name] = self.model.tenant_embedding(name)
         self.model.norm[name] = self.model.fresh("norm")
         self.lm_head[name] = self.fresh_head()
-
-    def build_views(self) -> None:
-        """Build the views afresh (after the tenant set changed: a stale one would keep a removed
-        tenant alive), ahead of any call (a compiled call cannot build one)."""
-        self.model.build_views()
-        self.views.clear()
-        for tenant in (*self.tenants, None):
-            self.view(tenant)
 
     def tenant_modules(self, name: str) -> dict[str, nn.Module]:
         """Every module that belongs to tenant `name` alone, keyed by qualified name, in a fixed

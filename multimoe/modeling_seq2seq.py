@@ -167,11 +167,6 @@ class MultiTenantSeq2SeqModel(TenantRouter, MultiTenantPreTrainedModel):
         children.update((name, getattr(self, name).view(tenant)) for name in self.family.stacks)
         return children
 
-    def build_views(self) -> None:
-        self.views.clear()
-        for tenant in (*self.tenant_names, None):
-            self.view(tenant)
-
     def view(self, tenant: str | None) -> nn.Module:
         """The family's base model running tenant `tenant`'s modules (`None`: a mixed batch's)."""
         if tenant not in self.views:
@@ -243,12 +238,6 @@ class MultiTenantForConditionalGeneration(MultiTenantLM):
         """Tenant `name`'s lm_head as the family applies it (scaled input when it ties)."""
         scale = self.family.head_scale(self.config) if self.config.tenants[name].get("tie_word_embeddings") else None
         return self.lm_head[name] if scale is None else ScaledHead(self.lm_head[name], scale)
-
-    def build_views(self) -> None:
-        self.model.build_views()
-        self.views.clear()
-        for tenant in (*self.tenants, None):
-            self.view(tenant)
 
     def view(self, tenant: str | None) -> nn.Module:
         """The family's model with its head running tenant `tenant`'s modules (`None`: a mixed batch's)."""
