@@ -10,11 +10,13 @@ differently: there rows are compared within 1e-5, and greedy or beam generations
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from huggingface_hub import HfApi
 from transformers import AutoModelForSeq2SeqLM, SwitchTransformersForConditionalGeneration
 
 import multimoe
@@ -143,6 +145,7 @@ REMOTE_CODE = r"""
 import sys
 sys.modules["multimoe"] = None  # multimoe is not installed, as far as this process can tell
 import torch
+from huggingface_hub import HfApi
 from transformers import AutoModelForSeq2SeqLM
 directory, inputs_path, out_path = sys.argv[1:]
 model = AutoModelForSeq2SeqLM.from_pretrained(directory, trust_remote_code=True).eval()
@@ -219,3 +222,23 @@ def test_loss_with_router_losses_and_recorded_outputs_equal_the_originals(multi,
         assert torch.equal(mine.loss, theirs.loss) and torch.equal(mine.encoder_aux_loss, theirs.encoder_aux_loss), name
         for kind in ("encoder_hidden_states", "decoder_hidden_states", "encoder_router_logits"):
             assert all(torch.equal(x, y) for x, y in zip(getattr(mine, kind), getattr(theirs, kind), strict=True)), kind
+
+
+def test_push_to_hub_uploads_remote_code_and_the_checkpoint_loads_back(multi, originals, batch, tokenizer,
+                                                                       monkeypatch, tmp_path):
+    commits = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: type("Url", (), {"repo_id": repo_id})())
+    monkeypatch.setattr(HfApi, "create_commit", lambda self, repo_id, operations, **kwargs: commits.append(
+        {op.path_in_repo: open(op.path_or_fileobj, "rb").read() for op in operations}))
+    multi.push_to_hub("acme/switch-tenants", tokenizer=tokenizer)
+    (files,) = commits
+    config = json.loads(files["config.json"])
+    assert config["auto_map"]["AutoModelForSeq2SeqLM"] == "modeling.MultiTenantSwitchTransformersForConditionalGeneration"
+    assert {"modeling.py", "modeling_seq2seq.py", "families.py", "tokenizer.json"} <= set(files)
+    for path, content in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(content)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    for name, original in originals.items():
+        settings = dict(max_new_tokens=4, do_sample=False)
+        assert torch.equal(loaded.generate(**batch, tenant=name, **settings), original.generate(**batch, **settings))
