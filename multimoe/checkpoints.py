@@ -116,7 +116,7 @@ class TenantCheckpoint:
                        generation_source=source.generation_config)
         if not isinstance(source, (str, os.PathLike)):
             raise CheckpointError(
-                f"Tenant {tenant!r}: a source must be a causal LM of a supported MoE family, a local directory or a "
+                f"Tenant {tenant!r}: a source must be a model of a supported MoE family, a local directory or a "
                 f"Hub repo id, got {type(source).__name__}."
             )
         directory = resolve_directory(str(source), owner=f"Tenant {tenant!r}", revision=revision)

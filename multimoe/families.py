@@ -449,7 +449,9 @@ def family_for(model_type: str | None, *, owner: str) -> Family:
             f"{owner} is a {model_type!r} model, which is not a supported MoE family; supported: {sorted(FAMILIES)} "
             "(see docs/families.md)."
         )
-    raise UnsupportedFamilyError(f"{owner} has model_type {model_type!r}, which is not a causal LM transformers knows.")
+    raise UnsupportedFamilyError(
+        f"{owner} has model_type {model_type!r}, which is not a causal or seq2seq LM transformers knows."
+    )
 
 
 # Per-expert names of the legacy layout: Mixtral's own, and the one Qwen-style families share.

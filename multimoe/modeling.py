@@ -728,7 +728,8 @@ class MultiTenantLM(MultiTenantPreTrainedModel, GenerationMixin):
     ) -> MultiTenantForCausalLM:
         """Build losslessly from N fine-tunes of one MoE model, keyed by tenant name.
 
-        Sources may be loaded causal LMs of a registered family (`multimoe.families`), local
+        Sources may be loaded models of a registered family (`multimoe.families`: its causal LM, or
+        Switch's `ForConditionalGeneration`), local
         directories or Hub repo ids, in the family's v5 fused or legacy per-expert layout. The
         family comes from the sources (on a family's class, they must be of that family); the model
         returned is that family's class, e.g. `MultiTenantQwen3MoeForCausalLM`. Experts that are
@@ -784,7 +785,7 @@ class MultiTenantLM(MultiTenantPreTrainedModel, GenerationMixin):
 
     @staticmethod
     def family_class(pretrained_model_name_or_path, options: dict) -> type[MultiTenantForCausalLM]:
-        """The multi-tenant causal-LM class a saved checkpoint (directory or Hub repo) is of."""
+        """The multi-tenant class (with its head) a saved checkpoint (directory or Hub repo) is of."""
         if options.get("config") is not None:
             model_type = options["config"].model_type
         else:
@@ -1126,7 +1127,7 @@ MODEL_CLASSES: dict[str, tuple[type, type, type]] = {}
 
 
 def classes_for(family: Family) -> tuple[type, type, type]:
-    """The multi-tenant (pretrained, base, causal LM) classes of `family`, made once and kept as
+    """The multi-tenant (pretrained, base, head) classes of `family`, made once and kept as
     module attributes (the names a checkpoint's `auto_map` gives)."""
     if family.model_type not in MODEL_CLASSES:
         MODEL_CLASSES[family.model_type] = multitenant_classes(family)

@@ -83,7 +83,7 @@ def tiny_config(model_type: str, **overrides) -> PreTrainedConfig:
 
 
 def random_model(config: PreTrainedConfig, seed: int = 0) -> PreTrainedModel:
-    """The family's own causal LM with random weights; persistent float buffers (such as DeepSeek's
+    """The family's own model with random weights; persistent float buffers (such as DeepSeek's
     router bias) are randomised too, so that every per-tenant tensor matters."""
     torch.manual_seed(seed)
     model = FAMILIES[config.model_type].model_class(config).eval()

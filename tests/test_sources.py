@@ -147,7 +147,7 @@ def test_non_mixtral_sources_are_rejected(tenants, tmp_path):
     llama.save_pretrained(tmp_path)
     with pytest.raises(UnsupportedFamilyError, match=r"Tenant 'llama' \(.*\) is a 'llama' model, which is not a supported"):
         MultiTenantMixtralForCausalLM.from_models({"base": tenants["base"], "llama": tmp_path})
-    with pytest.raises(CheckpointError, match="must be a causal LM of a supported MoE family, a local directory or a Hub"):
+    with pytest.raises(CheckpointError, match="must be a model of a supported MoE family, a local directory or a Hub"):
         MultiTenantMixtralForCausalLM.from_models({"base": tenants["base"], "x": 42})
 
 

@@ -305,7 +305,7 @@ def consolidate(
     and byte counts follow the family's own expert layout, and dense layers are left alone.
 
     Args:
-        models: `{tenant name: loaded causal LM of a supported family, directory or Hub id}`, at
+        models: `{tenant name: loaded model of a supported family, directory or Hub id}`, at
             least two, all of one family; the result is that family's multi-tenant class.
         similarity: a registered metric: `weight_l2` (the paper's), `weight_cosine`, `output`.
         grouping: `cross_index` (optimal assignment of each tenant's experts to the anchor

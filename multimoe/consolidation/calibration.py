@@ -143,7 +143,7 @@ class CalibrationStats:
 
 
 def original_model(tenants: TenantSet, name: str) -> PreTrainedModel:
-    """The tenant as its family's own causal LM, read from its checkpoint (one model in memory)."""
+    """The tenant as its family's own model, read from its checkpoint (one model in memory)."""
     checkpoint = tenants.checkpoints[name]
     family = tenants.family
     state = {key: checkpoint.tensor(key) for key in tenants.shapes if not family.is_expert_key(key)}
