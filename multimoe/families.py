@@ -86,6 +86,7 @@ class Family:
 
     @property
     def causal_lm_class(self) -> type:
+        """The causal families' name for `model_class`."""
         return self.model_class
 
     @cached_property

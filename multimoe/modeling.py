@@ -1004,7 +1004,7 @@ class MultiTenantForCausalLM(MultiTenantLM):
     """
     def __init__(self, config: MultiTenantConfigMixin):
         super().__init__(config)
-        unregistered(self, template=meta_template(self.family.causal_lm_class, config), views={})
+        unregistered(self, template=meta_template(self.family.model_class, config), views={})
         self.model = self.base_model_class_for_family(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.ModuleDict({name: self.fresh_head() for name in config.tenants})

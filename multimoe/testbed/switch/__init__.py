@@ -92,21 +92,62 @@ def _title(rng: random.Random) -> Example:
     return Example(" ".join(["title"] + _sentence(e)), " ".join(answer))
 
 
-def _describe(rng: random.Random) -> Example:
-    e = _event(rng)
-    record = dict(
+def _record(e: dict) -> list[str]:
+    """The event as "field value" pairs in `FIELDS` order, absent fields left out."""
+    values = dict(
         name=e["name"], action=e["verb"], size=e["size"], color=e["color"], item=e["noun"], city=e["city"], day=e["day"]
     )
-    fields = [(k, v) for k, v in record.items() if v]
-    rng.shuffle(fields)
+    return [w for field in FIELDS if values[field] for w in (field, values[field])]
+
+
+def _shuffled_record(e: dict, rng: random.Random) -> list[str]:
+    record = _record(e)
+    pairs = [record[i : i + 2] for i in range(0, len(record), 2)]
+    rng.shuffle(pairs)
+    return [w for pair in pairs for w in pair]
+
+
+def _describe(rng: random.Random) -> Example:
+    e = _event(rng)
     answer = (["on", e["day"]] if e["day"] else []) + [e["name"], e["verb"], "a"]
     answer += ([e["size"]] if e["size"] else []) + [e["color"], e["noun"], "in", e["city"]]
-    return Example(" ".join(["describe"] + [w for field in fields for w in field]), " ".join(answer))
+    return Example(" ".join(["describe"] + _shuffled_record(e, rng)), " ".join(answer))
 
 
 TASKS: dict[str, Task] = {
     name: Task(name, make)
     for name, make in [("keywords", _keywords), ("compress", _compress), ("title", _title), ("describe", _describe)]
+}
+
+
+# The base's generic pre-training objectives: they read the tasks' inputs (sentences and records)
+# and write none of the tasks' answers. Each prompt starts with a prefix word of the shared
+# vocabulary that its input never contains (a field name before a sentence, "the" before a record),
+# so the vocabulary stays the tasks' own.
+def _copy(rng: random.Random) -> Example:
+    sentence = _sentence(_event(rng))
+    return Example(" ".join(["item"] + sentence), " ".join(sentence))
+
+
+def _unshuffle(rng: random.Random) -> Example:
+    sentence = _sentence(_event(rng))
+    shuffled = rng.sample(sentence, len(sentence))
+    return Example(" ".join(["action"] + shuffled), " ".join(sentence))
+
+
+def _parse(rng: random.Random) -> Example:
+    e = _event(rng)
+    return Example(" ".join(["name"] + _sentence(e)), " ".join(_record(e)))
+
+
+def _sort(rng: random.Random) -> Example:
+    e = _event(rng)
+    return Example(" ".join(["the"] + _shuffled_record(e, rng)), " ".join(_record(e)))
+
+
+PRETRAINING: dict[str, Task] = {
+    name: Task(name, make)
+    for name, make in [("copy", _copy), ("unshuffle", _unshuffle), ("parse", _parse), ("sort", _sort)]
 }
 
 
@@ -127,4 +168,4 @@ def load(name: str) -> SwitchTransformersForConditionalGeneration:
     return SwitchTransformersForConditionalGeneration.from_pretrained(checkpoint(name)).eval()
 
 
-__all__ = ["BASE", "ROOT", "SPECIAL_TOKENS", "TASKS", "TOKENIZER_DIR", "WORDS", "checkpoint", "load", "tokenizer"]
+__all__ = ["BASE", "PRETRAINING", "ROOT", "SPECIAL_TOKENS", "TASKS", "TOKENIZER_DIR", "WORDS", "checkpoint", "load", "tokenizer"]
