@@ -7,7 +7,7 @@
    name, so it should not grow with depth or width.
 
     python benchmarks/model_overhead.py            # defaults used for docs/benchmarks.md
-    python benchmarks/model_overhead.py --device cuda
+    python benchmarks/model_overhead.py --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -71,9 +71,10 @@ def decode_ratio(args) -> None:
     torch.manual_seed(0)
     base = mixtral(args.layers, args.hidden, args.intermediate)
     tenants = fine_tunes(base, args.tenants)
-    multi = MultiTenantMixtralForCausalLM.from_models(tenants).eval().to(args.device)
+    dtype = getattr(torch, args.dtype)
+    multi = MultiTenantMixtralForCausalLM.from_models(tenants).eval().to(args.device, dtype)
     multi.set_active_model("t0")
-    plain = base.to(args.device)
+    plain = base.to(args.device, dtype)
     del tenants
     prompt = torch.randint(3, 1000, (args.batch, 16), device=args.device)
     assert torch.equal(
@@ -98,7 +99,7 @@ def decode_ratio(args) -> None:
     print(
         f"decode  layers={args.layers} hidden={args.hidden} intermediate={args.intermediate} experts=8 top-2 "
         f"tenants held={args.tenants} pool={multi.config.pool_sizes[0]}/layer batch={args.batch} "
-        f"steps={len(plain_steps)} device={args.device}"
+        f"steps={len(plain_steps)} device={args.device} dtype={args.dtype}"
     )
     print(f"  plain MixtralForCausalLM      {plain_rate:9.1f} tokens/s (median step)")
     print(f"  MultiTenantMixtralForCausalLM {multi_rate:9.1f} tokens/s")
@@ -137,11 +138,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--switches", type=int, default=20000)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--latency-sizes", nargs="+", default=[(2, 64), (24, 512)], metavar="LAYERSxHIDDEN",
+                        type=lambda text: tuple(int(part) for part in text.split("x")),
+                        help="model sizes whose set_active_model latency is compared (default 2x64 24x512)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     decode_ratio(args)
     print("set_active_model latency (two tenants held)")
-    sizes = [(2, 64, 128), (24, 512, 1024)]
+    sizes = [(layers, hidden, 2 * hidden) for layers, hidden in args.latency_sizes]
     for (layers, hidden, _), (mean_us, p99_us, parameters) in zip(sizes, switch_latency(sizes, args.switches)):
         print(
             f"  layers={layers:2d} hidden={hidden:4d} params={parameters / 1e6:7.1f}M   "

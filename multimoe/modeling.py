@@ -1057,13 +1057,23 @@ class MultiTenantForCausalLM(MultiTenantLM):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        *,
         tenant: str | None = None,
         tenant_names: list[str] | None = None,
         tenant_ids: torch.LongTensor | None = None,
         **kwargs,
     ):
         r"""
-        The family's own causal-LM forward (the same arguments and outputs), plus:
+        The family's own causal-LM forward (the same arguments and outputs), plus the tenant
+        arguments below. The family's usual arguments are named in the signature because `generate`
+        reads it: it passes the position ids of left-padded rows, an attention mask and
+        `logits_to_keep` only to a forward that names them, as the family's own forward does.
 
         tenant (`str`, *optional*):
             The tenant every row runs as; defaults to the current one (see [`active`]). Naming it
@@ -1075,10 +1085,14 @@ class MultiTenantForCausalLM(MultiTenantLM):
         tenant_ids (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             The same as `tenant_names`, as indices into [`tenants`].
         """
-        routing = self.model.route_inputs(input_ids, kwargs.get("inputs_embeds"), tenant, tenant_names, tenant_ids)
+        routing = self.model.route_inputs(input_ids, inputs_embeds, tenant, tenant_names, tenant_ids)
         if kwargs.get("output_router_logits") is None:
             kwargs["output_router_logits"] = getattr(self.config, "output_router_logits", None)
-        return self.model.run(self.view(routing.tenant), routing, input_ids=input_ids, **kwargs)
+        inputs = dict(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
+            labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep,
+        )
+        return self.model.run(self.view(routing.tenant), routing, **inputs, **kwargs)
 
 
 # -- one set of classes per family -------------------------------------------------------------

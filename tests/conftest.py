@@ -1,6 +1,9 @@
-"""Session fixtures: a base, two fine-tunes and a tied-embedding tenant, and their multi-tenant model."""
+"""Session fixtures: a base, two fine-tunes and a tied-embedding tenant, and their multi-tenant model;
+and the device the marked subset (`-m device`, run by scripts/gpu_check.sh) runs on."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -46,3 +49,16 @@ def multi(tenants) -> MultiTenantMixtralForCausalLM:
 def batch(tokenizer):
     """Two left-padded rows of different lengths."""
     return tokenizer(["hello there", "hi"], return_tensors="pt", padding=True)
+
+
+# The device of the tests marked `device`: `MULTIMOE_TEST_DEVICE=cuda` runs them on a GPU (see
+# scripts/gpu_check.sh); every other test runs on the CPU.
+DEVICE_VARIABLE = "MULTIMOE_TEST_DEVICE"
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    device = torch.device(os.environ.get(DEVICE_VARIABLE, "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"{DEVICE_VARIABLE}={device} but torch sees no CUDA device.")
+    return device

@@ -12,7 +12,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from .registry import Registry
 
@@ -49,6 +48,9 @@ def same_index(anchor: str, distances: Mapping[str, torch.Tensor]) -> list[Exper
 def cross_index(anchor: str, distances: Mapping[str, torch.Tensor]) -> list[ExpertGroup]:
     """Each tenant's experts matched to the anchor's by an optimal assignment (least total
     distance), so expert 3 of one tenant can join expert 5 of another."""
+    # Imported here: serving and loading need no scipy (the GPU machine's Python has none to spare).
+    from scipy.optimize import linear_sum_assignment
+
     experts = next(iter(distances.values())).shape[1]
     members = [{anchor: e} for e in range(experts)]
     gaps = [{anchor: 0.0} for _ in range(experts)]

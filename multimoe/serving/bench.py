@@ -3,7 +3,7 @@
     python -m multimoe.serving.bench                 # full run, prints tables
     python -m multimoe.serving.bench --write-docs    # also rewrites the serving section of
                                                      # docs/benchmarks.md and its PNG plots
-    python -m multimoe.serving.bench --device cuda   # the same on a GPU
+    python -m multimoe.serving.bench --device cuda --dtype bfloat16   # the same on a GPU
     python -m multimoe.serving.bench --ratio-only    # part 1 only: the default shape and
                                                      # Mixtral's proportions (--ratio-shapes)
 
@@ -53,6 +53,7 @@ class Setup:
     max_batch_size: int
     device: str
     ratio_shapes: tuple[tuple[int, int], ...] = ()  # (hidden, intermediate) of extra part-1 runs
+    dtype: str = "float32"
 
 
 def build_tenants(setup: Setup, count: int) -> dict:
@@ -71,7 +72,7 @@ def build_tenants(setup: Setup, count: int) -> dict:
     for index in range(1, count):
         changed = [e for e in range(setup.experts) if e % 2 == index % 2]
         tenants[f"t{index}"] = fine_tune(base, seed=index, changed_experts=changed, scale=0.01)
-    return {name: model.to(setup.device) for name, model in tenants.items()}
+    return {name: model.to(setup.device, getattr(torch, setup.dtype)) for name, model in tenants.items()}
 
 
 def mixed_batch_ratio(multi: MultiTenantMixtralForCausalLM, tokenizer, batch_size: int, steps: int) -> tuple[float, float, float]:
@@ -190,7 +191,7 @@ def run(setup: Setup, *, docs: Path | None = None, command: str = "", ratio_only
     tokenizer = character_tokenizer()
     header = (
         f"Model: {setup.layers} layers, H={setup.hidden}, I={setup.intermediate}, {setup.experts} experts top-2; "
-        f"tenants move half of the experts; device {setup.device}, {torch.get_num_threads()} threads; "
+        f"tenants move half of the experts; device {setup.device}, {setup.dtype}, {torch.get_num_threads()} threads; "
         f"{setup.requests} requests per trace, {setup.new_tokens} new tokens each, max batch {setup.max_batch_size}."
     )
     print(header)
@@ -204,6 +205,7 @@ def run(setup: Setup, *, docs: Path | None = None, command: str = "", ratio_only
                                                                progress=False).eval(),
         }
         for label_, model in pools.items():
+            model.to(setup.device)  # built on the CPU, from the sources' tensors
             mixed, single, ratio = mixed_batch_ratio(model, tokenizer, setup.max_batch_size, steps=40)
             rows.append(
                 f"| H={hidden}, I={intermediate} | {label_} | {model.config.pool_sizes[0]} | {mixed:.1f} | {single:.1f} "
@@ -224,7 +226,7 @@ def run(setup: Setup, *, docs: Path | None = None, command: str = "", ratio_only
     results = {}
     for count in setup.tenant_counts:
         subset = {name: tenants[name] for name in list(tenants)[:count]}
-        multi = MultiTenantMixtralForCausalLM.from_models(subset).eval()
+        multi = MultiTenantMixtralForCausalLM.from_models(subset).eval().to(setup.device)
         for rate in setup.rates:
             results[(count, rate)] = replay_all(setup, subset, multi, tokenizer, rate)
             print(f"replayed {count} tenants at {rate:g} req/s")
@@ -272,6 +274,8 @@ def shape_argument(text: str) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
     def count(name: str):  # flags are checked when parsed, before minutes of measuring
         return number_argument(name, integer=True, positive=True)
 
@@ -295,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--write-docs needs both parts; drop --ratio-only")
     setup = Setup(args.layers, args.hidden, args.intermediate, args.experts, args.new_tokens, args.requests,
                   tuple(args.rates), tuple(args.tenants), args.max_batch_size, args.device,
-                  tuple(shape_argument(text) for text in args.ratio_shapes))
+                  tuple(shape_argument(text) for text in args.ratio_shapes), args.dtype)
     command = "python -m multimoe.serving.bench" + (" " + " ".join(argv) if argv else "")
     run(setup, docs=Path(args.write_docs) if args.write_docs else None, command=command, ratio_only=args.ratio_only)
 
