@@ -242,3 +242,12 @@ def test_push_to_hub_uploads_remote_code_and_the_checkpoint_loads_back(multi, or
     for name, original in originals.items():
         settings = dict(max_new_tokens=4, do_sample=False)
         assert torch.equal(loaded.generate(**batch, tenant=name, **settings), original.generate(**batch, **settings))
+
+
+def test_a_budget_counts_a_tied_tenants_embedding_once(originals):
+    """Switch's encoder and decoder embeddings and lm_head all read a tied tenant's `shared`: the
+    budget must count it once, as the model stores it, or it leaves memory unused."""
+    sources = {name: originals[name] for name in ("base", "a")}
+    model = consolidate(sources, memory_budget="1.75x", progress=False)
+    report, one_model = model.memory_report(), model.memory_report().source_models_bytes / 2
+    assert model.consolidation_report.bytes_after == report.total_bytes <= 1.75 * one_model

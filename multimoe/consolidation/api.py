@@ -95,9 +95,8 @@ class Footprint:
         itemsize = torch.empty((), dtype=tenants.dtype).element_size()
         own = {}
         for name, checkpoint in tenants.checkpoints.items():
-            keys = [k for k in tenants.shapes if not tenants.family.is_expert_key(k)]
-            if checkpoint.tie_word_embeddings:
-                keys.remove("lm_head.weight")
+            # A tied tenant stores its embedding once, whatever names read it (Switch: three more).
+            keys = [k for k in tenants.shapes if not tenants.family.is_expert_key(k) and k not in checkpoint.tied_aliases]
             own[name] = sum(math.prod(tenants.shapes[k]) for k in keys) * itemsize
         sparse_layer = tenants.sparse_layers.index(True)
         expert_keys = tenants.checkpoints[tenants.names[0]].expert_keys(sparse_layer)
