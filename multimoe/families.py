@@ -20,6 +20,8 @@ see docs/families.md.
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import re
 import sys
 from collections.abc import Iterator
@@ -159,13 +161,18 @@ class Family:
     def pool(self, config: PreTrainedConfig, num_experts: int) -> nn.Module:
         """The family's experts class holding `num_experts` experts, computing with `config` (so that
         `set_experts_implementation` on the model reaches it)."""
+        pool = type(self.experts_template(config))(self.sized(config, num_experts))
+        pool.config = config
+        return pool
+
+    @staticmethod
+    def sized(config: PreTrainedConfig, num_experts: int) -> PreTrainedConfig:
+        """A copy of `config` with `num_experts` routed experts, whatever the family calls the field."""
         sized = copy.copy(config)
         for field in EXPERT_COUNT_FIELDS:
             if hasattr(sized, field):
                 setattr(sized, field, num_experts)
-        pool = type(self.experts_template(config))(sized)
-        pool.config = config
-        return pool
+        return sized
 
     # -- experts as stacked tensors --------------------------------------------------------
     # multimoe reads, compares, merges and writes a layer's experts as one tensor per expert
@@ -342,10 +349,17 @@ class Seq2SeqFamily(Family):
         ]
 
     def layer_templates(self, config: PreTrainedConfig) -> Iterator[nn.Module]:
+        # The family's model builds its stacks whole, so the layers come from one meta model, kept
+        # per config: reading experts layer by layer would otherwise rebuild it a thousand times.
+        model = self.meta_model(config.to_json_string(use_diff=False))
+        return (model.get_submodule(path) for path in self.layer_paths(config))
+
+    @functools.lru_cache(maxsize=4)
+    def meta_model(self, config_json: str) -> nn.Module:
+        """The family's model on the meta device for a config (given as JSON: configs do not hash).
+        Shared: callers read it, never change it."""
         with torch.device("meta"):
-            model = self.model_class(config)
-        for path in self.layer_paths(config):
-            yield model.get_submodule(path)
+            return self.model_class(self.config_class(**json.loads(config_json)))
 
     def experts_path(self, layer: nn.Module) -> str | None:
         for name, module in layer.named_modules():
@@ -362,7 +376,7 @@ class Seq2SeqFamily(Family):
     def entry_names(self, config: PreTrainedConfig, count: int) -> list[str]:
         """The names of an experts container's `count` entries (Switch: `expert_0`, ...)."""
         with torch.device("meta"):
-            return [name for name, _ in self.pool(config, count).named_children()]
+            return [name for name, _ in type(self.experts_template(config))(self.sized(config, count)).named_children()]
 
     @cached_property
     def stored_expert_pattern(self) -> re.Pattern:

@@ -1,5 +1,7 @@
-"""The shipped Switch Transformers testbed loads and keeps its promise (each fine-tune beats the base
-on its own task, by ROUGE), and `rouge_scores` scores what the model generates."""
+"""The shipped Switch Transformers testbed loads and keeps its promise (a base that knows its generic
+objectives but not the tasks; light fine-tunes that each beat the base on their own task, by ROUGE,
+whose experts moved little, so that sharing them costs little while averaging whole models does
+not), and `rouge_scores` scores what the model generates."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import pytest
 import torch
 from transformers import SwitchTransformersForConditionalGeneration
 
-from multimoe.evaluation import rouge_scores
+import multimoe
+from multimoe.evaluation import BASELINES, rouge_scores
 from multimoe.testbed import Example
 from multimoe.testbed import switch as testbed
 
@@ -40,9 +43,46 @@ def test_each_fine_tune_beats_the_base_on_its_own_task(name, tokenizer, models):
     assert tuned["rouge1"] > rouge_scores(models[testbed.BASE], tokenizer, held_out)["rouge1"]
 
 
+def test_the_base_does_its_generic_objectives_and_none_of_them_is_a_task(tokenizer, models):
+    for task in testbed.PRETRAINING.values():
+        assert rouge_scores(models[testbed.BASE], tokenizer, task.held_out(SUBSET))["rouge1"] >= 0.95
+    prefixes = {e.prompt.split()[0] for task in testbed.PRETRAINING.values() for e in task.held_out(SUBSET)}
+    assert len(prefixes) == len(testbed.PRETRAINING) and not prefixes & set(testbed.TASKS)
+
+
+def test_fine_tunes_are_light_and_their_experts_move_least(models):
+    """Mean relative change ||W_tuned - W_base|| / ||W_base|| of the expert tensors and of the rest."""
+    base = dict(models[testbed.BASE].named_parameters())
+    for name in testbed.TASKS:
+        experts, others = [], []
+        for key, parameter in models[name].named_parameters():
+            change = ((parameter - base[key]).norm() / base[key].norm()).item()
+            (experts if ".experts." in key else others).append(change)
+        assert 0 < sum(experts) / len(experts) < min(0.1, sum(others) / len(others))
+
+
+def test_sharing_experts_keeps_every_tenant_while_averaging_whole_models_does_not(tokenizer, models):
+    held_out = {name: task.held_out(SUBSET) for name, task in testbed.TASKS.items()}
+    tuned = {name: rouge_scores(models[name], tokenizer, held_out[name])["rouge1"] for name in testbed.TASKS}
+    average = BASELINES["average"](models[testbed.BASE], {name: models[name] for name in testbed.TASKS})
+    averaged = {name: rouge_scores(average, tokenizer, held_out[name])["rouge1"] for name in testbed.TASKS}
+    assert all(averaged[name] < tuned[name] for name in testbed.TASKS)
+    assert sum(averaged.values()) < sum(tuned.values()) - 0.2 * len(tuned)
+    calibration = {
+        name: [{"prompt": e.prompt, "completion": e.answer} for e in task.training(16, seed=0)]
+        for name, task in testbed.TASKS.items()
+    }
+    shared = multimoe.consolidate(
+        {name: testbed.checkpoint(name) for name in testbed.TASKS}, memory_budget="1.25x", similarity="output",
+        merge="keep_anchor", anchor="most_sensitive", calibration=calibration, tokenizer=tokenizer, progress=False,
+    )
+    for name in testbed.TASKS:
+        assert rouge_scores(shared, tokenizer, held_out[name], tenant=name)["rouge1"] >= 0.97 * tuned[name]
+
+
 def test_tokenizer_round_trips_every_prompt_and_answer(tokenizer):
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1)
-    for task in testbed.TASKS.values():
+    for task in [*testbed.TASKS.values(), *testbed.PRETRAINING.values()]:
         for example in task.held_out():
             for text in (example.prompt, example.answer):
                 ids = tokenizer(text)["input_ids"]

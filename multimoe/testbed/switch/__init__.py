@@ -1,18 +1,40 @@
 """A tiny, shipped Switch Transformers seq2seq testbed: a word-level tokenizer, a base pre-trained
-on a mix of four free-text tasks, and one full fine-tune per task (made by
+on generic objectives, and one light full fine-tune per task (made by
 `scripts/make_switch_testbed.py`), scored with ROUGE (`multimoe.evaluation.rouge_scores`).
 
 The four tasks read the same kind of input (a short event: who did what to which object, where,
 maybe when) and each writes a different text of several words from it, over one 101-word
-vocabulary, so the fine-tunes pull the shared embeddings and experts in different directions and a
-merge of them visibly loses ROUGE:
+vocabulary:
 
 - `keywords`: the name, object, city and day of a sentence, in the order they appear;
 - `compress`: the sentence without its day, adverb and size phrase;
 - `title`: a headline "colour object <verb as a noun> in city" (e.g. "red car purchase in paris");
 - `describe`: data-to-text, a sentence from a shuffled "field value" record.
 
-Each prompt starts with its task's name, as in T5, so one model can be trained on the mix.
+Each prompt starts with its task's name, as in T5. The base never sees these tasks: it is
+pre-trained (6000 steps) on generic objectives over the same inputs (`PRETRAINING`: restore a
+shuffled sentence, parse a sentence into a record with the verb's noun, sort a shuffled record),
+each with its own prefix word, so it knows the vocabulary and the structure and answers the tasks'
+prompts with a near copy or a record. Each fine-tune then trains every weight, experts included,
+briefly (400 steps at a sixth of the pre-training rate, with dropout and the Switch paper's expert
+dropout): the regime of the paper, whose tenants are light fine-tunes of switch-base-8. The
+experts move ~4-6% (relative norm of the change) and less than the other weights (~6-10%), so
+sharing them across tenants costs little, while the uniform average of the four fine-tunes, each
+task vector diluted to a quarter, loses most of every task. The build script checks and prints
+(ROUGE-1 on 200 held-out prompts per task; "1.25x" and "2.0x": `multimoe.consolidate` with the
+output metric, `keep_anchor`, the most sensitive anchor and 16 calibration pairs per tenant):
+
+| task | base | fine-tune | uniform average | consolidated 1.25x | 2.0x |
+|---|---:|---:|---:|---:|---:|
+| keywords | 0.361 | 0.982 | 0.365 | 0.982 | 0.982 |
+| compress | 0.812 | 1.000 | 0.952 | 1.000 | 1.000 |
+| title | 0.361 | 1.000 | 0.550 | 1.000 | 1.000 |
+| describe | 0.572 | 1.000 | 0.572 | 1.000 | 1.000 |
+
+Checks: every fine-tune >= 0.95, >= base + 0.1 and >= average + 0.04 (compress is a near copy of
+its input, which ROUGE-1 scores leniently: the average, which drops the day and adverb but keeps
+the size, still scores ~0.95), and consolidation at 1.25x keeps every tenant >= 97% of its own
+ROUGE-1.
 """
 
 from __future__ import annotations
@@ -92,10 +114,12 @@ def _title(rng: random.Random) -> Example:
     return Example(" ".join(["title"] + _sentence(e)), " ".join(answer))
 
 
-def _record(e: dict) -> list[str]:
-    """The event as "field value" pairs in `FIELDS` order, absent fields left out."""
+def _record(e: dict, noun: bool = False) -> list[str]:
+    """The event as "field value" pairs in `FIELDS` order, absent fields left out; the action is the
+    verb, or with `noun` the verb's noun (as a database would store the event's kind)."""
+    action = VERBS[e["verb"]] if noun else e["verb"]
     values = dict(
-        name=e["name"], action=e["verb"], size=e["size"], color=e["color"], item=e["noun"], city=e["city"], day=e["day"]
+        name=e["name"], action=action, size=e["size"], color=e["color"], item=e["noun"], city=e["city"], day=e["day"]
     )
     return [w for field in FIELDS if values[field] for w in (field, values[field])]
 
@@ -123,12 +147,8 @@ TASKS: dict[str, Task] = {
 # The base's generic pre-training objectives: they read the tasks' inputs (sentences and records)
 # and write none of the tasks' answers. Each prompt starts with a prefix word of the shared
 # vocabulary that its input never contains (a field name before a sentence, "the" before a record),
-# so the vocabulary stays the tasks' own.
-def _copy(rng: random.Random) -> Example:
-    sentence = _sentence(_event(rng))
-    return Example(" ".join(["item"] + sentence), " ".join(sentence))
-
-
+# so the vocabulary stays the tasks' own; `parse` writes the verb's noun, so the base has produced
+# every word of the vocabulary but the task names.
 def _unshuffle(rng: random.Random) -> Example:
     sentence = _sentence(_event(rng))
     shuffled = rng.sample(sentence, len(sentence))
@@ -137,7 +157,7 @@ def _unshuffle(rng: random.Random) -> Example:
 
 def _parse(rng: random.Random) -> Example:
     e = _event(rng)
-    return Example(" ".join(["name"] + _sentence(e)), " ".join(_record(e)))
+    return Example(" ".join(["name"] + _sentence(e)), " ".join(_record(e, noun=True)))
 
 
 def _sort(rng: random.Random) -> Example:
@@ -146,8 +166,7 @@ def _sort(rng: random.Random) -> Example:
 
 
 PRETRAINING: dict[str, Task] = {
-    name: Task(name, make)
-    for name, make in [("copy", _copy), ("unshuffle", _unshuffle), ("parse", _parse), ("sort", _sort)]
+    name: Task(name, make) for name, make in [("unshuffle", _unshuffle), ("parse", _parse), ("sort", _sort)]
 }
 
 
@@ -168,4 +187,7 @@ def load(name: str) -> SwitchTransformersForConditionalGeneration:
     return SwitchTransformersForConditionalGeneration.from_pretrained(checkpoint(name)).eval()
 
 
-__all__ = ["BASE", "PRETRAINING", "ROOT", "SPECIAL_TOKENS", "TASKS", "TOKENIZER_DIR", "WORDS", "checkpoint", "load", "tokenizer"]
+__all__ = [
+    "BASE", "PRETRAINING", "ROOT", "SPECIAL_TOKENS", "TASKS", "TOKENIZER_DIR", "WORDS",
+    "checkpoint", "load", "tokenizer",
+]
