@@ -110,7 +110,7 @@ def demo_command(args: argparse.Namespace) -> None:
 
     logging.disable_progress_bar()  # five checkpoint loads would bury the output
     torch.set_num_threads(args.threads)
-    demo(memory_budget=args.memory_budget, examples=args.examples)
+    demo(memory_budget=args.memory_budget, examples=args.examples, family=args.family)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -151,6 +151,8 @@ def parser() -> argparse.ArgumentParser:
                          help="write the expert-similarity heatmap to this PNG")
     command.set_defaults(run=consolidate_command)
     command = commands.add_parser("demo", help="consolidate the shipped task fine-tunes and show memory and quality")
+    command.add_argument("--family", choices=["mixtral", "switch", "switch_transformers"], default="mixtral",
+                         help="which shipped testbed: Mixtral (exact match) or Switch Transformers (seq2seq, ROUGE)")
     command.add_argument("--memory-budget", default="1.25x", help="a multiple of one model: 1.25x")
     command.add_argument("--examples", type=number_argument("examples", integer=True, positive=True), default=50,
                          help="held-out prompts per task for the quality table")

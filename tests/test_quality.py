@@ -104,3 +104,15 @@ def test_demo_runs_end_to_end(capsys):
     for name in testbed.TASKS:
         assert f"| {name} |" in printed
         assert scores[name][0] >= 0.9
+
+
+def test_switch_demo_runs_end_to_end(capsys):
+    from multimoe.demo import main
+    from multimoe.testbed import switch
+
+    scores = main(examples=10, family="switch")
+    printed = capsys.readouterr().out
+    assert "Switch Transformers tenants" in printed and "ROUGE-1 on 10 held-out prompts" in printed
+    for name in switch.TASKS:
+        assert f"| {name} |" in printed
+        assert scores[name][0] >= 0.95 and scores[name][1] >= 0.97 * scores[name][0]

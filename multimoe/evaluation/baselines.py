@@ -16,7 +16,7 @@ from peft.utils import merge_utils
 from transformers import PreTrainedModel
 
 from ..consolidation.registry import Registry
-from ..modeling import MultiTenantForCausalLM
+from ..modeling import MultiTenantLM
 
 TensorMerge = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]
 Baseline = Callable[[PreTrainedModel, Mapping[str, PreTrainedModel]], PreTrainedModel]
@@ -71,9 +71,11 @@ def dare_ties(base: PreTrainedModel, tuned: Mapping[str, PreTrainedModel]) -> Pr
 
 
 @torch.no_grad()
-def no_reconfiguration(model: MultiTenantForCausalLM) -> MultiTenantForCausalLM:
+def no_reconfiguration(model: MultiTenantLM) -> MultiTenantLM:
     """The paper's ablation: keep the consolidated pool and expert maps, but give every tenant the
-    same non-expert layers (the tenants' mean), as if they were never swapped in per tenant."""
+    same non-expert layers (the tenants' mean), as if they were never swapped in per tenant. Any
+    multi-tenant model whose tenants' own modules match one another (a causal LM, or Switch's
+    encoder-decoder, whose tied embeddings and head get one and the same mean)."""
     shared = copy.deepcopy(model)
     per_tenant = [
         [p for module in shared.tenant_modules(name).values() for p in module.parameters()] for name in shared.tenants

@@ -2,21 +2,24 @@
 
 Both accept a family's own causal LM or a multi-tenant model (`MultiTenantForCausalLM`) with
 `tenant=`; a plain model ignores the tenant, so one merged model is scored with the same call as a multi-tenant one.
+`score_tenants` scores every tenant on its own task with any such metric (exact match by default,
+`rouge_scores` for the Switch testbed's free-text tasks).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from ..modeling import MultiTenantForCausalLM
+from ..modeling import MultiTenantLM
 from ..testbed import Example
 
 
 def _tenant_kwargs(model, tenant: str | None) -> dict:
-    if isinstance(model, MultiTenantForCausalLM):
+    if isinstance(model, MultiTenantLM):
         return {"tenant": tenant} if tenant is not None else {}
     return {}
 
@@ -70,13 +73,19 @@ def perplexity(model, tokenizer, examples: Sequence[Example], *, tenant: str | N
 
 
 def score_tenants(
-    models: Mapping[str, object] | object, tokenizer, tasks: Mapping[str, Sequence[Example]]
-) -> dict[str, float]:
-    """Exact match of each tenant on its task: `models` is one (multi-tenant or merged) model, or a
-    mapping tenant -> model (e.g. the original fine-tunes)."""
+    models: Mapping[str, object] | object,
+    tokenizer,
+    tasks: Mapping[str, Sequence[Example]],
+    *,
+    metric: Callable[..., Any] = exact_match,
+) -> dict[str, Any]:
+    """`metric` of each tenant on its task: `models` is one (multi-tenant or merged) model, or a
+    mapping tenant -> model (e.g. the original fine-tunes). `metric(model, tokenizer, examples,
+    tenant=...)` is `exact_match` unless given (e.g. `rouge_scores`, whose dict of ROUGE-1/2/L is
+    then each tenant's value); a mapping's models get no `tenant`."""
     if isinstance(models, Mapping):
-        return {name: exact_match(models[name], tokenizer, examples) for name, examples in tasks.items()}
-    return {name: exact_match(models, tokenizer, examples, tenant=name) for name, examples in tasks.items()}
+        return {name: metric(models[name], tokenizer, examples) for name, examples in tasks.items()}
+    return {name: metric(models, tokenizer, examples, tenant=name) for name, examples in tasks.items()}
 
 
 __all__ = ["exact_match", "generate_answers", "perplexity", "score_tenants"]
