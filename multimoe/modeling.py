@@ -529,6 +529,15 @@ class TenantRouter:
 
     tenant_embeddings: nn.ModuleDict
 
+    def start_serving(self, config: MultiTenantConfigMixin) -> None:
+        """The end of a base model's `__init__`, once its modules exist: the tenant state every call
+        reads, transformers' post-init, and the views."""
+        self.gradient_checkpointing = False
+        self.active_tenant = config.default_tenant
+        self.tenant_lock = TenantLock()
+        self.post_init()
+        self.build_views()
+
     def build_views(self) -> None:
         """One view per tenant and one for mixed batches, built ahead (a compiled call cannot build one)."""
         self.views.clear()
@@ -649,11 +658,7 @@ class MultiTenantModel(TenantRouter, MultiTenantPreTrainedModel):
         # One rotary embedding for every tenant (their rope settings agree), where the family has one.
         rotary = getattr(template, "rotary_emb", None)
         self.rotary_emb = type(rotary)(config=config) if rotary is not None else None
-        self.gradient_checkpointing = False
-        self.active_tenant = config.default_tenant
-        self.tenant_lock = TenantLock()
-        self.post_init()
-        self.build_views()
+        self.start_serving(config)
 
     @property
     def tenant_embeddings(self) -> nn.ModuleDict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 from torch import nn
 from transformers.utils import can_return_tuple
 
-from .concurrency import TenantLock
 from .configuration import MultiTenantConfigMixin
 from .modeling import (
     LayerCall,
@@ -142,11 +141,7 @@ class MultiTenantSeq2SeqModel(TenantRouter, MultiTenantPreTrainedModel):
                 self.own.append(name)
                 setattr(self, name, tenant_copies(child, config))
         self.embedding_name = next(name for name, child in template.named_children() if child is template.get_input_embeddings())
-        self.gradient_checkpointing = False
-        self.active_tenant = config.default_tenant
-        self.tenant_lock = TenantLock()
-        self.post_init()
-        self.build_views()
+        self.start_serving(config)
 
     @property
     def tenant_embeddings(self) -> nn.ModuleDict:
