@@ -16,7 +16,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData
 from huggingface_hub.errors import HfHubHTTPError, HTTPError  # HTTPError: the HTTP client's base error
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-TAGS = ["multimoe", "mixtral", "mixture-of-experts", "multi-tenant"]
+TAGS = ["multimoe", "mixture-of-experts", "multi-tenant"]  # and the family's model type
 
 
 def model_card(model, name: str | None = None) -> str:
@@ -26,7 +26,8 @@ def model_card(model, name: str | None = None) -> str:
     name = name or f"multi-tenant {stem}"
     sources = [spec.get("source") or "" for spec in config.tenants.values()]
     base_models = sorted({source for source in sources if HUB_ID.match(source) and not os.path.exists(source)})
-    metadata = ModelCardData(library_name="transformers", base_model=base_models or None, tags=TAGS)
+    tags = [TAGS[0], config.family.model_type, *TAGS[1:]]
+    metadata = ModelCardData(library_name="transformers", base_model=base_models or None, tags=tags)
     rows = [
         f"| `{tenant}` | {spec.get('source') or '-'} | {'yes' if spec.get('tie_word_embeddings') else 'no'} |"
         for tenant, spec in config.tenants.items()

@@ -251,3 +251,11 @@ def test_a_budget_counts_a_tied_tenants_embedding_once(originals):
     model = consolidate(sources, memory_budget="1.75x", progress=False)
     report, one_model = model.memory_report(), model.memory_report().source_models_bytes / 2
     assert model.consolidation_report.bytes_after == report.total_bytes <= 1.75 * one_model
+
+
+def test_the_model_card_names_the_family_and_its_auto_class(multi):
+    from multimoe.hub import model_card
+
+    card = model_card(multi)
+    assert "switch_transformers" in card.split("---")[1] and "mixtral" not in card
+    assert "AutoModelForSeq2SeqLM.from_pretrained(REPO, trust_remote_code=True)" in card
