@@ -222,7 +222,7 @@ class Family:
         eager = copy.copy(config)
         eager._experts_implementation = "eager"
         with torch.device("meta"):
-            module = self.pool(eager, count)
+            module = self.pool(eager, count).eval()  # an expert's dropout (Switch's) must not fire here
         hidden = inputs.to(experts[0].dtype).repeat(count, 1)
         index = torch.arange(count, device=inputs.device).repeat_interleave(rows)[:, None]
         weights = torch.ones(count * rows, 1, dtype=hidden.dtype, device=inputs.device)
@@ -375,6 +375,11 @@ class Seq2SeqFamily(Family):
 
     def entry_names(self, config: PreTrainedConfig, count: int) -> list[str]:
         """The names of an experts container's `count` entries (Switch: `expert_0`, ...)."""
+        return self.entry_names_of(config.to_json_string(use_diff=False), count)
+
+    @functools.lru_cache(maxsize=16)
+    def entry_names_of(self, config_json: str, count: int) -> list[str]:
+        config = self.config_class(**json.loads(config_json))
         with torch.device("meta"):
             return [name for name, _ in type(self.experts_template(config))(self.sized(config, count)).named_children()]
 

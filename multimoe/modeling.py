@@ -345,19 +345,22 @@ def has_own_tensors(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
 
 
-CHILD_TENSOR_READ = re.compile(r"self\.(\w+)\.(?:weight|bias)\b")
+# A child's tensor read directly (`self.wg.weight`), or a child replaced (`self.classifier = ...`).
+CHILD_TENSOR_USE = re.compile(r"self\.(\w+)\.(?:weight|bias)\b|self\.(\w+)\s*=(?!=)")
 
 
 def reads_child_tensors(module: nn.Module) -> bool:
     """Whether the module's own forward reads a tensor of one of its children directly (HunYuan's
-    router reads `self.wg.weight`): such a module runs whole per tenant group, since a stand-in for
-    the child could only offer one tenant's tensor for every row."""
+    router reads `self.wg.weight`) or replaces a child (Switch's router casts its classifier to
+    float32 with `self.classifier = self.classifier.to(...)`): such a module runs whole per tenant
+    group, since a stand-in for the child could only offer one tenant's tensor for every row, and
+    what it did to the stand-in would not reach the tenants' own modules."""
     try:
         source = inspect.getsource(type(module).forward)
     except (OSError, TypeError):
         return False
     children = set(dict(module.named_children()))
-    return any(name in children for name in CHILD_TENSOR_READ.findall(source))
+    return any(read in children or replaced in children for read, replaced in CHILD_TENSOR_USE.findall(source))
 
 
 def holds_position_table(module: nn.Module) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration import MultiTenantConfigMixin
 from .modeling import (
@@ -247,6 +248,14 @@ class MultiTenantForConditionalGeneration(MultiTenantLM):
     def get_encoder(self, modality: str | None = None) -> TenantEncoder:
         return self.model.get_encoder(modality)
 
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """The current tenant's input embedding, as the family sets it: `shared` and both stacks'
+        embeddings become `value`; the views are rebuilt to read it."""
+        tenant = self.model.resolve_tenant(None)
+        for owner in (self.model.tenant_embeddings, *(stack.embed_tokens for stack in self.model.stacks)):
+            owner[tenant] = value
+        self.build_views()
+
     def add_tenant_modules(self, name: str) -> None:
         """Register new, uninitialised modules for tenant `name` (already in the config)."""
         self.model.add_tenant_modules(name)
@@ -264,6 +273,7 @@ class MultiTenantForConditionalGeneration(MultiTenantLM):
         )
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, input_ids=None, tenant=None, tenant_names=None, tenant_ids=None, **kwargs):
         r"""
         The family's own forward (the same arguments and outputs), plus `tenant`, `tenant_names`

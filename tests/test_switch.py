@@ -259,3 +259,42 @@ def test_the_model_card_names_the_family_and_its_auto_class(multi):
     card = model_card(multi)
     assert "switch_transformers" in card.split("---")[1] and "mixtral" not in card
     assert "AutoModelForSeq2SeqLM.from_pretrained(REPO, trust_remote_code=True)" in card
+
+
+def test_expert_outputs_run_the_experts_without_dropout(originals):
+    config = originals["base"].config
+    family = multimoe.FAMILIES["switch_transformers"]
+    assert config.dropout_rate > 0
+    experts = family.read_experts(config, 1, originals["base"].state_dict().__getitem__)
+    inputs = torch.randn(5, config.d_model)
+    first, second = family.expert_outputs(config, experts, inputs), family.expert_outputs(config, experts, inputs)
+    assert torch.equal(first, second)
+    expert = originals["base"].encoder.block[1].layer[1].mlp.experts["expert_2"]
+    torch.testing.assert_close(first[2], expert(inputs), rtol=0, atol=1e-6)
+
+
+def test_a_bfloat16_mixed_batch_runs_each_tenants_float32_router(originals, batch):
+    sources = {name: SwitchTransformersForConditionalGeneration(originals[name].config).to(torch.bfloat16).eval()
+               for name in ("base", "a")}
+    for name, source in sources.items():
+        source.load_state_dict(originals[name].state_dict())
+    model = multimoe.from_models(sources).eval()
+    inputs = dict(batch, decoder_input_ids=decoder_inputs(batch))
+    rows = ["base", "a", "a", "base"]
+    with torch.no_grad():
+        mixed = model(**inputs, tenant_names=rows).logits  # before any one-tenant call converts a router
+        for row, name in enumerate(rows):
+            torch.testing.assert_close(mixed[row], sources[name](**inputs).logits[row], rtol=2e-2, atol=2e-2)
+
+
+def test_set_input_embeddings_reaches_both_stacks(originals, batch):
+    model = multimoe.from_models({name: originals[name] for name in ("base", "a")}).eval()
+    inputs = dict(batch, decoder_input_ids=decoder_inputs(batch))
+    replacement = torch.nn.Embedding.from_pretrained(torch.zeros_like(originals["a"].shared.weight), freeze=False)
+    with torch.no_grad(), model.active("a"):
+        before = model(**inputs).logits
+        model.set_input_embeddings(replacement)
+        assert model.get_input_embeddings() is replacement
+        assert model.model.encoder.embed_tokens["a"] is model.model.decoder.embed_tokens["a"] is replacement
+        assert not torch.equal(model(**inputs).logits, before)
+    assert torch.equal(model(**inputs, tenant="base").logits, originals["base"](**inputs).logits)
