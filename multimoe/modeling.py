@@ -147,6 +147,7 @@ PER_ROW_ARGUMENTS = (
     "position_ids",
     "position_embeddings",
     "position_bias",
+    "attention_scaling",  # Beam's position-dependent query scaling
     "key_value_states",
     "encoder_hidden_states",
     "encoder_attention_mask",
