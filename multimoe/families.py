@@ -321,6 +321,7 @@ class Seq2SeqFamily(Family):
     stacks: tuple[str, ...] = ("encoder", "decoder")
     layer_list: str = "block"
     is_encoder_decoder = True
+    per_expert_modules = True
 
     @cached_property
     def model_class(self) -> type:
@@ -370,8 +371,6 @@ class Seq2SeqFamily(Family):
     def expert_parameter_names(self, config: PreTrainedConfig) -> tuple[str, ...]:
         experts = self.experts_template(config)
         return tuple(name for name, _ in next(iter(experts.children())).named_parameters())
-
-    per_expert_modules = True
 
     def entry_names(self, config: PreTrainedConfig, count: int) -> list[str]:
         """The names of an experts container's `count` entries (Switch: `expert_0`, ...)."""

@@ -342,6 +342,11 @@ def copy_of(template: nn.Module, config) -> nn.Module:
     return copy.deepcopy(template, {id(config): config})
 
 
+def fresh_copy(template: nn.Module, config) -> nn.Module:
+    """A copy of a module built on the meta device (see `copy_of`), in uninitialised storage of its own."""
+    return materialize(copy_of(template, config))
+
+
 def has_own_tensors(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
 
@@ -670,7 +675,7 @@ class MultiTenantModel(TenantRouter, MultiTenantPreTrainedModel):
 
     def fresh(self, child: str) -> nn.Module:
         """A new tenant's own copy of the family model's `child` (e.g. its norm), uninitialised."""
-        return materialize(copy_of(self.template.get_submodule(child), self.config))
+        return fresh_copy(self.template.get_submodule(child), self.config)
 
     def tenant_embedding(self, name: str) -> nn.Module:
         """Tenant `name`'s embedding, uninitialised, with its own padding token (whose row training
@@ -851,6 +856,13 @@ class MultiTenantLM(MultiTenantPreTrainedModel, GenerationMixin):
         # The class-wide `config.tie_word_embeddings` switch does not apply; see `_tied_weights_keys`.
         return self._tied_weights_keys
 
+    def take_family_settings(self) -> None:
+        """The family's model's plain settings (`model_dim`, `router_aux_loss_coef`, ...), where its
+        users read them: as attributes of the model with the head."""
+        for key, value in vars(self.template).items():
+            if not key.startswith("_") and isinstance(value, (bool, int, float)) and not hasattr(self, key):
+                setattr(self, key, value)
+
     # -- tenants ------------------------------------------------------------------------------
 
     def build_views(self) -> None:
@@ -1017,9 +1029,7 @@ class MultiTenantForCausalLM(MultiTenantLM):
         self.model = self.base_model_class_for_family(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.ModuleDict({name: self.fresh_head() for name in config.tenants})
-        for key, value in vars(self.template).items():  # the family's settings where its users read them
-            if not key.startswith("_") and isinstance(value, (bool, int, float)) and not hasattr(self, key):
-                setattr(self, key, value)
+        self.take_family_settings()
         self.post_init()
         self.build_views()
 
@@ -1036,7 +1046,7 @@ class MultiTenantForCausalLM(MultiTenantLM):
         return view
 
     def fresh_head(self) -> nn.Module:
-        return materialize(copy_of(self.template.lm_head, self.config))
+        return fresh_copy(self.template.lm_head, self.config)
 
     def add_tenant_modules(self, name: str) -> None:
         """Register new, uninitialised modules for tenant `name` (already in the config)."""

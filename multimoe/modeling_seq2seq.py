@@ -30,8 +30,7 @@ from .modeling import (
     MultiTenantPreTrainedModel,
     RowDispatch,
     TenantRouter,
-    copy_of,
-    materialize,
+    fresh_copy,
     meta_template,
     unregistered,
     view_of,
@@ -45,14 +44,14 @@ def holds_tensors(module: nn.Module) -> bool:
 
 def tenant_copies(template: nn.Module, config: MultiTenantConfigMixin) -> nn.ModuleDict:
     """One uninitialised copy of `template` (built on the meta device) per tenant."""
-    return nn.ModuleDict({name: materialize(copy_of(template, config)) for name in config.tenants})
+    return nn.ModuleDict({name: fresh_copy(template, config) for name in config.tenants})
 
 
 def add_tenant_copies(owner: nn.Module, children: list[str], name: str) -> None:
     """A new tenant's uninitialised copy of each per-tenant child of `owner` (a stack or model
     holding its family `template` and `config`)."""
     for child in children:
-        getattr(owner, child)[name] = materialize(copy_of(owner.template.get_submodule(child), owner.config))
+        getattr(owner, child)[name] = fresh_copy(owner.template.get_submodule(child), owner.config)
 
 
 def picker(tenant: str | None):
@@ -224,9 +223,7 @@ class MultiTenantForConditionalGeneration(MultiTenantLM):
         unregistered(self, template=meta_template(self.family.model_class, config), views={})
         self.model = self.base_model_class_for_family(config)
         self.lm_head = tenant_copies(self.template.lm_head, config)
-        for key, value in vars(self.template).items():  # the family's settings where its users read them
-            if not key.startswith("_") and isinstance(value, (bool, int, float)) and not hasattr(self, key):
-                setattr(self, key, value)
+        self.take_family_settings()
         self.post_init()
         self.build_views()
 
