@@ -245,17 +245,21 @@ class TenantSet:
             )
         return experts
 
+    def own_keys(self, name: str) -> list[str]:
+        """The names of tenant `name`'s own tensors: not experts, and a tied embedding once, whatever
+        names read it (its lm_head; Switch's stack embeddings too)."""
+        tied = self.checkpoints[name].tied_aliases
+        return [key for key in self.shapes if not self.family.is_expert_key(key) and key not in tied]
+
     def non_expert_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """One tenant's own tensors, under their multi-tenant names (a tied lm_head is not stored)."""
+        """One tenant's own tensors, under their multi-tenant names."""
         checkpoint = self.checkpoints[name]
-        tensors = {}
-        for key, shape in self.shapes.items():
-            if self.family.is_expert_key(key) or key in checkpoint.tied_aliases:
-                continue
-            tensors[self.family.tenant_key(key, name, self.layer_paths)] = checked(
-                checkpoint.tensor(key), tenant=name, name=key, shape=shape, dtype=self.dtype
+        return {
+            self.family.tenant_key(key, name, self.layer_paths): checked(
+                checkpoint.tensor(key), tenant=name, name=key, shape=self.shapes[key], dtype=self.dtype
             )
-        return tensors
+            for key in self.own_keys(name)
+        }
 
     def generation_configs(self) -> dict:
         """Each tenant's generation settings, from its source (a copy per model built)."""

@@ -93,11 +93,7 @@ class Footprint:
     @classmethod
     def of(cls, tenants: TenantSet) -> Footprint:
         itemsize = torch.empty((), dtype=tenants.dtype).element_size()
-        own = {}
-        for name, checkpoint in tenants.checkpoints.items():
-            # A tied tenant stores its embedding once, whatever names read it (Switch: three more).
-            keys = [k for k in tenants.shapes if not tenants.family.is_expert_key(k) and k not in checkpoint.tied_aliases]
-            own[name] = sum(math.prod(tenants.shapes[k]) for k in keys) * itemsize
+        own = {name: sum(math.prod(tenants.shapes[k]) for k in tenants.own_keys(name)) * itemsize for name in tenants.names}
         sparse_layer = tenants.sparse_layers.index(True)
         expert_keys = tenants.checkpoints[tenants.names[0]].expert_keys(sparse_layer)
         num_experts = tenants.shapes[expert_keys[0]][0]
