@@ -41,6 +41,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import maybe_install_capturing_hooks
 
+from .batched_projections import batchable, batched_linear, lay_side_by_side
 from .checkpoints import (
     SAVED_CHECKPOINT,
     CheckpointError,
@@ -246,9 +247,13 @@ class RowDispatch(nn.Module):
         super().__init__()
         unregistered(self, owner=owner)
         self.path = path
+        self.path_names = path.split(".") if path else []
 
     def tenant_module(self, name: str) -> nn.Module:
-        return self.owner[name].get_submodule(self.path)
+        module = self.owner[name]
+        for child in self.path_names:  # `get_submodule`, without its checks: this runs per group per call
+            module = module._modules[child]
+        return module
 
     def __getattr__(self, name: str):
         try:
@@ -291,6 +296,27 @@ class RowDispatch(nn.Module):
         if pending:
             GroupCache.commit(pending, routing)
         return output
+
+
+class GroupedProjection(RowDispatch):
+    """A `RowDispatch` over the tenants' `nn.Linear`s at `path`. In inference, the groups whose
+    weights lie side by side (`MultiTenantDecoderLayer.lay_out_projections`) run as one batched
+    product, without copying a weight (see `multimoe.batched_projections`); anything else (a LoRA
+    wrapper, a hook, a gradient wanted) runs one product per group, as `RowDispatch` does."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        routing = MIXED_ROUTING.get()
+        tensors = None if args or kwargs else batchable([self.tenant_module(name) for name, _ in routing.groups])
+        if tensors is None:
+            return super().forward(hidden_states, *args, **kwargs)
+
+        def run(ordered: torch.Tensor, tokens: int) -> torch.Tensor:
+            rows = ordered.reshape(-1, ordered.shape[-1])
+            per_row = rows.shape[0] // routing.batch_size  # its tokens, and any further leading dims
+            sizes = [(span.stop - span.start) * per_row for _, span in routing.groups]
+            return batched_linear(rows, sizes, *tensors).view(*ordered.shape[:-1], -1)
+
+        return routing.in_tenant_order(run, hidden_states)
 
 
 class ReplayWithRouting:
@@ -444,6 +470,8 @@ class MultiTenantDecoderLayer(nn.Module):
                 path = f"{prefix}{name}"
                 if path == self.experts_path and hasattr(self, "experts"):
                     setattr(module, name, RowMappedPool(self))
+                elif type(child) is nn.Linear:
+                    setattr(module, name, GroupedProjection(self.tenants, path))
                 elif has_own_tensors(child) or reads_child_tensors(child) or holds_position_table(child):
                     setattr(module, name, RowDispatch(self.tenants, path))
                 else:
@@ -452,9 +480,41 @@ class MultiTenantDecoderLayer(nn.Module):
         stand_in(layer, "")
         return layer
 
+    def lay_out_projections(self) -> None:
+        """Put the tenants' weights (and biases) of each projection a mixed batch runs grouped side
+        by side in memory, in tenant order, where they are not already (see
+        `multimoe.batched_projections`); plain `nn.Linear`s only, on a real device."""
+        for path in self.grouped_paths:
+            linears = [own.get_submodule(path) for own in self.tenants.values()]
+            if not all(type(linear) is nn.Linear for linear in linears):
+                continue
+            for name in ("weight", "bias"):
+                tensors = [getattr(linear, name) for linear in linears]
+                if all(type(tensor) is nn.Parameter for tensor in tensors) and len(
+                    {(tensor.shape, tensor.dtype, tensor.device) for tensor in tensors}
+                ) == 1:
+                    lay_side_by_side(tensors)
+
+    @property
+    def grouped_paths(self) -> list[str]:
+        return [module.path for module in self.mixed.modules() if isinstance(module, GroupedProjection)]
+
+    def _apply(self, fn, recurse: bool = True):
+        # `.to()`, `.half()`, ... give each parameter a tensor of its own; lay them out again.
+        super()._apply(fn, recurse)
+        self.lay_out_projections()
+        return self
+
     def forward(self, hidden_states: torch.Tensor, *args, tenant: str | None = None, **kwargs):
         layer = self.tenants[tenant] if tenant is not None else self.mixed
         return layer(hidden_states, *args, **kwargs)
+
+
+def lay_out_projections(model: nn.Module) -> None:
+    """Every layer's `lay_out_projections`."""
+    for module in model.modules():
+        if isinstance(module, MultiTenantDecoderLayer):
+            module.lay_out_projections()
 
 
 class LayerCall(nn.Module):
@@ -508,7 +568,9 @@ class MultiTenantPreTrainedModel(PreTrainedModel):
         tensor to float, keep NaN values and fall back to pickle; here each is a `CheckpointError`
         naming the file, tensor or key (see `multimoe.checkpoints.strict_from_pretrained`).
         """
-        return strict_from_pretrained(super().from_pretrained, *args, **kwargs)
+        model = strict_from_pretrained(super().from_pretrained, *args, **kwargs)
+        lay_out_projections(model[0] if isinstance(model, tuple) else model)  # loading gave each weight its own tensor
+        return model
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
@@ -548,7 +610,9 @@ class TenantRouter:
         self.build_views()
 
     def build_views(self) -> None:
-        """One view per tenant and one for mixed batches, built ahead (a compiled call cannot build one)."""
+        """One view per tenant and one for mixed batches, built ahead (a compiled call cannot build
+        one); the layers' projections laid out for mixed batches, as after any edit."""
+        lay_out_projections(self)
         self.views.clear()
         for tenant in (*self.tenant_names, None):
             self.view(tenant)

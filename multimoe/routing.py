@@ -105,31 +105,40 @@ class TenantRouting:
         `rows` has the batch, or the batch's tokens flattened row by row, as dim 0. `function` may
         return one tensor or a tuple (entries may be `None`), each with the batch's rows, or their
         tokens, on dim 0 (not necessarily as its input: DeepSeek's router flattens [rows, tokens]).
-        A batch whose tenants are interleaved is gathered once into tenant order and each output
-        scattered back once, whatever the number of tenants.
         """
         if not self.is_mixed:
             return function(self.groups[0][0], rows, None)
+
+        def each_group(ordered: torch.Tensor, tokens: int):
+            results = [
+                function(name, ordered[span.start * tokens : span.stop * tokens], self.batch_rows(span))
+                for name, span in self.groups
+            ]
+            several = isinstance(results[0], tuple)
+            joined = [
+                None if parts[0] is None else torch.cat(parts) for parts in (zip(*results) if several else [results])
+            ]
+            return tuple(joined) if several else joined[0]
+
+        return self.in_tenant_order(each_group, rows)
+
+    def in_tenant_order(self, function: Callable[[torch.Tensor, int], torch.Tensor | tuple], rows: torch.Tensor):
+        """`function(rows in tenant order, tokens per row)`, each output put back in batch order: a
+        batch whose tenants are interleaved is gathered once and each output scattered back once,
+        whatever the number of tenants; one already in tenant order is passed as it is."""
         tokens, remainder = divmod(rows.shape[0], self.batch_size)
         if remainder or not tokens:
             raise ValueError(f"Expected {self.batch_size} rows (or their tokens) on dim 0, got {rows.shape[0]}.")
-        if self.order is not None:
-            rows = rows.index_select(0, token_positions(self.order, tokens))
-        results = [
-            function(name, rows[span.start * tokens : span.stop * tokens], self.batch_rows(span))
-            for name, span in self.groups
-        ]
-        several = isinstance(results[0], tuple)
-        joined = [
-            None if parts[0] is None else torch.cat(parts) for parts in (zip(*results) if several else [results])
-        ]
-        if self.order is not None:  # each output by its own tokens per row (a router may flatten its input)
-            joined = [
-                None if output is None
-                else output.index_select(0, token_positions(self.inverse, output.shape[0] // self.batch_size))
-                for output in joined
-            ]
-        return tuple(joined) if several else joined[0]
+        if self.order is None:
+            return function(rows, tokens)
+        output = function(rows.index_select(0, token_positions(self.order, tokens)), tokens)
+
+        def in_batch_order(part: torch.Tensor | None):  # by its own tokens per row (a router may flatten)
+            if part is None:
+                return None
+            return part.index_select(0, token_positions(self.inverse, part.shape[0] // self.batch_size))
+
+        return tuple(map(in_batch_order, output)) if isinstance(output, tuple) else in_batch_order(output)
 
 
 def token_positions(rows: torch.Tensor, tokens: int) -> torch.Tensor:
