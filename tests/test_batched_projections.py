@@ -1,0 +1,169 @@
+"""Mixed batches run each projection's tenant groups as one batched product over the tenants'
+weights laid side by side in memory: the same rows as each tenant's own run, no weight copied, and
+one product per group wherever the layout or the module says otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import multimoe.modeling
+from multimoe import MultiTenantMixtralForCausalLM
+from multimoe.batched_projections import MAX_PADDING, batched_linear, lay_side_by_side, side_by_side
+
+PROMPTS = ["hello there", "hi", "what is 2+2?", "code: x=1", "ok"]
+ROW_TENANTS = ["chat", "chat", "base", "tied", "tied"]
+TOLERANCE = dict(rtol=0, atol=1e-5)  # bmm and per-group mm may sum in other orders
+
+
+def projections(model, path: str = "self_attn.q_proj", layer: int = 0) -> list[nn.Linear]:
+    return [own.get_submodule(path) for own in model.model.layers[layer].tenants.values()]
+
+
+def laid_out(model) -> bool:
+    """Whether every grouped projection of every layer holds its tenants' weights side by side."""
+    return all(
+        side_by_side([linear.weight for linear in projections(model, path, index)]) is not None
+        for index, layer in enumerate(model.model.layers)
+        for path in layer.grouped_paths
+    )
+
+
+@pytest.fixture
+def fresh(tenants):
+    return MultiTenantMixtralForCausalLM.from_models(tenants).eval()
+
+
+@pytest.fixture
+def products(monkeypatch):
+    """Counts the batched products the mixed batch runs."""
+    calls = []
+    original = multimoe.modeling.batched_linear
+
+    def counting(inputs, sizes, weights, biases):
+        calls.append(len(sizes))
+        return original(inputs, sizes, weights, biases)
+
+    monkeypatch.setattr(multimoe.modeling, "batched_linear", counting)
+    return calls
+
+
+def mixed_logits(model, tokenizer, rows=ROW_TENANTS):
+    inputs = tokenizer(PROMPTS[: len(rows)], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return inputs, model(**inputs, tenant_names=rows).logits
+
+
+def test_every_grouped_projection_is_laid_out_after_building_and_loading(fresh, tmp_path):
+    layer = fresh.model.layers[0]
+    assert layer.grouped_paths == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    assert laid_out(fresh)
+    fresh.save_pretrained(tmp_path)
+    loaded = MultiTenantMixtralForCausalLM.from_pretrained(tmp_path)
+    assert laid_out(loaded)
+    for key, tensor in fresh.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+
+
+def test_mixed_rows_equal_each_tenants_own_run_through_one_product_per_projection(fresh, tenants, tokenizer, products):
+    inputs, actual = mixed_logits(fresh, tokenizer)
+    assert products and set(products) == {3}  # every projection: the batch's 3 tenant groups at once
+    for row, name in enumerate(ROW_TENANTS):
+        with torch.no_grad():
+            expected = tenants[name](**inputs).logits[row]
+        mask = inputs["attention_mask"][row].bool()
+        torch.testing.assert_close(actual[row][mask], expected[mask], **TOLERANCE)
+
+
+def test_a_weight_moved_out_of_the_layout_runs_per_group_with_the_same_rows(fresh, tokenizer):
+    _, before = mixed_logits(fresh, tokenizer)
+    moved = projections(fresh)[1]  # chat's q_proj: now a tensor of its own
+    moved.weight.data = moved.weight.data.clone()
+    assert side_by_side([linear.weight for linear in projections(fresh)]) is None
+    _, after = mixed_logits(fresh, tokenizer)
+    torch.testing.assert_close(after, before, **TOLERANCE)
+    fresh.model.layers[0].lay_out_projections()
+    assert laid_out(fresh)
+
+
+def test_hooks_and_wrappers_are_honoured(fresh, tokenizer, products):
+    """A hook on one tenant's projection (as PEFT, accelerate or a user places) must run: that
+    projection runs per group; the others stay batched."""
+    _, before = mixed_logits(fresh, tokenizer)
+    seen = []
+    projections(fresh)[0].register_forward_hook(lambda module, args, output: seen.append(output.shape[0]))
+    products.clear()
+    _, after = mixed_logits(fresh, tokenizer)
+    assert seen == [1]  # base's one row, through its own module
+    assert len(products) == 4 * len(fresh.model.layers) - 1
+    torch.testing.assert_close(after, before, **TOLERANCE)
+
+
+def test_to_keeps_the_layout_and_the_values(fresh):
+    weights = {key: tensor.clone() for key, tensor in fresh.state_dict().items()}
+    fresh.to(torch.float64)
+    assert laid_out(fresh)
+    for key, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, weights[key].to(torch.float64)), key
+
+
+def test_tenant_edits_lay_out_again_and_free_a_removed_tenants_slice(fresh, tenants, tokenizer):
+    fresh.remove_tenant("code")
+    assert laid_out(fresh)
+    weights = [linear.weight for linear in projections(fresh)]
+    assert weights[0].untyped_storage().nbytes() == sum(weight.nbytes for weight in weights)  # 3 slices, not 4
+    fresh.add_tenant("code", tenants["code"])
+    assert laid_out(fresh)
+    inputs, actual = mixed_logits(fresh, tokenizer, ["code", "base", "base", "chat", "code"])
+    with torch.no_grad():
+        expected = tenants["code"](**inputs).logits[0]
+    mask = inputs["attention_mask"][0].bool()
+    torch.testing.assert_close(actual[0][mask], expected[mask], **TOLERANCE)
+
+
+def test_training_gives_each_tenant_its_own_gradient(fresh, tokenizer):
+    fresh.train()
+    inputs = tokenizer(PROMPTS[:3], return_tensors="pt", padding=True)
+    fresh(**inputs, tenant_names=["chat", "base", "chat"], labels=inputs["input_ids"]).loss.backward()
+    gradients = {name: linear.weight.grad for name, linear in zip(fresh.tenants, projections(fresh))}
+    assert gradients["code"] is None and gradients["tied"] is None
+    assert gradients["chat"].abs().sum() > 0 and gradients["base"].abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "sizes, order",
+    [
+        ([2, 2, 2], [0, 1, 2]),  # even groups: one product, no padding
+        ([3, 1, 2], [0, 1, 2]),  # uneven: zero-padded to 3 rows each
+        ([2, 2], [0, 2]),  # a tenant absent between: two runs
+        ([1, 2, 1], [2, 0, 1]),  # groups out of storage order: runs of one
+        ([9, 1, 1], [0, 1, 2]),  # padding beyond MAX_PADDING: one product per group
+    ],
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_batched_linear_equals_one_product_per_group(sizes, order, bias):
+    generator = torch.Generator().manual_seed(0)
+    linears = [nn.Linear(16, 8, bias=bias) for _ in range(3)]
+    for linear in linears:
+        for parameter in linear.parameters():
+            parameter.data = torch.randn(parameter.shape, generator=generator)
+    for name in ("weight", "bias") if bias else ("weight",):
+        lay_side_by_side([getattr(linear, name) for linear in linears])
+    groups = [linears[index] for index in order]
+    inputs = torch.randn(sum(sizes), 16, generator=generator)
+    expected = torch.cat([F.linear(part, linear.weight, linear.bias) for part, linear in zip(inputs.split(sizes), groups)])
+    actual = batched_linear(inputs, sizes, [linear.weight for linear in groups], [linear.bias for linear in groups])
+    torch.testing.assert_close(actual, expected, **TOLERANCE)
+    assert MAX_PADDING < 9 * 3 / 11 - 1  # the last case is beyond the padding bound
+
+
+def test_side_by_side_needs_one_storage_in_order():
+    stacked = torch.randn(3, 4, 5)
+    rows = [stacked[0], stacked[1], stacked[2]]
+    assert torch.equal(side_by_side(rows), stacked)
+    assert side_by_side([rows[1], rows[0]]) is None
+    assert side_by_side([rows[0], rows[2]]) is None
+    assert side_by_side([rows[0], rows[1].clone()]) is None
+    assert side_by_side([torch.randn(4, 5, device="meta")] * 2) is None
