@@ -57,6 +57,7 @@ from .families import FAMILIES, Family
 from .generation import generation_for_rows
 from .hub import push_to_hub, write_model_card
 from .memory import MemoryReport
+from .pool_window import call_pool
 from .routing import (
     CALL_GENERATION_CONFIGS,
     MIXED_ROUTING,
@@ -134,7 +135,7 @@ class TenantExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, routing: torch.Tensor, weights: torch.Tensor):
         layer = self.layer
         pool_routing = layer.config.family.pool_routing(routing, self.expert_map, layer.pool_size)
-        return layer.experts(hidden_states, pool_routing, weights)
+        return call_pool(layer.experts, hidden_states, pool_routing, weights)
 
 
 # -- a mixed batch: modules that stand for every tenant's own ----------------------------------
@@ -352,7 +353,7 @@ class RowMappedPool(nn.Module):
         maps = rows.per_row([own.expert_map for own in layer.tenant_experts()])
         maps = maps.repeat_interleave(routing.shape[0] // rows.batch_size, dim=0)
         pool_routing = layer.config.family.pool_routing(routing, maps, layer.pool_size)
-        return layer.experts(hidden_states, pool_routing, weights)
+        return call_pool(layer.experts, hidden_states, pool_routing, weights)
 
 
 def materialize(module: nn.Module) -> nn.Module:

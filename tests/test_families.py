@@ -402,13 +402,13 @@ def test_loads_as_remote_code_where_multimoe_is_not_installed(cases, inputs, rem
 @pytest.fixture
 def experts_calls(monkeypatch):
     """The experts implementation each experts call asks transformers' registry for, and the modules
-    `grouped_mm` ran for."""
+    `grouped_mm` ran for (a pool, for a call on a window of its entries: see multimoe.pool_window)."""
     calls = {"requested": [], "grouped_mm": []}
     grouped_mm = ALL_EXPERTS_FUNCTIONS["grouped_mm"]
     get_interface = ExpertsInterface.get_interface
 
     def counting_grouped_mm(module, *args, **kwargs):
-        calls["grouped_mm"].append(module)
+        calls["grouped_mm"].append(getattr(module, "pool", module))
         return grouped_mm(module, *args, **kwargs)
 
     def recording_get_interface(self, implementation, default):
