@@ -14,8 +14,8 @@ Every module is registered exactly once. A call resolves its tenants once (`Tena
 runs the family's own base model and causal-LM code on a *view*: the family's module tree, built
 once on the meta device, whose embedding, layers, norm and head are the tenant's registered
 modules. A batch that mixes tenants runs on the mixed view, whose modules each stand for every
-tenant's own (`RowDispatch`): every tenant group's rows go through that tenant's weights, and the
-pool runs once for all rows. Switching tenants only changes a string: nothing is re-pointed, copied
+tenant's own (`RowDispatch`): every tenant group's rows go through that tenant's weights (each
+projection as one batched product, `GroupedProjection`), and the pool runs once for all rows. Switching tenants only changes a string: nothing is re-pointed, copied
 or registered twice, and the cost does not depend on model size.
 """
 
