@@ -9,23 +9,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from multimoe.batched_projections import batched_linear, lay_side_by_side
-
-
-def timed(function, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    function()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+from timing import seconds
 
 
 def compare(width: int, tenants: int, rows: int, repeats: int, device: str, dtype: torch.dtype) -> tuple[float, float]:
@@ -50,11 +40,11 @@ def compare(width: int, tenants: int, rows: int, repeats: int, device: str, dtyp
             per_group(), batched()
         for index in range(repeats):  # alternate which goes first, so noise hits both alike
             if index % 2:
-                loop_times.append(timed(per_group, device))
-                batched_times.append(timed(batched, device))
+                loop_times.append(seconds(per_group, device))
+                batched_times.append(seconds(batched, device))
             else:
-                batched_times.append(timed(batched, device))
-                loop_times.append(timed(per_group, device))
+                batched_times.append(seconds(batched, device))
+                loop_times.append(seconds(per_group, device))
     return statistics.median(loop_times) * 1e6, statistics.median(batched_times) * 1e6
 
 

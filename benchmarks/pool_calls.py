@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from functools import partial
 
 import torch
@@ -27,6 +26,7 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from multimoe.pool_window import call_pool
+from timing import seconds
 
 IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")  # transformers'; then the routed window
 CANDIDATES = (*IMPLEMENTATIONS, "grouped_mm, routed window")
@@ -54,16 +54,7 @@ def time_call(function, repeats: int, device: str) -> float:
     """Median microseconds of `function()` over `repeats` calls, after warm-up."""
     for _ in range(5):
         function()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        function()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return statistics.median(seconds(function, device) for _ in range(repeats)) * 1e6
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: the CUDA subset of the tests, the model-overhead and serving
-# benchmarks in bfloat16, and the paper-scale check (8 tenants at Mixtral-8x7B's shape on one GPU).
+# One command for a GPU machine: the CUDA subset of the tests, the model-overhead, serving,
+# batched-projection and pool-call benchmarks in bfloat16, and the paper-scale check (8 tenants at Mixtral-8x7B's shape on one GPU).
 #
 #   scripts/gpu_check.sh OUT                        # on the GPU machine (device tool: run it with $OUT)
 #   scripts/gpu_check.sh OUT --device cpu --quick   # the dry run the test suite makes: tiny shapes, no wheels
@@ -8,8 +8,9 @@
 # Such a machine has its own Python with torch and an older transformers, and no network: the
 # packages multimoe needs travel as wheels in .whl/ (kept out of git; docs/benchmarks.md gives the
 # line that fetches them) and are installed first. Every figure lands in OUT (at most 8 files, as
-# the device tool brings back): environment.txt, tests.log, model_overhead.txt, serving.txt,
-# paper_scale.txt, paper_scale.json, summary.md. Designed to finish in under 5 minutes on an H200.
+# the device tool brings back): install.log, tests.log, model_overhead.txt, serving.txt,
+# kernels.txt, paper_scale.txt, paper_scale.json, summary.md (which starts with the versions).
+# Designed to finish in under 5 minutes on an H200.
 set -uo pipefail
 
 usage() { echo "usage: $0 OUT [--device cuda|cpu] [--quick]" >&2; exit 2; }
@@ -45,21 +46,24 @@ if [ "$QUICK" = 0 ] && [ -d .whl ]; then
     step "install wheels from .whl" 120 install.log \
         bash -c 'python -m pip install --no-index --find-links .whl --no-deps .whl/*.whl && python -m pip install --no-index --no-deps --no-build-isolation -e .'
 fi
-python - >"$OUT/environment.txt" 2>&1 <<'EOF'
+python - >>"$OUT/summary.md" 2>&1 <<'EOF'
 import platform, torch, transformers
 print("python", platform.python_version(), "| torch", torch.__version__, "| transformers", transformers.__version__)
 print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
 EOF
-cat "$OUT/environment.txt" >>"$OUT/summary.md"
 
 if [ "$QUICK" = 1 ]; then
     OVERHEAD=(--layers 2 --hidden 64 --intermediate 128 --new-tokens 8 --repeats 1 --switches 200 --latency-sizes 2x64 4x64)
     SERVING=(--ratio-only --layers 2 --hidden 64 --intermediate 128 --ratio-shapes)
     SCALE=(--quick --steps 4)
+    PROJECTIONS=(--widths 64 --tenants 2 --rows 1,2 --repeats 3)
+    POOL=(--shapes 32x64 --pool-sizes 8,20 --repeats 2)
 else
     OVERHEAD=()
     SERVING=(--ratio-only)
     SCALE=()
+    PROJECTIONS=()
+    POOL=()
 fi
 step "tests marked device (MULTIMOE_TEST_DEVICE=$DEVICE)" 150 tests.log \
     env MULTIMOE_TEST_DEVICE="$DEVICE" python -m pytest -p no:cacheprovider -m device tests
@@ -67,6 +71,10 @@ step "model overhead ($DEVICE, bfloat16)" 120 model_overhead.txt \
     python benchmarks/model_overhead.py --device "$DEVICE" --dtype bfloat16 "${OVERHEAD[@]}"
 step "serving: mixed-tenant batch ($DEVICE, bfloat16)" 120 serving.txt \
     python -m multimoe.serving.bench --device "$DEVICE" --dtype bfloat16 "${SERVING[@]}"
+# The batched projections and the pool calls share one file: the device tool brings back 8.
+step "mixed-batch kernels: batched projections, pool calls ($DEVICE, bfloat16)" 90 kernels.txt bash -c \
+    "python benchmarks/batched_projections.py --device $DEVICE --dtype bfloat16 ${PROJECTIONS[*]} &&
+     python benchmarks/pool_calls.py --device $DEVICE --dtype bfloat16 ${POOL[*]}"
 step "paper-scale check ($DEVICE)" 240 paper_scale.txt \
     python benchmarks/paper_scale.py --device "$DEVICE" --out "$OUT" "${SCALE[@]}"
 

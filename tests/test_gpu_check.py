@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FILES = {"environment.txt", "tests.log", "model_overhead.txt", "serving.txt", "paper_scale.txt",
+FILES = {"tests.log", "model_overhead.txt", "serving.txt", "kernels.txt", "paper_scale.txt",
          "paper_scale.json", "summary.md"}
 
 
