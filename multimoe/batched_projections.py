@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 # Zero-padding groups to a common row count costs compute on the padding rows: at most as many
 # padding rows as real ones (decode is bound by reading the weights, prefill by computing).
@@ -84,24 +85,78 @@ def runs_side_by_side(weights: Sequence[torch.Tensor], biases: Sequence[torch.Te
     return runs
 
 
-def batchable(linears: Sequence[nn.Linear]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]] | None:
-    """The weights and biases of `linears` when their products may run batched: plain `nn.Linear`s
-    without hooks (torch's, or accelerate's, which replace `forward` to bring offloaded weights in),
-    and no gradient wanted (a product over a view of several tenants' weights would not reach each
-    tenant's parameter); else `None`."""
+def batchable(modules: Sequence[nn.Module]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]] | None:
+    """The weights and biases of `modules` (one class, holding a `weight` and maybe a `bias` and
+    nothing else) when their products may run batched: no hooks (torch's, or accelerate's, which
+    replace `forward` to bring offloaded weights in), and no gradient wanted (a product over a view
+    of several tenants' weights would not reach each tenant's parameter); else `None`."""
+    kind = type(modules[0])
     if not all(
-        type(linear) is nn.Linear
-        and not linear._forward_hooks
-        and not linear._forward_pre_hooks
-        and "forward" not in vars(linear)
-        for linear in linears
+        type(module) is kind
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and "forward" not in vars(module)
+        and WEIGHT_AND_BIAS.issuperset(module._parameters)
+        for module in modules
     ):
         return None
-    weights = [linear._parameters["weight"] for linear in linears]
-    biases = [linear._parameters["bias"] for linear in linears]
+    weights = [module._parameters.get("weight") for module in modules]
+    biases = [module._parameters.get("bias") for module in modules]
+    if any(weight is None for weight in weights):
+        return None
     if torch.is_grad_enabled() and any(weight.requires_grad for weight in weights):
         return None
     return weights, biases
+
+
+WEIGHT_AND_BIAS = frozenset(("weight", "bias"))
+
+
+def is_weight_product(module: nn.Module) -> bool:
+    """Whether `module` holds one matrix `weight` (and maybe a `bias`) and nothing else, as an
+    `nn.Linear` or a top-k router does: what a mixed batch may run as one batched product."""
+    weight = module._parameters.get("weight")
+    return (
+        weight is not None
+        and weight.dim() == 2
+        and WEIGHT_AND_BIAS.issuperset(module._parameters)
+        and not module._buffers
+        and not any(True for _ in module.children())
+    )
+
+
+class NotBatched(Exception):
+    """A module used its weight other than through its product: it runs per tenant group instead."""
+
+
+class WeightProducts(TorchFunctionMode):
+    """While one tenant's module runs on every group's rows (in tenant order), its product
+    `F.linear(x, weight, bias)` is each group's product with its own tenant's weight (`product(x)`);
+    any other use of the module's tensors raises `NotBatched`, before it computes anything with them."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, product):
+        super().__init__()
+        self.own = tuple(tensor for tensor in (weight, bias) if tensor is not None)
+        self.weight, self.bias, self.product = weight, bias, product
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            bound = dict(zip(("input", "weight", "bias"), args)) | kwargs
+            if bound.get("weight") is self.weight and bound.get("bias") is self.bias:
+                return self.product(bound["input"])
+        if uses(self.own, (args, kwargs)):
+            raise NotBatched(getattr(func, "__name__", str(func)))
+        return func(*args, **kwargs)
+
+
+def uses(tensors: tuple[torch.Tensor, ...], value) -> bool:
+    """Whether `value` (arguments, nested in tuples, lists and dicts) holds one of `tensors` itself."""
+    if isinstance(value, (tuple, list)):
+        return any(uses(tensors, item) for item in value)
+    if isinstance(value, dict):
+        return any(uses(tensors, item) for item in value.values())
+    return any(value is tensor for tensor in tensors)
 
 
 def batched_linear(
@@ -157,4 +212,12 @@ def stacked_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return first.as_strided((len(tensors), *first.shape), (first.numel(), *first.stride()))
 
 
-__all__ = ["batchable", "batched_linear", "lay_side_by_side", "side_by_side"]
+__all__ = [
+    "NotBatched",
+    "WeightProducts",
+    "batchable",
+    "batched_linear",
+    "is_weight_product",
+    "lay_side_by_side",
+    "side_by_side",
+]

@@ -41,7 +41,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import maybe_install_capturing_hooks
 
-from .batched_projections import batchable, batched_linear, lay_side_by_side
+from .batched_projections import NotBatched, WeightProducts, batchable, batched_linear, is_weight_product, lay_side_by_side
 from .checkpoints import (
     SAVED_CHECKPOINT,
     CheckpointError,
@@ -300,24 +300,44 @@ class RowDispatch(nn.Module):
 
 
 class GroupedProjection(RowDispatch):
-    """A `RowDispatch` over the tenants' `nn.Linear`s at `path`. In inference, the groups whose
-    weights lie side by side (`MultiTenantDecoderLayer.lay_out_projections`) run as one batched
-    product, without copying a weight (see `multimoe.batched_projections`); anything else (a LoRA
-    wrapper, a hook, a gradient wanted) runs one product per group, as `RowDispatch` does."""
+    """A `RowDispatch` over the tenants' modules at `path` whose one weight enters a product
+    `F.linear(x, weight, bias)`: an `nn.Linear`, or a top-k router (Mixtral's computes its logits
+    so, then a softmax and a top-k). In inference, the groups whose weights lie side by side
+    (`MultiTenantDecoderLayer.lay_out_projections`) run their products as one batched product,
+    without copying a weight (see `multimoe.batched_projections`). A router runs once for every
+    row, as the first tenant's module with its product taken per group; the rest of its code (the
+    softmax, the top-k) treats each row alone, as a router does. Anything else (a LoRA wrapper, a
+    hook, a gradient wanted, a module that uses its weight otherwise) runs per group, as
+    `RowDispatch` does."""
+
+    def __init__(self, owner: nn.ModuleDict, path: str = ""):
+        super().__init__(owner, path)
+        self.batches = True  # until a module is seen using its weight otherwise than in its product
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         routing = MIXED_ROUTING.get()
-        tensors = None if args or kwargs else batchable([self.tenant_module(name) for name, _ in routing.groups])
+        modules = [self.tenant_module(name) for name, _ in routing.groups]
+        tensors = None if args or kwargs or not self.batches else batchable(modules)
         if tensors is None:
             return super().forward(hidden_states, *args, **kwargs)
 
-        def run(ordered: torch.Tensor, tokens: int) -> torch.Tensor:
-            rows = ordered.reshape(-1, ordered.shape[-1])
+        def product(inputs: torch.Tensor) -> torch.Tensor:
+            rows = inputs.reshape(-1, inputs.shape[-1])
             per_row = rows.shape[0] // routing.batch_size  # its tokens, and any further leading dims
             sizes = [(span.stop - span.start) * per_row for _, span in routing.groups]
-            return batched_linear(rows, sizes, *tensors).view(*ordered.shape[:-1], -1)
+            return batched_linear(rows, sizes, *tensors).view(*inputs.shape[:-1], -1)
 
-        return routing.in_tenant_order(run, hidden_states)
+        def run(ordered: torch.Tensor, tokens: int):
+            if type(modules[0]) is nn.Linear:
+                return product(ordered)
+            with WeightProducts(tensors[0][0], tensors[1][0], product):
+                return modules[0](ordered)
+
+        try:
+            return routing.in_tenant_order(run, hidden_states)
+        except NotBatched:
+            self.batches = False
+            return super().forward(hidden_states, *args, **kwargs)
 
 
 class ReplayWithRouting:
@@ -471,7 +491,7 @@ class MultiTenantDecoderLayer(nn.Module):
                 path = f"{prefix}{name}"
                 if path == self.experts_path and hasattr(self, "experts"):
                     setattr(module, name, RowMappedPool(self))
-                elif type(child) is nn.Linear:
+                elif is_weight_product(child) and not reads_child_tensors(child):
                     setattr(module, name, GroupedProjection(self.tenants, path))
                 elif has_own_tensors(child) or reads_child_tensors(child) or holds_position_table(child):
                     setattr(module, name, RowDispatch(self.tenants, path))
@@ -484,13 +504,13 @@ class MultiTenantDecoderLayer(nn.Module):
     def lay_out_projections(self) -> None:
         """Put the tenants' weights (and biases) of each projection a mixed batch runs grouped side
         by side in memory, in tenant order, where they are not already (see
-        `multimoe.batched_projections`); plain `nn.Linear`s only, on a real device."""
+        `multimoe.batched_projections`); modules holding one weight (and bias) only, on a real device."""
         for path in self.grouped_paths:
-            linears = [own.get_submodule(path) for own in self.tenants.values()]
-            if not all(type(linear) is nn.Linear for linear in linears):
+            modules = [own.get_submodule(path) for own in self.tenants.values()]
+            if not all(type(module) is type(modules[0]) and is_weight_product(module) for module in modules):
                 continue
             for name in ("weight", "bias"):
-                tensors = [getattr(linear, name) for linear in linears]
+                tensors = [module._parameters.get(name) for module in modules]
                 if all(type(tensor) is nn.Parameter for tensor in tensors) and len(
                     {(tensor.shape, tensor.dtype, tensor.device) for tensor in tensors}
                 ) == 1:

@@ -11,7 +11,14 @@ from torch import nn
 
 import multimoe.modeling
 from multimoe import MultiTenantMixtralForCausalLM
-from multimoe.batched_projections import MAX_PADDING, batched_linear, lay_side_by_side, side_by_side
+from multimoe.batched_projections import (
+    MAX_PADDING,
+    NotBatched,
+    WeightProducts,
+    batched_linear,
+    lay_side_by_side,
+    side_by_side,
+)
 
 PROMPTS = ["hello there", "hi", "what is 2+2?", "code: x=1", "ok"]
 ROW_TENANTS = ["chat", "chat", "base", "tied", "tied"]
@@ -58,7 +65,9 @@ def mixed_logits(model, tokenizer, rows=ROW_TENANTS):
 
 def test_every_grouped_projection_is_laid_out_after_building_and_loading(fresh, tmp_path):
     layer = fresh.model.layers[0]
-    assert layer.grouped_paths == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    assert layer.grouped_paths == [
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate"  # the router too
+    ]
     assert laid_out(fresh)
     fresh.save_pretrained(tmp_path)
     loaded = MultiTenantMixtralForCausalLM.from_pretrained(tmp_path)
@@ -69,7 +78,7 @@ def test_every_grouped_projection_is_laid_out_after_building_and_loading(fresh, 
 
 def test_mixed_rows_equal_each_tenants_own_run_through_one_product_per_projection(fresh, tenants, tokenizer, products):
     inputs, actual = mixed_logits(fresh, tokenizer)
-    assert products and set(products) == {3}  # every projection: the batch's 3 tenant groups at once
+    assert len(products) == 5 * len(fresh.model.layers) and set(products) == {3}  # q/k/v/o, router: 3 groups at once
     for row, name in enumerate(ROW_TENANTS):
         with torch.no_grad():
             expected = tenants[name](**inputs).logits[row]
@@ -97,7 +106,7 @@ def test_hooks_and_wrappers_are_honoured(fresh, tokenizer, products):
     products.clear()
     _, after = mixed_logits(fresh, tokenizer)
     assert seen == [1]  # base's one row, through its own module
-    assert len(products) == 4 * len(fresh.model.layers) - 1
+    assert len(products) == 5 * len(fresh.model.layers) - 1
     torch.testing.assert_close(after, before, **TOLERANCE)
 
 
@@ -167,3 +176,59 @@ def test_side_by_side_needs_one_storage_in_order():
     assert side_by_side([rows[0], rows[2]]) is None
     assert side_by_side([rows[0], rows[1].clone()]) is None
     assert side_by_side([torch.randn(4, 5, device="meta")] * 2) is None
+
+
+class Router(nn.Module):
+    """A top-k router as the families write one: its product, then a softmax and a top-k per row."""
+
+    def __init__(self, cast: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 16, generator=torch.Generator().manual_seed(2)))
+        self.cast = cast
+
+    def forward(self, hidden):
+        logits = F.linear(hidden, self.weight.float() if self.cast else self.weight)
+        return torch.topk(logits.softmax(-1), 2, dim=-1)
+
+
+def test_a_routers_product_runs_per_group_with_the_rest_of_its_code_once():
+    routers = [Router() for _ in range(3)]
+    for index, router in enumerate(routers):
+        router.weight.data = router.weight.data + index
+    lay_side_by_side([router.weight for router in routers])
+    sizes, inputs = [2, 3, 1], torch.randn(6, 16, generator=torch.Generator().manual_seed(3))
+    weights = [router.weight for router in routers]
+
+    def product(rows):
+        return batched_linear(rows, sizes, weights, [None] * 3)
+
+    with torch.no_grad(), WeightProducts(routers[0].weight, None, product):
+        values, indices = routers[0](inputs)
+    for part, router, value, index in zip(inputs.split(sizes), routers, values.split(sizes), indices.split(sizes)):
+        expected_values, expected_indices = router(part)
+        torch.testing.assert_close(value, expected_values.detach(), **TOLERANCE)
+        assert torch.equal(index, expected_indices)
+
+
+def test_a_module_using_its_weight_otherwise_is_not_batched():
+    router = Router(cast=True)
+    with pytest.raises(NotBatched), torch.no_grad(), WeightProducts(router.weight, None, lambda rows: rows):
+        router(torch.randn(2, 16))
+
+
+def test_a_router_using_its_weight_otherwise_runs_per_group_with_the_same_rows(fresh, tokenizer, monkeypatch):
+    from transformers.models.mixtral import modeling_mixtral
+
+    _, before = mixed_logits(fresh, tokenizer)
+    original = modeling_mixtral.MixtralTopKRouter.forward
+
+    def casting(self, hidden_states):  # reads its weight through a cast: no longer only a product
+        with torch.no_grad():
+            self.weight.float()
+        return original(self, hidden_states)
+
+    monkeypatch.setattr(modeling_mixtral.MixtralTopKRouter, "forward", casting)
+    _, after = mixed_logits(fresh, tokenizer)
+    torch.testing.assert_close(after, before, **TOLERANCE)
+    gates = [layer.mixed.get_submodule("mlp.gate") for layer in fresh.model.layers]
+    assert [gate.batches for gate in gates] == [False] * len(gates)
