@@ -6,7 +6,6 @@ import copy
 import dataclasses
 
 import pytest
-import torch
 
 from multimoe.serving import (
     Replay,
