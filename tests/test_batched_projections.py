@@ -232,3 +232,15 @@ def test_a_router_using_its_weight_otherwise_runs_per_group_with_the_same_rows(f
     torch.testing.assert_close(after, before, **TOLERANCE)
     gates = [layer.mixed.get_submodule("mlp.gate") for layer in fresh.model.layers]
     assert [gate.batches for gate in gates] == [False] * len(gates)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_mixed_generation_through_batched_products_equals_each_row_alone(fresh, tenants, tokenizer, products, num_beams):
+    settings = dict(max_new_tokens=8, min_new_tokens=8, num_beams=num_beams, do_sample=False, pad_token_id=0)
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    output = fresh.generate(**inputs, tenant_names=ROW_TENANTS, **settings)[:, inputs["input_ids"].shape[1] :]
+    assert products  # the mixed steps ran batched
+    for row, (prompt, name) in enumerate(zip(PROMPTS, ROW_TENANTS)):
+        alone = tokenizer(prompt, return_tensors="pt")
+        expected = tenants[name].generate(**alone, **settings)[:, alone["input_ids"].shape[1] :]
+        assert torch.equal(output[row : row + 1], expected), (row, name)
