@@ -94,6 +94,16 @@ class MultiTenantConfigMixin:
     def family(self) -> Family:
         return FAMILIES[self.family_type]
 
+    # The family's parallel plans, for the multi-tenant layout (see `Family.multitenant_plan`): each
+    # tenant's attention is split as the family splits its own, the pool as the family's experts.
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        return self.family.multitenant_plan(self.family.config_class.base_model_tp_plan, self.tenants)
+
+    @property
+    def base_model_ep_plan(self) -> dict[str, str]:
+        return self.family.multitenant_plan(self.family.config_class.base_model_ep_plan, self.tenants)
+
     @property
     def num_routed_experts(self) -> int:
         """E, the number of local experts each tenant routes among."""

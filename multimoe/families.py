@@ -24,7 +24,7 @@ import functools
 import json
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -269,6 +269,23 @@ class Family:
                 return self.multitenant_key(f"{layer}.tenants.{tenant}.{key.removeprefix(layer + '.')}")
         module, parameter = self.multitenant_key(key).rsplit(".", 1)
         return f"{module}.{tenant}.{parameter}"
+
+    def multitenant_plan(self, plan: Mapping[str, str] | None, tenants: Iterable[str]) -> dict[str, str]:
+        """One of the family's parallel plans (rules named as in its model: `layers.*.self_attn.q_proj`,
+        `lm_head`) for the multi-tenant layout: a rule on the experts addresses the layer's pool
+        (`layers.*.experts`); any other rule, each tenant's own copy (`layers.*.tenants.<t>.self_attn.q_proj`,
+        `lm_head.<t>`). transformers matches rules by name with layer numbers as `*`, and tenant
+        names are not numbers, so the rules name every tenant."""
+        experts, rules = f"layers.*.{self.sparse_block}.{self.experts}", {}
+        for key, style in (plan or {}).items():
+            if key == experts or key.startswith(f"{experts}."):
+                rules[f"layers.*.experts{key.removeprefix(experts)}"] = style
+            elif key.startswith("layers.*."):
+                rules |= {f"layers.*.tenants.{tenant}.{key.removeprefix('layers.*.')}": style for tenant in tenants}
+            else:
+                module, _, rest = key.partition(".")
+                rules |= {".".join(filter(None, (module, tenant, rest))): style for tenant in tenants}
+        return rules
 
     @property
     def embedding_key(self) -> str:

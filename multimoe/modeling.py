@@ -67,7 +67,7 @@ from .routing import (
     claim_cache,
     token_positions,
 )
-from .saving import atomic_save_pretrained
+from .saving import atomic_save_pretrained, is_main_writer
 from .validation import check_number
 
 
@@ -908,7 +908,7 @@ class MultiTenantLM(MultiTenantPreTrainedModel, GenerationMixin):
 
         def save(directory, **options) -> None:
             super(MultiTenantLM, self).save_pretrained(directory, **options)
-            if options.get("is_main_process", True):
+            if is_main_writer(options):
                 for name, generation_config in self.generation_configs.items():
                     generation_config.save_pretrained(Path(directory, TENANTS_FOLDER, name))
                 write_model_card(self, directory, title)
@@ -940,6 +940,11 @@ class MultiTenantLM(MultiTenantPreTrainedModel, GenerationMixin):
     def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict[str, str]:
         # The class-wide `config.tie_word_embeddings` switch does not apply; see `_tied_weights_keys`.
         return self._tied_weights_keys
+
+    def init_parallel_plans(self) -> None:
+        """transformers' plans, with the family's head rules (`lm_head`) addressing every tenant's head."""
+        super().init_parallel_plans()
+        self._tp_plan |= self.family.multitenant_plan(self.family.model_class._tp_plan, self.config.tenants)
 
     def take_family_settings(self) -> None:
         """The family's model's plain settings (`model_dim`, `router_aux_loss_coef`, ...), where its

@@ -94,10 +94,16 @@ def check_loads(verify: Callable[[Path], object], staging: Path, target: Path) -
 def writes_files(kwargs: dict) -> bool:
     """Whether this process writes the checkpoint, so that it alone may swap directories.
 
-    transformers writes on the main process only (rank 0 when torch.distributed is initialised);
-    a distributed (DCP) checkpoint is written by every rank, so it is saved in place.
+    A distributed (DCP) checkpoint is written by every rank, so it is saved in place.
     """
-    if kwargs.get("distributed_checkpoint") or not kwargs.get("is_main_process", True):
+    return not kwargs.get("distributed_checkpoint") and is_main_writer(kwargs)
+
+
+def is_main_writer(kwargs: dict) -> bool:
+    """Whether this process writes the files one process writes, as transformers decides: the main
+    process only (rank 0 when torch.distributed is initialised; the other ranks take part in
+    gathering sharded weights and write nothing)."""
+    if not kwargs.get("is_main_process", True):
         return False
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return not distributed or torch.distributed.get_rank() == 0
@@ -172,4 +178,4 @@ def swap(staging: Path, target: Path) -> None:
     fsync(target.parent)
 
 
-__all__ = ["atomic_save_pretrained"]
+__all__ = ["atomic_save_pretrained", "is_main_writer"]

@@ -1,0 +1,42 @@
+"""One rank of tests/test_distributed.py, under `torchrun --standalone --nproc_per_node 2` (gloo on
+the CPU): load a multi-tenant checkpoint split by transformers' `DistributedConfig`, run every
+tenant and a mixed batch, generate, save, and report to a JSON file (rank 0)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM
+from transformers.distributed import DistributedConfig
+
+import multimoe  # noqa: F401  (registers the multi-tenant classes with the Auto classes)
+
+
+def main(checkpoint: str, report: str, save_directory: str) -> None:
+    reference = torch.load(f"{checkpoint}/reference.pt")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, distributed_config=DistributedConfig(tp_plan="auto"))
+    inputs, rows = reference["input_ids"], reference["row_tenants"]
+    with torch.no_grad():
+        differences = {
+            name: (model(inputs, tenant=name).logits - reference[name]).abs().max().item() for name in model.tenants
+        }
+        differences["mixed"] = (model(inputs, tenant_names=rows).logits - reference["mixed"]).abs().max().item()
+    generated = model.generate(inputs, tenant_names=rows, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    model.save_pretrained(save_directory)
+    layer = model.model.layers[0]
+    weights = {"attention": layer.tenants[model.tenants[0]].self_attn.q_proj.weight, "pool": layer.experts.gate_up_proj}
+    split = {key: [type(value).__name__, list(value.to_local().shape) if isinstance(value, DTensor) else None]
+             for key, value in weights.items()}
+    if dist.get_rank() == 0:
+        with open(report, "w") as file:
+            json.dump({"differences": differences, "generated": generated.tolist(), "split": split,
+                       "world_size": dist.get_world_size()}, file)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
