@@ -13,12 +13,13 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
-import multimoe  # noqa: F401  (registers the multi-tenant classes with the Auto classes)
+import multimoe  # registers the multi-tenant classes with the Auto classes
 
 
 def main(checkpoint: str, report: str, save_directory: str) -> None:
     reference = torch.load(f"{checkpoint}/reference.pt")
     model = AutoModelForCausalLM.from_pretrained(checkpoint, distributed_config=DistributedConfig(tp_plan="auto"))
+    assert isinstance(model, multimoe.MultiTenantForCausalLM), type(model)
     inputs, rows = reference["input_ids"], reference["row_tenants"]
     with torch.no_grad():
         differences = {
@@ -27,10 +28,7 @@ def main(checkpoint: str, report: str, save_directory: str) -> None:
         differences["mixed"] = (model(inputs, tenant_names=rows).logits - reference["mixed"]).abs().max().item()
     generated = model.generate(inputs, tenant_names=rows, max_new_tokens=6, do_sample=False, pad_token_id=0)
     model.save_pretrained(save_directory)
-    layer = model.model.layers[0]
-    weights = {"attention": layer.tenants[model.tenants[0]].self_attn.q_proj.weight, "pool": layer.experts.gate_up_proj}
-    split = {key: [type(value).__name__, list(value.to_local().shape) if isinstance(value, DTensor) else None]
-             for key, value in weights.items()}
+    split = {name: list(value.to_local().shape) for name, value in model.named_parameters() if isinstance(value, DTensor)}
     if dist.get_rank() == 0:
         with open(report, "w") as file:
             json.dump({"differences": differences, "generated": generated.tolist(), "split": split,
