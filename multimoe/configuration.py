@@ -104,6 +104,18 @@ class MultiTenantConfigMixin:
     def base_model_ep_plan(self) -> dict[str, str]:
         return self.family.multitenant_plan(self.family.config_class.base_model_ep_plan, self.tenants)
 
+    def check_expert_parallel(self, ep_size: int) -> None:
+        """Refuse an expert-parallel split of pools whose entries do not divide evenly over the ranks
+        (transformers splits experts evenly only), naming the layers, before anything is allocated."""
+        uneven = {layer: size for layer, size in enumerate(self.pool_sizes) if size % ep_size}
+        if uneven:
+            raise ValueError(
+                f"ep_size={ep_size} cannot split these layers' pools evenly (layer: entries): {uneven}. "
+                "Padding pools to a multiple of the ranks at load time is not implemented yet; use tensor "
+                f"parallelism (tp_plan='auto' without ep_size), an ep_size dividing every pool size, or consolidate to "
+                "such sizes."
+            )
+
     @property
     def num_routed_experts(self) -> int:
         """E, the number of local experts each tenant routes among."""

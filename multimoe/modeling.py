@@ -589,6 +589,14 @@ class MultiTenantPreTrainedModel(PreTrainedModel):
         tensor to float, keep NaN values and fall back to pickle; here each is a `CheckpointError`
         naming the file, tensor or key (see `multimoe.checkpoints.strict_from_pretrained`).
         """
+        ep_size = getattr(kwargs.get("distributed_config"), "ep_size", None)
+        if ep_size is None and isinstance(kwargs.get("distributed_config"), dict):
+            ep_size = kwargs["distributed_config"].get("ep_size")
+        if ep_size and ep_size > 1 and args and args[0] is not None:
+            config = kwargs.get("config") or cls.config_class.from_pretrained(
+                args[0], revision=kwargs.get("revision"), subfolder=kwargs.get("subfolder", "")
+            )
+            config.check_expert_parallel(ep_size)
         model = strict_from_pretrained(super().from_pretrained, *args, **kwargs)
         lay_out_projections(model[0] if isinstance(model, tuple) else model)  # loading gave each weight its own tensor
         return model

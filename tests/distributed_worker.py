@@ -1,10 +1,12 @@
 """One rank of tests/test_distributed.py, under `torchrun --standalone --nproc_per_node 2` (gloo on
-the CPU): load a multi-tenant checkpoint split by transformers' `DistributedConfig`, run every
-tenant and a mixed batch, generate, save, and report to a JSON file (rank 0)."""
+the CPU): load a multi-tenant checkpoint split by transformers' `DistributedConfig` (tensor or
+expert parallel), run every tenant and a mixed batch, generate, save, and report to a JSON file
+(rank 0)."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -16,9 +18,18 @@ from transformers.distributed import DistributedConfig
 import multimoe  # registers the multi-tenant classes with the Auto classes
 
 
-def main(checkpoint: str, report: str, save_directory: str) -> None:
+SPLITS = {"tensor": {"tp_plan": "auto"}, "expert": {"tp_plan": "auto", "ep_size": 2}}
+
+
+def main(split: str, checkpoint: str, report: str, save_directory: str) -> None:
     reference = torch.load(f"{checkpoint}/reference.pt")
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, distributed_config=DistributedConfig(tp_plan="auto"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, distributed_config=DistributedConfig(**SPLITS[split]))
+    except ValueError as error:  # a refusal is the result (before the process group exists)
+        if os.environ["RANK"] == "0":
+            with open(report, "w") as file:
+                json.dump({"refused": str(error)}, file)
+        return
     assert isinstance(model, multimoe.MultiTenantForCausalLM), type(model)
     inputs, rows = reference["input_ids"], reference["row_tenants"]
     with torch.no_grad():

@@ -23,17 +23,20 @@ TOLERANCE = 1e-5  # the split products sum in another order (an all-reduce over 
 ROWS = ["a", "b", "c"]
 
 
-def build_checkpoint(directory: Path, family: str) -> dict:
+def build_checkpoint(directory: Path, family: str, tenants: int = 3) -> dict:
+    """`tenants` tenants of a tiny `family` model (3: pools of 7 entries; 2: of 6), saved with the
+    one-process logits and generation."""
     base = random_model(tiny_config(family), seed=0)
-    tenants = {"a": base, "b": fine_tune(base, seed=1, changed_experts=[0, 1]), "c": fine_tune(base, seed=2, changed_experts=[2])}
-    model = multimoe.from_models(tenants).eval()
+    sources = {"a": base, "b": fine_tune(base, seed=1, changed_experts=[0, 1]), "c": fine_tune(base, seed=2, changed_experts=[2])}
+    model = multimoe.from_models(dict(list(sources.items())[:tenants])).eval()
+    rows = ROWS if tenants == 3 else ["a", "b", "a"]
     model.save_pretrained(directory)
     inputs = torch.tensor([[1, 5, 7, 9, 11, 3], [2, 4, 6, 8, 10, 12], [3, 3, 5, 5, 7, 7]])
     with torch.no_grad():
         reference = {name: model(inputs, tenant=name).logits for name in model.tenants}
-        reference["mixed"] = model(inputs, tenant_names=ROWS).logits
-    reference |= {"input_ids": inputs, "row_tenants": ROWS}
-    reference["generated"] = model.generate(inputs, tenant_names=ROWS, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        reference["mixed"] = model(inputs, tenant_names=rows).logits
+    reference |= {"input_ids": inputs, "row_tenants": rows}
+    reference["generated"] = model.generate(inputs, tenant_names=rows, max_new_tokens=6, do_sample=False, pad_token_id=0)
     torch.save(reference, directory / "reference.pt")
     return reference | {"state_dict": model.state_dict(), "model": model}
 
@@ -44,27 +47,52 @@ def run_two_ranks(*arguments: str) -> None:
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
 
+def split_run(split: str, family: str, tmp_path: Path, tenants: int = 3) -> tuple[dict, dict]:
+    reference = build_checkpoint(tmp_path / "checkpoint", family, tenants)
+    report = tmp_path / "report.json"
+    run_two_ranks(split, str(tmp_path / "checkpoint"), str(report), str(tmp_path / "saved"))
+    return reference, json.loads(report.read_text())
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_tensor_parallel_over_two_processes_matches_one(family, tmp_path):
-    reference = build_checkpoint(tmp_path / "checkpoint", family)
-    report, saved = tmp_path / "report.json", tmp_path / "saved"
-    run_two_ranks(str(tmp_path / "checkpoint"), str(report), str(saved))
-    result = json.loads(report.read_text())
-    assert result["world_size"] == 2
+    reference, result = split_run("tensor", family, tmp_path)
     # Split as the family's plan splits its own model: the parameters its rules name, for every
     # tenant and the pool, each rank holding half (gpt-oss's plan splits only its embeddings).
     model = reference["model"]
-    planned = {name for name, _ in model.named_parameters() if plan_style(model, name) in SPLIT_STYLES}
+    planned = {name for name, _ in model.named_parameters() if plan_style(model.tp_plan, name) in SPLIT_STYLES}
     assert set(result["split"]) == planned and planned
     for name, local in result["split"].items():
         whole = list(model.get_parameter(name).shape)
-        assert sorted(local) != sorted(whole) and sum(a != b for a, b in zip(local, whole)) == 1, (name, local, whole)
+        halved = [(size + 1) // 2 if size != part else size for size, part in zip(whole, local)]  # rank 0's half
+        assert sum(a != b for a, b in zip(local, whole)) == 1 and local == halved, (name, local, whole)
+    assert_same_as_one_process(reference, result, tmp_path)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_expert_parallel_over_two_processes_matches_one(family, tmp_path):
+    reference, result = split_run("expert", family, tmp_path, tenants=2)
+    model = reference["model"]
+    pools = {name for name, _ in model.named_parameters() if ".experts." in name}
+    for name in pools:  # each rank holds half of every pool's entries, whole
+        whole = list(model.get_parameter(name).shape)
+        assert result["split"][name] == [whole[0] // 2, *whole[1:]], name
+    assert_same_as_one_process(reference, result, tmp_path)
+
+
+def test_expert_parallel_refuses_pools_that_do_not_split_evenly(tmp_path):
+    _, result = split_run("expert", "mixtral", tmp_path)  # pools of 7 entries
+    assert "ep_size=2 cannot split these layers' pools evenly (layer: entries): {0: 7, 1: 7}" in result["refused"]
+
+
+def assert_same_as_one_process(reference: dict, result: dict, tmp_path: Path) -> None:
+    assert result["world_size"] == 2
     for name, difference in result["differences"].items():
         assert difference < TOLERANCE, name
     assert result["generated"] == reference["generated"].tolist()
     # One rank wrote one complete checkpoint, swapped in whole: no staging directory is left.
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint", "report.json", "saved"]
-    loaded = type(model).from_pretrained(saved)
+    loaded = type(reference["model"]).from_pretrained(tmp_path / "saved")
     for key, tensor in reference["state_dict"].items():
         assert torch.equal(loaded.state_dict()[key], tensor), key
 
@@ -72,7 +100,7 @@ def test_tensor_parallel_over_two_processes_matches_one(family, tmp_path):
 SPLIT_STYLES = {"colwise", "rowwise", "packed_colwise", "colwise_gather_output", "rowwise_split_input", "embedding_rowwise"}
 
 
-def plan_style(model, name: str) -> str | None:
-    """The style the model's tensor-parallel plan gives parameter `name` (rules name modules, or the parameter)."""
+def plan_style(plan: dict[str, str], name: str) -> str | None:
+    """The style a plan gives parameter `name` (its rules name modules, or the parameter)."""
     generic = re.sub(r"\.\d+(\.|$)", lambda match: ".*" + match.group(1), name)
-    return model.tp_plan.get(generic, model.tp_plan.get(generic.rpartition(".")[0]))
+    return plan.get(generic, plan.get(generic.rpartition(".")[0]))
