@@ -770,6 +770,13 @@ class MultiTenantModel(TenantRouter, MultiTenantPreTrainedModel):
         """A new tenant's own copy of the family model's `child` (e.g. its norm), uninitialised."""
         return fresh_copy(self.template.get_submodule(child), self.config)
 
+    def init_parallel_plans(self) -> None:
+        """transformers' plans; as for the family's model, a tensor-parallel plan splits the input
+        embeddings by vocabulary unless it names them: here each tenant's."""
+        super().init_parallel_plans()
+        if self._tp_plan and not any(rule.startswith("embed_tokens") for rule in self._tp_plan):
+            self._tp_plan |= {f"embed_tokens.{name}": "embedding_rowwise" for name in self.embed_tokens}
+
     def tenant_embedding(self, name: str) -> nn.Module:
         """Tenant `name`'s embedding, uninitialised, with its own padding token (whose row training
         leaves alone), as its source had it."""
