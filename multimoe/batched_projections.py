@@ -35,13 +35,19 @@ MAX_PADDING = 1.0
 
 def lay_side_by_side(tensors: Sequence[torch.Tensor]) -> None:
     """Move `tensors` (parameters of one shape, dtype and device) into consecutive slices of one
-    new storage, each keeping its identity; a no-op where they already are, or cannot be (meta)."""
-    if not plain(tensors[0]) or side_by_side(tensors) is not None:
+    new storage, each keeping its identity; a no-op where they already fill one storage that way,
+    or cannot be moved (meta, a tensor subclass)."""
+    first = tensors[0]
+    if not plain(first):
         return
-    with torch.no_grad():
+    if side_by_side(tensors) is not None and first.storage_offset() == 0 and (
+        first.untyped_storage().nbytes() == sum(tensor.nbytes for tensor in tensors)
+    ):
+        return  # laid out, in a storage of their own: nothing else (a removed tenant's slice) kept alive
+    with torch.inference_mode(False), torch.no_grad():  # parameters, not inference tensors, whatever the caller's mode
         stacked = torch.stack([tensor.detach() for tensor in tensors])
-    for tensor, row in zip(tensors, stacked):
-        tensor.data = row
+        for tensor, row in zip(tensors, stacked):
+            tensor.data = row
 
 
 def side_by_side(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -66,45 +72,52 @@ def follows(previous: torch.Tensor, tensor: torch.Tensor) -> bool:
         and previous.is_contiguous()
         and tensor.shape == previous.shape
         and tensor.dtype == previous.dtype
+        and tensor.device == previous.device
         and tensor.is_contiguous()
         and tensor.untyped_storage().data_ptr() == previous.untyped_storage().data_ptr()
         and tensor.storage_offset() == previous.storage_offset() + previous.numel()
     )
 
 
-def runs_side_by_side(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> list[tuple[int, int]]:
-    """The maximal runs `[start, end)` of groups whose weights (and biases) lie side by side."""
-    runs, start = [], 0
-    for end in range(1, len(weights) + 1):
-        if end == len(weights) or not (
-            follows(weights[end - 1], weights[end])
-            and (biases[end] is None if biases[end - 1] is None else follows(biases[end - 1], biases[end]))
+def runs_side_by_side(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> list[list[int]]:
+    """The groups (indices into `weights`) in runs whose weights (and biases) lie side by side, each
+    run in storage order: a batch's groups come in the order its rows name tenants, which need not
+    be the order the tenants' weights are laid out in."""
+    def place(index: int) -> tuple[int, int]:
+        weight = weights[index]
+        return (weight.untyped_storage().data_ptr(), weight.storage_offset()) if plain(weight) else (0, 0)
+
+    runs: list[list[int]] = []
+    for index in sorted(range(len(weights)), key=place):
+        previous = runs[-1][-1] if runs else None
+        if previous is not None and follows(weights[previous], weights[index]) and (
+            biases[index] is None if biases[previous] is None else follows(biases[previous], biases[index])
         ):
-            runs.append((start, end))
-            start = end
+            runs[-1].append(index)
+        else:
+            runs.append([index])
     return runs
 
 
 def batchable(modules: Sequence[nn.Module]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]] | None:
-    """The weights and biases of `modules` (one class, holding a `weight` and maybe a `bias` and
-    nothing else) when their products may run batched: no hooks (torch's, or accelerate's, which
-    replace `forward` to bring offloaded weights in), and no gradient wanted (a product over a view
-    of several tenants' weights would not reach each tenant's parameter); else `None`."""
+    """The weights and biases of `modules` (one class, each holding a `weight` and maybe a `bias`
+    and nothing else, checked on every call) when their products may run batched: no hooks (torch's,
+    or accelerate's, which replace `forward` to bring offloaded weights in), and no gradient wanted
+    for a weight or bias (a product over a view of several tenants' tensors would not reach each
+    tenant's parameter); else `None`."""
     kind = type(modules[0])
     if not all(
         type(module) is kind
+        and is_weight_product(module)
         and not module._forward_hooks
         and not module._forward_pre_hooks
         and "forward" not in vars(module)
-        and WEIGHT_AND_BIAS.issuperset(module._parameters)
         for module in modules
     ):
         return None
-    weights = [module._parameters.get("weight") for module in modules]
+    weights = [module._parameters["weight"] for module in modules]
     biases = [module._parameters.get("bias") for module in modules]
-    if any(weight is None for weight in weights):
-        return None
-    if torch.is_grad_enabled() and any(weight.requires_grad for weight in weights):
+    if torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in (*weights, *biases)):
         return None
     return weights, biases
 
@@ -130,21 +143,33 @@ class NotBatched(Exception):
 
 
 class WeightProducts(TorchFunctionMode):
-    """While one tenant's module runs on every group's rows (in tenant order), its product
-    `F.linear(x, weight, bias)` is each group's product with its own tenant's weight (`product(x)`);
-    any other use of the module's tensors raises `NotBatched`, before it computes anything with them."""
+    """While one tenant's module runs on every group's rows (`rows` of them, tenant order), its
+    product `F.linear(x, weight, bias)` is each group's product with its own tenant's weight
+    (`product(x)`). A second product, one over other rows, one never taken, or any other use of the
+    module's tensors raises `NotBatched`, before anything is computed with them. (A plain tensor
+    attribute the module reads would not be seen: the families' routers hold none.)"""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, product):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, product, rows: int):
         super().__init__()
         self.own = tuple(tensor for tensor in (weight, bias) if tensor is not None)
-        self.weight, self.bias, self.product = weight, bias, product
+        self.weight, self.bias, self.product, self.rows = weight, bias, product, rows
+        self.taken = False
+
+    def __exit__(self, *exception):
+        super().__exit__(*exception)
+        if exception[0] is None and not self.taken:
+            raise NotBatched("the module returned without taking its product")
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             bound = dict(zip(("input", "weight", "bias"), args)) | kwargs
             if bound.get("weight") is self.weight and bound.get("bias") is self.bias:
-                return self.product(bound["input"])
+                inputs = bound["input"]
+                if self.taken or inputs.numel() != self.rows * inputs.shape[-1]:
+                    raise NotBatched("its product is not one product over the rows it was given")
+                self.taken = True
+                return self.product(inputs)
         if uses(self.own, (args, kwargs)):
             raise NotBatched(getattr(func, "__name__", str(func)))
         return func(*args, **kwargs)
@@ -165,45 +190,34 @@ def batched_linear(
     """Group `g`'s `sizes[g]` rows of `inputs` ([rows, in], groups one after another) through
     `F.linear(rows, weights[g], biases[g])`: one `bmm` per run of groups whose weights lie side by
     side (zero-padded to the run's largest group within `MAX_PADDING`), one product per group elsewhere."""
-    outputs, offset = [], 0
-    for start, end in runs_side_by_side(weights, biases):
-        run_sizes, rows = sizes[start:end], sum(sizes[start:end])
-        group_inputs = inputs[offset : offset + rows]
-        offset += rows
+    runs = runs_side_by_side(weights, biases)
+    if len(runs) == 1 and runs[0] == sorted(runs[0]) and len(set(sizes)) == 1 and len(sizes) > 1:
+        # The common case (a serving batch of every tenant, rows in tenant order): no copy at all.
+        batched = inputs.view(len(sizes), sizes[0], inputs.shape[-1])
+        return run_product(batched, weights, biases).view(-1, weights[0].shape[0])
+    parts, outputs = inputs.split(list(sizes)), [None] * len(sizes)
+    for run in runs:
+        run_sizes = [sizes[index] for index in run]
         widest = max(run_sizes)
-        if end - start == 1 or widest * len(run_sizes) > (1 + MAX_PADDING) * rows:
-            outputs.extend(
-                F.linear(part, weight, bias)
-                for part, weight, bias in zip(group_inputs.split(run_sizes), weights[start:end], biases[start:end])
-            )
-        else:
-            outputs.append(run_product(group_inputs, run_sizes, weights[start:end], biases[start:end], widest))
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        if len(run) == 1 or widest * len(run) > (1 + MAX_PADDING) * sum(run_sizes):
+            for index in run:
+                outputs[index] = F.linear(parts[index], weights[index], biases[index])
+            continue
+        batched = inputs.new_zeros(len(run), widest, inputs.shape[-1])
+        for row, index in enumerate(run):
+            batched[row, : sizes[index]] = parts[index]
+        products = run_product(batched, [weights[index] for index in run], [biases[index] for index in run])
+        for row, index in enumerate(run):
+            outputs[index] = products[row, : sizes[index]]
+    return torch.cat(outputs)
 
 
-def run_product(
-    inputs: torch.Tensor,
-    sizes: Sequence[int],
-    weights: Sequence[torch.Tensor],
-    biases: Sequence[torch.Tensor | None],
-    widest: int,
-) -> torch.Tensor:
-    """One run's groups as one batched product, [sum(sizes), out]."""
+def run_product(batched: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]):
+    """[groups, rows, in] through weights lying side by side: one batched product, [groups, rows, out]."""
     stacked = stacked_view(weights).transpose(1, 2)
-    even = all(size == widest for size in sizes)
-    if even:
-        batched = inputs.view(len(sizes), widest, inputs.shape[-1])
-    else:
-        batched = inputs.new_zeros(len(sizes), widest, inputs.shape[-1])
-        for index, part in enumerate(inputs.split(sizes)):
-            batched[index, : part.shape[0]] = part
     if biases[0] is None:
-        products = torch.bmm(batched, stacked)
-    else:
-        products = torch.baddbmm(stacked_view(biases).unsqueeze(1), batched, stacked)
-    if even:
-        return products.view(-1, products.shape[-1])
-    return torch.cat([products[index, :size] for index, size in enumerate(sizes)])
+        return torch.bmm(batched, stacked)
+    return torch.baddbmm(stacked_view(biases).unsqueeze(1), batched, stacked)
 
 
 def stacked_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

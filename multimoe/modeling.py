@@ -305,7 +305,7 @@ class GroupedProjection(RowDispatch):
     so, then a softmax and a top-k). In inference, the groups whose weights lie side by side
     (`MultiTenantDecoderLayer.lay_out_projections`) run their products as one batched product,
     without copying a weight (see `multimoe.batched_projections`). A router runs once for every
-    row, as the first tenant's module with its product taken per group; the rest of its code (the
+    row, as the first group's tenant's module with its product taken per group; the rest of its code (the
     softmax, the top-k) treats each row alone, as a router does. Anything else (a LoRA wrapper, a
     hook, a gradient wanted, a module that uses its weight otherwise) runs per group, as
     `RowDispatch` does."""
@@ -327,10 +327,10 @@ class GroupedProjection(RowDispatch):
             sizes = [(span.stop - span.start) * per_row for _, span in routing.groups]
             return batched_linear(rows, sizes, *tensors).view(*inputs.shape[:-1], -1)
 
-        def run(ordered: torch.Tensor, tokens: int):
+        def run(ordered: torch.Tensor, _tokens: int):
             if type(modules[0]) is nn.Linear:
                 return product(ordered)
-            with WeightProducts(tensors[0][0], tensors[1][0], product):
+            with WeightProducts(tensors[0][0], tensors[1][0], product, rows=ordered.numel() // ordered.shape[-1]):
                 return modules[0](ordered)
 
         try:
@@ -491,7 +491,7 @@ class MultiTenantDecoderLayer(nn.Module):
                 path = f"{prefix}{name}"
                 if path == self.experts_path and hasattr(self, "experts"):
                     setattr(module, name, RowMappedPool(self))
-                elif is_weight_product(child) and not reads_child_tensors(child):
+                elif is_weight_product(child):
                     setattr(module, name, GroupedProjection(self.tenants, path))
                 elif has_own_tensors(child) or reads_child_tensors(child) or holds_position_table(child):
                     setattr(module, name, RowDispatch(self.tenants, path))
@@ -505,8 +505,9 @@ class MultiTenantDecoderLayer(nn.Module):
         """Put the tenants' weights (and biases) of each projection a mixed batch runs grouped side
         by side in memory, in tenant order, where they are not already (see
         `multimoe.batched_projections`); modules holding one weight (and bias) only, on a real device."""
-        for path in self.grouped_paths:
-            modules = [own.get_submodule(path) for own in self.tenants.values()]
+        for grouped in self.grouped_projections:
+            grouped.batches = True  # a module that used its weight otherwise may have been replaced since
+            modules = [own.get_submodule(grouped.path) for own in self.tenants.values()]
             if not all(type(module) is type(modules[0]) and is_weight_product(module) for module in modules):
                 continue
             for name in ("weight", "bias"):
@@ -517,8 +518,12 @@ class MultiTenantDecoderLayer(nn.Module):
                     lay_side_by_side(tensors)
 
     @property
+    def grouped_projections(self) -> list[GroupedProjection]:
+        return [module for module in self.mixed.modules() if isinstance(module, GroupedProjection)]
+
+    @property
     def grouped_paths(self) -> list[str]:
-        return [module.path for module in self.mixed.modules() if isinstance(module, GroupedProjection)]
+        return [module.path for module in self.grouped_projections]
 
     def _apply(self, fn, recurse: bool = True):
         # `.to()`, `.half()`, ... give each parameter a tensor of its own; lay them out again.

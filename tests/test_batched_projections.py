@@ -9,19 +9,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import multimoe.batched_projections
 import multimoe.modeling
+import multimoe
 from multimoe import MultiTenantMixtralForCausalLM
+from multimoe.testing import fine_tune, random_model, tiny_config
 from multimoe.batched_projections import (
     MAX_PADDING,
     NotBatched,
     WeightProducts,
+    batchable,
     batched_linear,
     lay_side_by_side,
     side_by_side,
 )
 
 PROMPTS = ["hello there", "hi", "what is 2+2?", "code: x=1", "ok"]
-ROW_TENANTS = ["chat", "chat", "base", "tied", "tied"]
+ROW_TENANTS = ["code", "code", "chat", "base", "base"]  # not in the model's order: base, chat, code, tied
 TOLERANCE = dict(rtol=0, atol=1e-5)  # bmm and per-group mm may sum in other orders
 
 
@@ -45,15 +49,15 @@ def fresh(tenants):
 
 @pytest.fixture
 def products(monkeypatch):
-    """Counts the batched products the mixed batch runs."""
+    """The number of tenant groups of each batched product (`bmm`) the calls run."""
     calls = []
-    original = multimoe.modeling.batched_linear
+    original = multimoe.batched_projections.run_product
 
-    def counting(inputs, sizes, weights, biases):
-        calls.append(len(sizes))
-        return original(inputs, sizes, weights, biases)
+    def counting(batched, weights, biases):
+        calls.append(len(weights))
+        return original(batched, weights, biases)
 
-    monkeypatch.setattr(multimoe.modeling, "batched_linear", counting)
+    monkeypatch.setattr(multimoe.batched_projections, "run_product", counting)
     return calls
 
 
@@ -78,7 +82,7 @@ def test_every_grouped_projection_is_laid_out_after_building_and_loading(fresh, 
 
 def test_mixed_rows_equal_each_tenants_own_run_through_one_product_per_projection(fresh, tenants, tokenizer, products):
     inputs, actual = mixed_logits(fresh, tokenizer)
-    assert len(products) == 5 * len(fresh.model.layers) and set(products) == {3}  # q/k/v/o, router: 3 groups at once
+    assert products == [3] * 5 * len(fresh.model.layers)  # q/k/v/o and the router: the 3 groups in one bmm each
     for row, name in enumerate(ROW_TENANTS):
         with torch.no_grad():
             expected = tenants[name](**inputs).logits[row]
@@ -105,8 +109,8 @@ def test_hooks_and_wrappers_are_honoured(fresh, tokenizer, products):
     projections(fresh)[0].register_forward_hook(lambda module, args, output: seen.append(output.shape[0]))
     products.clear()
     _, after = mixed_logits(fresh, tokenizer)
-    assert seen == [1]  # base's one row, through its own module
-    assert len(products) == 5 * len(fresh.model.layers) - 1
+    assert seen == [2]  # base's two rows, through its own module
+    assert products == [3] * (5 * len(fresh.model.layers) - 1)  # the hooked path runs per group, the others batched
     torch.testing.assert_close(after, before, **TOLERANCE)
 
 
@@ -118,11 +122,14 @@ def test_to_keeps_the_layout_and_the_values(fresh):
         assert torch.equal(tensor, weights[key].to(torch.float64)), key
 
 
-def test_tenant_edits_lay_out_again_and_free_a_removed_tenants_slice(fresh, tenants, tokenizer):
-    fresh.remove_tenant("code")
+@pytest.mark.parametrize("removed", ["base", "code", "tied"])  # first, middle, last in storage
+def test_tenant_edits_lay_out_again_and_free_a_removed_tenants_slice(fresh, tenants, tokenizer, removed):
+    fresh.remove_tenant(removed)
     assert laid_out(fresh)
     weights = [linear.weight for linear in projections(fresh)]
     assert weights[0].untyped_storage().nbytes() == sum(weight.nbytes for weight in weights)  # 3 slices, not 4
+    if removed != "code":
+        return
     fresh.add_tenant("code", tenants["code"])
     assert laid_out(fresh)
     inputs, actual = mixed_logits(fresh, tokenizer, ["code", "base", "base", "chat", "code"])
@@ -147,7 +154,8 @@ def test_training_gives_each_tenant_its_own_gradient(fresh, tokenizer):
         ([2, 2, 2], [0, 1, 2]),  # even groups: one product, no padding
         ([3, 1, 2], [0, 1, 2]),  # uneven: zero-padded to 3 rows each
         ([2, 2], [0, 2]),  # a tenant absent between: two runs
-        ([1, 2, 1], [2, 0, 1]),  # groups out of storage order: runs of one
+        ([1, 2, 1], [2, 0, 1]),  # groups out of storage order: one run, in storage order
+        ([2, 2], [2, 0]),  # out of order, a tenant absent between: runs of one
         ([9, 1, 1], [0, 1, 2]),  # padding beyond MAX_PADDING: one product per group
     ],
 )
@@ -202,7 +210,7 @@ def test_a_routers_product_runs_per_group_with_the_rest_of_its_code_once():
     def product(rows):
         return batched_linear(rows, sizes, weights, [None] * 3)
 
-    with torch.no_grad(), WeightProducts(routers[0].weight, None, product):
+    with torch.no_grad(), WeightProducts(routers[0].weight, None, product, rows=6):
         values, indices = routers[0](inputs)
     for part, router, value, index in zip(inputs.split(sizes), routers, values.split(sizes), indices.split(sizes)):
         expected_values, expected_indices = router(part)
@@ -212,8 +220,46 @@ def test_a_routers_product_runs_per_group_with_the_rest_of_its_code_once():
 
 def test_a_module_using_its_weight_otherwise_is_not_batched():
     router = Router(cast=True)
-    with pytest.raises(NotBatched), torch.no_grad(), WeightProducts(router.weight, None, lambda rows: rows):
+    with pytest.raises(NotBatched), torch.no_grad(), WeightProducts(router.weight, None, lambda rows: rows, rows=2):
         router(torch.randn(2, 16))
+    with pytest.raises(NotBatched), torch.no_grad(), WeightProducts(router.weight, None, lambda rows: rows, rows=2):
+        router.weight.sum()  # no product at all
+    with pytest.raises(NotBatched), torch.no_grad(), WeightProducts(router.weight, None, lambda rows: rows, rows=3):
+        Router.forward(router, torch.randn(2, 16))  # a product over other rows than the module was given
+
+
+def test_only_modules_holding_one_weight_and_no_state_are_batched():
+    routers = [Router() for _ in range(2)]
+    with torch.no_grad():
+        assert batchable(routers) is not None
+        routers[1].register_buffer("offset", torch.ones(4))  # state the product would not carry per tenant
+        assert batchable(routers) is None
+    linears = [nn.Linear(4, 4) for _ in range(2)]
+    for linear in linears:
+        linear.weight.requires_grad_(False)  # a bias still trained (BitFit) needs its own gradient
+    assert batchable(linears) is None
+    with torch.no_grad():
+        assert batchable(linears) is not None
+
+
+def test_trained_biases_get_their_own_gradients_in_a_mixed_batch(monkeypatch):
+    base = random_model(tiny_config("qwen2_moe"), seed=0)
+    model = multimoe.from_models({"a": base, "b": fine_tune(base, seed=1, changed_experts=[0])}).train()
+    inputs = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10], [11, 12, 13, 14]])
+
+    def bias_gradients():
+        model.zero_grad()
+        model.requires_grad_(False)
+        for linear in projections(model):
+            linear.bias.requires_grad_(True)
+        model(input_ids=inputs, tenant_names=["b", "a", "a"], labels=inputs).loss.backward()
+        return [linear.bias.grad for linear in projections(model)]
+
+    batched = bias_gradients()
+    monkeypatch.setattr(multimoe.modeling, "batchable", lambda modules: None)
+    for actual, expected in zip(batched, bias_gradients()):
+        assert actual is not None and actual.abs().sum() > 0
+        torch.testing.assert_close(actual, expected, **TOLERANCE)
 
 
 def test_a_router_using_its_weight_otherwise_runs_per_group_with_the_same_rows(fresh, tokenizer, monkeypatch):

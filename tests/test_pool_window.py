@@ -9,7 +9,7 @@ import torch
 import multimoe.modeling
 import multimoe.pool_window
 from multimoe import MultiTenantMixtralForCausalLM
-from multimoe.pool_window import call_pool
+from multimoe.pool_window import call_pool, has_hooks
 
 TOLERANCE = dict(rtol=0, atol=1e-5)  # a window may start at another alignment; see multimoe/alignment.py
 
@@ -81,3 +81,15 @@ def test_the_whole_pool_runs_where_a_window_cannot(multi, batch, windows):
     finally:
         handle.remove()
     assert len(windows) == len(multi.model.layers) - 1  # only the unhooked layer
+
+
+def test_any_hook_a_direct_call_would_skip_keeps_the_pool_whole(multi):
+    pool = multi.model.layers[0].experts
+    assert not has_hooks(pool)
+    for register in (pool.register_forward_pre_hook, pool.register_full_backward_hook,
+                     torch.nn.modules.module.register_module_forward_hook):
+        handle = register(lambda *args: None)
+        try:
+            assert has_hooks(pool)
+        finally:
+            handle.remove()
