@@ -104,6 +104,15 @@ class MultiTenantConfigMixin:
     def base_model_ep_plan(self) -> dict[str, str]:
         return self.family.multitenant_plan(self.family.config_class.base_model_ep_plan, self.tenants)
 
+    @property
+    def base_model_fsdp_plan(self) -> dict[str, str]:
+        # Only the multi-tenant layers are FSDP units. A unit per tenant (its embedding, norm, head)
+        # would make each rank's collectives follow the tenants its rows name, which differ between
+        # ranks, and pair one tenant's gradients with another's; left to the root unit, they are
+        # gathered once per forward on every rank alike.
+        plan = self.family.config_class.base_model_fsdp_plan or {}
+        return self.family.multitenant_plan({key: style for key, style in plan.items() if key.startswith("layers.")}, self.tenants)
+
     def check_expert_parallel(self, ep_size: int) -> None:
         """Refuse an expert-parallel split of pools whose entries do not divide evenly over the ranks
         (transformers splits experts evenly only), naming the layers, before anything is allocated."""

@@ -280,6 +280,8 @@ class Family:
         for key, style in (plan or {}).items():
             if key == experts or key.startswith(f"{experts}."):
                 rules[f"layers.*.experts{key.removeprefix(experts)}"] = style
+            elif key == "layers.*":  # the layer itself: the multi-tenant layer, pool and tenants together
+                rules[key] = style
             elif key.startswith("layers.*."):
                 rules |= {f"layers.*.tenants.{tenant}.{key.removeprefix('layers.*.')}": style for tenant in tenants}
             else:

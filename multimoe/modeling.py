@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, StoppingCriteriaList
 from transformers import initialization as init
 from transformers.cache_utils import Cache, EncoderDecoderCache
@@ -660,6 +661,8 @@ class TenantRouter:
                 "per call to get them."
             )
         checking = not torch.compiler.is_compiling()  # a compiled call: see `generate`
+        if checking and self.training and torch.is_grad_enabled() and is_fully_sharded(self):
+            check_same_tenants_on_every_rank(routing)
         if inputs.get("cache") is not None and checking:
             claim_cache(inputs["cache"], routing)
         if any(inputs.get(f"output_{kind}") for kind in ("hidden_states", "attentions", "router_logits")):
@@ -747,6 +750,26 @@ class TenantRouter:
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.tenant_embeddings[self.resolve_tenant(None)] = value
+
+def is_fully_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 (`fully_shard`) manages some of `model`'s modules."""
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def check_same_tenants_on_every_rank(routing: TenantRouting) -> None:
+    """Refuse a training step whose ranks run different tenants. FSDP2 reduces a layer's gradients
+    over its parameters that have one, which are the tenants a rank's rows name: ranks that name
+    different tenants would reduce buffers of different sizes (and abort) or pair one tenant's
+    gradients with another's."""
+    tenants = sorted(set(routing.row_tenants))
+    every_rank: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every_rank, tenants)
+    if any(other != tenants for other in every_rank):
+        raise ValueError(
+            f"An FSDP2 training step must run the same tenants on every rank; the ranks' rows name {every_rank}. "
+            "Give every rank rows of the same tenants in each step (for example every tenant in every batch)."
+        )
+
 
 class MultiTenantModel(TenantRouter, MultiTenantPreTrainedModel):
     """The decoder stack: each tenant's embedding and final norm, and the multi-tenant layers."""

@@ -1,7 +1,7 @@
 """One rank of tests/test_distributed.py, under `torchrun --standalone --nproc_per_node 2` (gloo on
 the CPU): load a multi-tenant checkpoint split by transformers' `DistributedConfig` (tensor or
 expert parallel), run every tenant and a mixed batch, generate, save, and report to a JSON file
-(rank 0)."""
+(rank 0); or (FSDP2) take one training step on each rank's share of a mixed batch."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from transformers.distributed import DistributedConfig
 import multimoe  # registers the multi-tenant classes with the Auto classes
 
 
-SPLITS = {"tensor": {"tp_plan": "auto"}, "expert": {"tp_plan": "auto", "ep_size": 2}}
+SPLITS = {"tensor": {"tp_plan": "auto"}, "expert": {"tp_plan": "auto", "ep_size": 2}, "fsdp": {"fsdp_size": 2}}
 
 
 def main(split: str, checkpoint: str, report: str, save_directory: str) -> None:
@@ -32,6 +32,8 @@ def main(split: str, checkpoint: str, report: str, save_directory: str) -> None:
         return
     assert isinstance(model, multimoe.MultiTenantForCausalLM), type(model)
     inputs, rows = reference["input_ids"], reference["row_tenants"]
+    if split == "fsdp":
+        return train_step(model, inputs, rows, report)
     with torch.no_grad():
         differences = {
             name: (model(inputs, tenant=name).logits - reference[name]).abs().max().item() for name in model.tenants
@@ -44,6 +46,30 @@ def main(split: str, checkpoint: str, report: str, save_directory: str) -> None:
         with open(report, "w") as file:
             json.dump({"differences": differences, "generated": generated.tolist(), "split": split,
                        "world_size": dist.get_world_size()}, file)
+    dist.barrier()
+
+
+def train_step(model, inputs: torch.Tensor, rows: list[str], report: str) -> None:
+    """One FSDP2 training step, each rank on its own rows of a mixed batch (data parallel); the
+    gradients, gathered whole, go to `report` (a torch file) from rank 0."""
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    share = len(rows) // ranks
+    mine = slice(rank * share, (rank + 1) * share)
+    model.train()
+    try:
+        model(input_ids=inputs[mine], tenant_names=rows[mine], labels=inputs[mine]).loss.backward()
+    except ValueError as error:  # every rank refuses alike
+        if rank == 0:
+            torch.save({"refused": str(error)}, report)
+        return
+    gradients = {
+        name: parameter.grad.full_tensor() if isinstance(parameter.grad, DTensor) else parameter.grad
+        for name, parameter in model.named_parameters()
+        if parameter.grad is not None
+    }
+    sharded = all(isinstance(parameter, DTensor) for parameter in model.parameters())
+    if rank == 0:
+        torch.save({"gradients": gradients, "sharded": sharded}, report)
     dist.barrier()
 
 

@@ -85,6 +85,44 @@ def test_expert_parallel_refuses_pools_that_do_not_split_evenly(tmp_path):
     assert "ep_size=2 cannot split these layers' pools evenly (layer: entries): {0: 7, 1: 7}" in result["refused"]
 
 
+TRAINING_INPUTS = torch.tensor([[1, 5, 7, 9, 11, 3], [2, 4, 6, 8, 10, 12], [3, 3, 5, 5, 7, 7], [9, 8, 7, 6, 5, 4]])
+
+
+def fsdp_step(tmp_path: Path, rows: list[str]) -> tuple[dict, dict]:
+    """One FSDP2 training step over 2 processes, rank r on rows 2r and 2r+1."""
+    reference = build_checkpoint(tmp_path / "checkpoint", "mixtral", tenants=2)
+    saved = {key: value for key, value in reference.items() if key not in ("model", "state_dict")}
+    torch.save(saved | {"input_ids": TRAINING_INPUTS, "row_tenants": rows}, tmp_path / "checkpoint" / "reference.pt")
+    report = tmp_path / "gradients.pt"
+    run_two_ranks("fsdp", str(tmp_path / "checkpoint"), str(report), str(tmp_path / "unused"))
+    return reference, torch.load(report)
+
+
+def test_fsdp2_training_step_over_two_processes_gives_one_process_gradients(tmp_path):
+    """transformers' FSDP2 path (`fsdp_size=2`) shards the model (the multi-tenant layers are its
+    units; the tenants' embeddings, norms and heads stay in the root unit), and one data-parallel
+    step on two halves of a mixed batch, whose tenants come in another order on each rank, gives
+    the gradients of one process on the whole batch (the mean of the halves' losses)."""
+    rows = ["a", "b", "b", "a"]
+    reference, result = fsdp_step(tmp_path, rows)
+    assert result["sharded"]
+    inputs = TRAINING_INPUTS
+    model = type(reference["model"]).from_pretrained(tmp_path / "checkpoint").train()
+    halves = [model(input_ids=inputs[rows_], tenant_names=rows[rows_], labels=inputs[rows_]).loss
+              for rows_ in (slice(0, 2), slice(2, 4))]
+    (sum(halves) / 2).backward()
+    expected = {name: parameter.grad for name, parameter in model.named_parameters() if parameter.grad is not None}
+    assert set(result["gradients"]) == set(expected)
+    for name, gradient in expected.items():
+        scale = gradient.abs().max().clamp_min(1e-12)
+        assert (result["gradients"][name] - gradient).abs().max() / scale < TOLERANCE, name
+
+
+def test_fsdp2_refuses_a_step_whose_ranks_run_different_tenants(tmp_path):
+    _, result = fsdp_step(tmp_path, ["a", "b", "b", "b"])  # rank 1 runs only b
+    assert "must run the same tenants on every rank; the ranks' rows name [['a', 'b'], ['b']]" in result["refused"]
+
+
 def assert_same_as_one_process(reference: dict, result: dict, tmp_path: Path) -> None:
     assert result["world_size"] == 2
     for name, difference in result["differences"].items():
