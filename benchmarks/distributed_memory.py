@@ -37,7 +37,9 @@ MODELS = {
 }
 SPLIT_STYLES = {"colwise", "rowwise", "packed_colwise", "colwise_gather_output", "rowwise_split_input",
                 "embedding_rowwise", "packed_rowwise"}
-SPLIT_DIM = {"rowwise": -1, "rowwise_split_input": -1}  # a Linear's input features; every other style: dim 0
+# The dimension each style splits: a Linear's output rows (dim 0 of [out, in]) or input features (-1);
+# the fused experts' gate/up rows (-2 of [E, 2I, H]) or down inputs (-1 of [E, H, I]); a vocabulary (0).
+SPLIT_DIM = {"rowwise": -1, "rowwise_split_input": -1, "packed_colwise": -2, "packed_rowwise": -1}
 GB = 1e9
 
 
@@ -67,7 +69,7 @@ def bytes_per_rank(model: torch.nn.Module, ranks: int) -> int:
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
         style = style_of(plan, name) if ranks > 1 else None
         if style in SPLIT_STYLES:
-            dim = SPLIT_DIM.get(style, 0) if tensor.dim() > 1 else 0
+            dim = SPLIT_DIM.get(style, 0) if tensor.dim() > 1 else 0  # a bias: its one dimension
             shape = list(tensor.shape)
             shape[dim] = math.ceil(shape[dim] / ranks)
             total += math.prod(shape) * tensor.element_size()

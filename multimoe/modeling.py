@@ -33,17 +33,20 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, StoppingCriteriaList
 from transformers import initialization as init
 from transformers.cache_utils import Cache, EncoderDecoderCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import maybe_install_capturing_hooks
 
 from .batched_projections import NotBatched, WeightProducts, batchable, batched_linear, is_weight_product, lay_side_by_side
 from .checkpoints import (
+    HUB_DOWNLOAD_OPTIONS,
     SAVED_CHECKPOINT,
     CheckpointError,
     TenantSource,
@@ -599,9 +602,12 @@ class MultiTenantPreTrainedModel(PreTrainedModel):
         if ep_size is None and isinstance(kwargs.get("distributed_config"), dict):
             ep_size = kwargs["distributed_config"].get("ep_size")
         if ep_size and ep_size > 1 and args and args[0] is not None:
-            config = kwargs.get("config") or cls.config_class.from_pretrained(
-                args[0], revision=kwargs.get("revision"), subfolder=kwargs.get("subfolder", "")
-            )
+            config = kwargs.get("config")
+            if not isinstance(config, MultiTenantConfigMixin):  # not given, or a path to one
+                options = {key: kwargs[key] for key in HUB_DOWNLOAD_OPTIONS if kwargs.get(key) is not None}
+                config = cls.config_class.from_pretrained(
+                    config or args[0], subfolder=kwargs.get("subfolder", ""), **options
+                )
             config.check_expert_parallel(ep_size)
         model = strict_from_pretrained(super().from_pretrained, *args, **kwargs)
         lay_out_projections(model[0] if isinstance(model, tuple) else model)  # loading gave each weight its own tensor
@@ -661,7 +667,7 @@ class TenantRouter:
                 "per call to get them."
             )
         checking = not torch.compiler.is_compiling()  # a compiled call: see `generate`
-        if checking and self.training and torch.is_grad_enabled() and is_fully_sharded(self):
+        if checking and is_fully_sharded(self):
             check_same_tenants_on_every_rank(routing)
         if inputs.get("cache") is not None and checking:
             claim_cache(inputs["cache"], routing)
@@ -751,23 +757,32 @@ class TenantRouter:
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.tenant_embeddings[self.resolve_tenant(None)] = value
 
+def unwrapped_class(model: nn.Module) -> type:
+    """The model's own class under the `FSDP<class>` that `fully_shard` gives it."""
+    return next(base for base in type(model).__mro__ if not issubclass(base, FSDPModule))
+
+
 def is_fully_sharded(model: nn.Module) -> bool:
-    """Whether FSDP2 (`fully_shard`) manages some of `model`'s modules."""
+    """Whether FSDP2 (`fully_shard`) manages some of `model`'s modules, as transformers' FSDP plan
+    wraps each layer (a tensor-parallel split gives every rank the same rows: nothing to check)."""
     return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
 def check_same_tenants_on_every_rank(routing: TenantRouting) -> None:
-    """Refuse a training step whose ranks run different tenants. FSDP2 reduces a layer's gradients
-    over its parameters that have one, which are the tenants a rank's rows name: ranks that name
-    different tenants would reduce buffers of different sizes (and abort) or pair one tenant's
-    gradients with another's."""
-    tenants = sorted(set(routing.row_tenants))
+    """Refuse a call whose ranks run different tenants, or the same in another order, under FSDP2.
+    Each rank gathers an FSDP unit's weights before using them and reduces the gradients of those
+    that have one: ranks whose rows name other tenants, or name them in another order, would gather
+    or reduce one tenant's unit against another's (the units a family keeps in float32, such as
+    DeepSeek-V3's routers in a bfloat16 model, are per tenant), pairing their weights silently, or
+    reduce buffers of other sizes and abort."""
+    tenants = [name for name, _ in routing.groups]
     every_rank: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(every_rank, tenants)
     if any(other != tenants for other in every_rank):
         raise ValueError(
-            f"An FSDP2 training step must run the same tenants on every rank; the ranks' rows name {every_rank}. "
-            "Give every rank rows of the same tenants in each step (for example every tenant in every batch)."
+            "Under FSDP2 every rank must run the same tenants, in the same order (the order its rows first name "
+            f"them), in each call; the ranks' rows name {every_rank}. Give every rank rows of the same tenants in "
+            "the same order (for example every tenant in every batch, in the model's order)."
         )
 
 
@@ -952,6 +967,10 @@ class MultiTenantLM(MultiTenantPreTrainedModel, GenerationMixin):
         def save(directory, **options) -> None:
             super(MultiTenantLM, self).save_pretrained(directory, **options)
             if is_main_writer(options):
+                if isinstance(self, FSDPModule) and self._auto_class is not None:
+                    # The remote code transformers skipped (see `is_remote_code`): the unwrapped class's files.
+                    custom_object_save(object.__new__(unwrapped_class(self)), directory, config=self.config)
+                    self.config.save_pretrained(directory)
                 for name, generation_config in self.generation_configs.items():
                     generation_config.save_pretrained(Path(directory, TENANTS_FOLDER, name))
                 write_model_card(self, directory, title)
@@ -959,7 +978,14 @@ class MultiTenantLM(MultiTenantPreTrainedModel, GenerationMixin):
         def verify(directory: Path) -> None:
             check_saved_directory(directory, type(self), variant=kwargs.get("variant"))
 
-        atomic_save_pretrained(save, save_directory, verify=verify, **kwargs)
+        split = any(isinstance(parameter, DTensor) for parameter in self.parameters())  # by tensor, expert or FSDP plans
+        atomic_save_pretrained(save, save_directory, verify=verify, every_rank=split, **kwargs)
+
+    @classmethod
+    def is_remote_code(cls) -> bool:
+        # `fully_shard` makes the class `FSDP<class>`, defined in torch: its files are not the model's
+        # code, so transformers must not copy them (`save_pretrained` copies the unwrapped class's).
+        return not issubclass(cls, FSDPModule) and super().is_remote_code()
 
     def push_to_hub(self, repo_id: str, *, tokenizer=None, **kwargs):
         """Upload weights, config (with the tenant maps), remote code, the model card and, when

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 import uuid
 import warnings
 from collections.abc import Callable
@@ -35,10 +36,15 @@ def atomic_save_pretrained(
     save_directory: str | os.PathLike,
     *,
     verify: Callable[[Path], object] | None = None,
+    every_rank: bool = False,
     **kwargs,
 ) -> None:
     """Run `save(directory, **kwargs)`, transformers' `save_pretrained`, so that `save_directory`
     ends up holding the new checkpoint or, if the save fails, the previous one, untouched.
+
+    `every_rank`: every rank of the process group runs this save (a model split over the ranks,
+    whose weights they gather together; rank 0 writes). Each rank then returns once the checkpoint
+    is in place, and raises if rank 0's save failed.
 
     `verify(directory)` checks the staged checkpoint before it is swapped in, raising a `ValueError`
     if it would not load; the save is then refused with the reason. Files of the previous
@@ -47,6 +53,40 @@ def atomic_save_pretrained(
     its parents, a parent that is not writable) the save runs in place, unverified, with a warning;
     on processes that do not write files (see `writes_files`) it runs in place.
     """
+    if not (every_rank and saved_by_one_of_several_ranks(kwargs)):
+        return save_atomically(save, save_directory, verify=verify, **kwargs)
+    failure = None
+    try:
+        if writes_files(kwargs):
+            save_atomically(save, save_directory, verify=verify, **kwargs)
+        else:
+            with tempfile.TemporaryDirectory() as scratch:  # transformers creates its directory on every rank
+                save(scratch, **kwargs)
+    except Exception as error:
+        failure = error
+    outcome = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
+    if outcome[0] is not None:
+        raise CheckpointError(f"save_pretrained failed on rank 0, which writes the checkpoint: {outcome[0]}")
+
+
+def saved_by_one_of_several_ranks(kwargs: dict) -> bool:
+    """Whether this save is one process's part of a save by several (a model split over ranks), with
+    rank 0 alone writing files (not a distributed DCP checkpoint, which every rank writes)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return distributed and torch.distributed.get_world_size() > 1 and not kwargs.get("distributed_checkpoint")
+
+
+def save_atomically(
+    save: Callable[..., object],
+    save_directory: str | os.PathLike,
+    *,
+    verify: Callable[[Path], object] | None = None,
+    **kwargs,
+) -> None:
+    """`atomic_save_pretrained` on one process (see there)."""
     target = Path(save_directory).resolve()
     if target.is_file():
         raise NotADirectoryError(f"save_pretrained: {os.fspath(save_directory)!r} is a file; give a directory.")

@@ -33,7 +33,7 @@ def main(split: str, checkpoint: str, report: str, save_directory: str) -> None:
     assert isinstance(model, multimoe.MultiTenantForCausalLM), type(model)
     inputs, rows = reference["input_ids"], reference["row_tenants"]
     if split == "fsdp":
-        return train_step(model, inputs, rows, report)
+        return train_step(model, inputs, rows, report, save_directory)
     with torch.no_grad():
         differences = {
             name: (model(inputs, tenant=name).logits - reference[name]).abs().max().item() for name in model.tenants
@@ -49,9 +49,9 @@ def main(split: str, checkpoint: str, report: str, save_directory: str) -> None:
     dist.barrier()
 
 
-def train_step(model, inputs: torch.Tensor, rows: list[str], report: str) -> None:
+def train_step(model, inputs: torch.Tensor, rows: list[str], report: str, save_directory: str) -> None:
     """One FSDP2 training step, each rank on its own rows of a mixed batch (data parallel); the
-    gradients, gathered whole, go to `report` (a torch file) from rank 0."""
+    gradients, gathered whole, go to `report` (a torch file) from rank 0; then a save."""
     rank, ranks = dist.get_rank(), dist.get_world_size()
     share = len(rows) // ranks
     mine = slice(rank * share, (rank + 1) * share)
@@ -68,6 +68,7 @@ def train_step(model, inputs: torch.Tensor, rows: list[str], report: str) -> Non
         if parameter.grad is not None
     }
     sharded = all(isinstance(parameter, DTensor) for parameter in model.parameters())
+    model.save_pretrained(save_directory)  # gathered, written by rank 0 with the model's own remote code
     if rank == 0:
         torch.save({"gradients": gradients, "sharded": sharded}, report)
     dist.barrier()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -42,9 +43,18 @@ def build_checkpoint(directory: Path, family: str, tenants: int = 3) -> dict:
 
 
 def run_two_ranks(*arguments: str) -> None:
+    """The worker on 2 CPU processes (gloo, even on a machine with GPUs), killed whole after 180 s."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), *arguments]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    environment = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks
+        process.communicate()
+        raise
+    assert process.returncode == 0, output[-4000:]
 
 
 def split_run(split: str, family: str, tmp_path: Path, tenants: int = 3) -> tuple[dict, dict]:
@@ -101,11 +111,19 @@ def fsdp_step(tmp_path: Path, rows: list[str]) -> tuple[dict, dict]:
 def test_fsdp2_training_step_over_two_processes_gives_one_process_gradients(tmp_path):
     """transformers' FSDP2 path (`fsdp_size=2`) shards the model (the multi-tenant layers are its
     units; the tenants' embeddings, norms and heads stay in the root unit), and one data-parallel
-    step on two halves of a mixed batch, whose tenants come in another order on each rank, gives
-    the gradients of one process on the whole batch (the mean of the halves' losses)."""
-    rows = ["a", "b", "b", "a"]
+    step on two halves of a mixed batch gives the gradients of one process on the whole batch (the
+    mean of the halves' losses); the split model saves a checkpoint that loads on one process."""
+    rows = ["a", "b", "a", "b"]
     reference, result = fsdp_step(tmp_path, rows)
     assert result["sharded"]
+    # The save wrote the model's own remote code, not torch's FSDP files, and loads whole on one process.
+    saved = tmp_path / "unused"
+    config = json.loads((saved / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == f"modeling.{type(reference['model']).__name__}"
+    assert "modeling.py" in {path.name for path in saved.iterdir()} and not list(saved.glob("_fsdp*.py"))
+    loaded = type(reference["model"]).from_pretrained(saved)
+    for key, tensor in reference["state_dict"].items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
     inputs = TRAINING_INPUTS
     model = type(reference["model"]).from_pretrained(tmp_path / "checkpoint").train()
     halves = [model(input_ids=inputs[rows_], tenant_names=rows[rows_], labels=inputs[rows_]).loss
@@ -118,9 +136,14 @@ def test_fsdp2_training_step_over_two_processes_gives_one_process_gradients(tmp_
         assert (result["gradients"][name] - gradient).abs().max() / scale < TOLERANCE, name
 
 
-def test_fsdp2_refuses_a_step_whose_ranks_run_different_tenants(tmp_path):
-    _, result = fsdp_step(tmp_path, ["a", "b", "b", "b"])  # rank 1 runs only b
-    assert "must run the same tenants on every rank; the ranks' rows name [['a', 'b'], ['b']]" in result["refused"]
+@pytest.mark.parametrize("rows, named", [
+    (["a", "b", "b", "b"], "[['a', 'b'], ['b']]"),  # rank 1 runs only b
+    (["a", "b", "b", "a"], "[['a', 'b'], ['b', 'a']]"),  # the same tenants, in another order
+])
+def test_fsdp2_refuses_a_call_whose_ranks_run_other_tenants(tmp_path, rows, named):
+    _, result = fsdp_step(tmp_path, rows)
+    assert "every rank must run the same tenants, in the same order" in result["refused"]
+    assert f"the ranks' rows name {named}" in result["refused"]
 
 
 def assert_same_as_one_process(reference: dict, result: dict, tmp_path: Path) -> None:
