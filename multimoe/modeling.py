@@ -763,9 +763,13 @@ def unwrapped_class(model: nn.Module) -> type:
 
 
 def is_fully_sharded(model: nn.Module) -> bool:
-    """Whether FSDP2 (`fully_shard`) manages some of `model`'s modules, as transformers' FSDP plan
-    wraps each layer (a tensor-parallel split gives every rank the same rows: nothing to check)."""
-    return any(isinstance(module, FSDPModule) for module in model.modules())
+    """Whether FSDP2 (`fully_shard`) manages `model` or its layers, as transformers' FSDP plan
+    wraps each (a tensor-parallel split gives every rank the same rows: nothing to check). Cheap,
+    since every forward asks: no process group, no look at the modules."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    layer = next((module for module in model.modules() if isinstance(module, MultiTenantDecoderLayer)), None)
+    return isinstance(model, FSDPModule) or isinstance(layer, FSDPModule)
 
 
 def check_same_tenants_on_every_rank(routing: TenantRouting) -> None:
