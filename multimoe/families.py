@@ -274,8 +274,9 @@ class Family:
         """One of the family's parallel plans (rules named as in its model: `layers.*.self_attn.q_proj`,
         `lm_head`) for the multi-tenant layout: a rule on the experts addresses the layer's pool
         (`layers.*.experts`); any other rule, each tenant's own copy (`layers.*.tenants.<t>.self_attn.q_proj`,
-        `lm_head.<t>`). transformers matches rules by name with layer numbers as `*`, and tenant
-        names are not numbers, so the rules name every tenant."""
+        `lm_head.<t>`). transformers matches rules by name with layer numbers as `*`, so the rules
+        name every tenant (a name of digits only reads as a layer number: `*` names it)."""
+        tenants = ["*" if tenant.isdigit() else tenant for tenant in tenants]
         experts, rules = f"layers.*.{self.sparse_block}.{self.experts}", {}
         for key, style in (plan or {}).items():
             if key == experts or key.startswith(f"{experts}."):

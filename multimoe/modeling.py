@@ -822,7 +822,8 @@ class MultiTenantModel(TenantRouter, MultiTenantPreTrainedModel):
         embeddings by vocabulary unless it names them: here each tenant's."""
         super().init_parallel_plans()
         if self._tp_plan and not any(rule.startswith("embed_tokens") for rule in self._tp_plan):
-            self._tp_plan |= {f"embed_tokens.{name}": "embedding_rowwise" for name in self.embed_tokens}
+            names = {"*" if name.isdigit() else name for name in self.embed_tokens}  # see `Family.multitenant_plan`
+            self._tp_plan |= {f"embed_tokens.{name}": "embedding_rowwise" for name in names}
 
     def tenant_embedding(self, name: str) -> nn.Module:
         """Tenant `name`'s embedding, uninitialised, with its own padding token (whose row training
@@ -1009,6 +1010,15 @@ class MultiTenantLM(MultiTenantPreTrainedModel, GenerationMixin):
             if spec.get("tie_word_embeddings", False)
             for alias, target in family.model_class._tied_weights_keys.items()
         }
+
+    def gather_sharded_state_dict_for_save(self, model_to_save, state_dict: dict, distributed_config, **options):
+        """transformers' gathering of split weights; a tied tenant's head, gathered into a tensor of
+        its own, is dropped as an untied model's would never be: the checkpoint stores its embedding once."""
+        state_dict = super().gather_sharded_state_dict_for_save(model_to_save, state_dict, distributed_config, **options)
+        if distributed_config is not None and state_dict:
+            for alias in self._tied_weights_keys:
+                state_dict.pop(alias, None)
+        return state_dict
 
     def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict[str, str]:
         # The class-wide `config.tie_word_embeddings` switch does not apply; see `_tied_weights_keys`.

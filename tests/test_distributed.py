@@ -21,16 +21,18 @@ from multimoe.testing import fine_tune, random_model, tiny_config
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 TOLERANCE = 1e-5  # the split products sum in another order (an all-reduce over the ranks' halves)
-ROWS = ["a", "b", "c"]
 
 
-def build_checkpoint(directory: Path, family: str, tenants: int = 3) -> dict:
-    """`tenants` tenants of a tiny `family` model (3: pools of 7 entries; 2: of 6), saved with the
-    one-process logits and generation."""
-    base = random_model(tiny_config(family), seed=0)
-    sources = {"a": base, "b": fine_tune(base, seed=1, changed_experts=[0, 1]), "c": fine_tune(base, seed=2, changed_experts=[2])}
-    model = multimoe.from_models(dict(list(sources.items())[:tenants])).eval()
-    rows = ROWS if tenants == 3 else ["a", "b", "a"]
+def build_checkpoint(directory: Path, family: str, tenants: int = 3, sources: dict | None = None) -> dict:
+    """`tenants` tenants of a tiny `family` model (3: pools of 7 entries; 2: of 6), or `sources`,
+    saved with the one-process logits and generation."""
+    if sources is None:
+        base = random_model(tiny_config(family), seed=0)
+        sources = {"a": base, "b": fine_tune(base, seed=1, changed_experts=[0, 1]), "c": fine_tune(base, seed=2, changed_experts=[2])}
+        sources = dict(list(sources.items())[:tenants])
+    model = multimoe.from_models(sources).eval()
+    names = list(sources)
+    rows = [names[1], names[2], names[0]] if len(names) == 3 else ["a", "b", "a"]
     model.save_pretrained(directory)
     inputs = torch.tensor([[1, 5, 7, 9, 11, 3], [2, 4, 6, 8, 10, 12], [3, 3, 5, 5, 7, 7]])
     with torch.no_grad():
@@ -57,8 +59,8 @@ def run_two_ranks(*arguments: str) -> None:
     assert process.returncode == 0, output[-4000:]
 
 
-def split_run(split: str, family: str, tmp_path: Path, tenants: int = 3) -> tuple[dict, dict]:
-    reference = build_checkpoint(tmp_path / "checkpoint", family, tenants)
+def split_run(split: str, family: str, tmp_path: Path, tenants: int = 3, sources: dict | None = None) -> tuple[dict, dict]:
+    reference = build_checkpoint(tmp_path / "checkpoint", family, tenants, sources)
     report = tmp_path / "report.json"
     run_two_ranks(split, str(tmp_path / "checkpoint"), str(report), str(tmp_path / "saved"))
     return reference, json.loads(report.read_text())
@@ -76,6 +78,18 @@ def test_tensor_parallel_over_two_processes_matches_one(family, tmp_path):
         whole = list(model.get_parameter(name).shape)
         halved = [(size + 1) // 2 if size != part else size for size, part in zip(whole, local)]  # rank 0's half
         assert sum(a != b for a, b in zip(local, whole)) == 1 and local == halved, (name, local, whole)
+    assert_same_as_one_process(reference, result, tmp_path)
+
+
+def test_tensor_parallel_splits_a_tied_tenant_and_one_named_by_digits(tmp_path):
+    """A tied tenant's head and embedding are split alike and saved once; a tenant named "7" (which
+    transformers' rule matching reads as a layer number) is split like the others."""
+    base = random_model(tiny_config("mixtral"), seed=0)
+    tied = random_model(tiny_config("mixtral", tie_word_embeddings=True), seed=1)
+    sources = {"a": base, "7": fine_tune(base, seed=1, changed_experts=[0, 1]), "tied": tied}
+    reference, result = split_run("tensor", "mixtral", tmp_path, sources=sources)
+    assert {"model.layers.0.tenants.7.self_attn.q_proj.weight", "lm_head.7.weight", "model.embed_tokens.7.weight",
+            "model.embed_tokens.tied.weight"} <= set(result["split"])
     assert_same_as_one_process(reference, result, tmp_path)
 
 
