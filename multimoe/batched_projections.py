@@ -12,11 +12,12 @@ holds its own `Parameter`, a view of its slice, because PEFT, tensor-parallel pl
 code and per-tenant training address the module by name. A mixed batch reads the slices of the
 tenants it holds as one strided view and runs one `bmm` for them: no memory beyond the weights
 themselves, and nothing to invalidate, since the layout is read off the parameters on every call
-rather than remembered. An edit that writes in place (an optimizer step, `load_state_dict`, a LoRA
-merge) keeps the layout; one that replaces a tensor (`.to()` by parameter, a deep copy, a LoRA
-wrapper, a tensor-parallel split) simply ends it for that projection, and the groups run one
-product each until the layer is laid out again (`MultiTenantDecoderLayer.lay_out_projections`, run
-after loading, `.to()` and every tenant edit).
+rather than remembered. An edit that writes in place (an optimizer step, `load_state_dict`, PEFT's
+in-place LoRA merge) keeps the layout; one that replaces a tensor (`.to()` by parameter, a deep
+copy, a LoRA wrapper, a tensor-parallel split) simply ends it for that projection, and the groups
+run one product each until the layer is laid out again (`MultiTenantDecoderLayer.lay_out_projections`,
+run after loading, `.to()` and every tenant edit). A router's product, inside the family's own
+router code, is taken the same way through `WeightProducts`.
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def batched_linear(
     runs = runs_side_by_side(weights, biases)
     if len(runs) == 1 and runs[0] == sorted(runs[0]) and len(set(sizes)) == 1 and len(sizes) > 1:
         # The common case (a serving batch of every tenant, rows in tenant order): no copy at all.
-        batched = inputs.view(len(sizes), sizes[0], inputs.shape[-1])
+        batched = inputs.reshape(len(sizes), sizes[0], inputs.shape[-1])
         return run_product(batched, weights, biases).view(-1, weights[0].shape[0])
     parts, outputs = inputs.split(list(sizes)), [None] * len(sizes)
     for run in runs:
