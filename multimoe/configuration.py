@@ -111,7 +111,8 @@ class MultiTenantConfigMixin:
         # ranks, and pair one tenant's gradients with another's; left to the root unit, they are
         # gathered once per forward on every rank alike.
         plan = self.family.config_class.base_model_fsdp_plan or {}
-        return self.family.multitenant_plan({key: style for key, style in plan.items() if key.startswith("layers.")}, self.tenants)
+        layers = {key: style for key, style in plan.items() if key.startswith("layers.")}
+        return self.family.multitenant_plan(layers, self.tenants)
 
     def check_expert_parallel(self, ep_size: int) -> None:
         """Refuse an expert-parallel split of pools whose entries do not divide evenly over the ranks
@@ -121,7 +122,7 @@ class MultiTenantConfigMixin:
             raise ValueError(
                 f"ep_size={ep_size} cannot split these layers' pools evenly (layer: entries): {uneven}. "
                 "Padding pools to a multiple of the ranks at load time is not implemented yet; use tensor "
-                f"parallelism (tp_plan='auto' without ep_size), an ep_size dividing every pool size, or consolidate to "
+                "parallelism (tp_plan='auto' without ep_size), an ep_size dividing every pool size, or consolidate to "
                 "such sizes."
             )
 
