@@ -29,17 +29,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .pool_window import has_hooks
+
 # Zero-padding groups to a common row count costs compute on the padding rows: at most as many
 # padding rows as real ones (decode is bound by reading the weights, prefill by computing).
 MAX_PADDING = 1.0
 
 
-def lay_side_by_side(tensors: Sequence[torch.Tensor]) -> None:
-    """Move `tensors` (parameters of one shape, dtype and device) into consecutive slices of one
-    new storage, each keeping its identity; a no-op where they already fill one storage that way,
-    or cannot be moved (meta, a tensor subclass)."""
+def lay_side_by_side(tensors: Sequence[torch.Tensor | None]) -> None:
+    """Move `tensors`, parameters of one shape, dtype and device, into consecutive slices of one new
+    storage, each keeping its identity; a no-op where they already fill one storage that way, or
+    cannot be moved (a missing bias, meta, a tensor subclass, tensors that differ)."""
     first = tensors[0]
-    if not plain(first):
+    if not all(type(tensor) is nn.Parameter and plain(tensor) for tensor in tensors) or len(
+        {(tensor.shape, tensor.dtype, tensor.device) for tensor in tensors}
+    ) > 1:
         return
     if side_by_side(tensors) is not None and first.storage_offset() == 0 and (
         first.untyped_storage().nbytes() == sum(tensor.nbytes for tensor in tensors)
@@ -102,19 +106,12 @@ def runs_side_by_side(weights: Sequence[torch.Tensor], biases: Sequence[torch.Te
 
 def batchable(modules: Sequence[nn.Module]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]] | None:
     """The weights and biases of `modules` (one class, each holding a `weight` and maybe a `bias`
-    and nothing else, checked on every call) when their products may run batched: no hooks (torch's,
-    or accelerate's, which replace `forward` to bring offloaded weights in), and no gradient wanted
-    for a weight or bias (a product over a view of several tenants' tensors would not reach each
-    tenant's parameter); else `None`."""
+    and nothing else, checked on every call) when their products may run batched: no hooks (the
+    batched product calls no tenant's module, so it would skip them: see `has_hooks`), and no
+    gradient wanted for a weight or bias (a product over a view of several tenants' tensors would
+    not reach each tenant's parameter); else `None`."""
     kind = type(modules[0])
-    if not all(
-        type(module) is kind
-        and is_weight_product(module)
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-        and "forward" not in vars(module)
-        for module in modules
-    ):
+    if not all(type(module) is kind and is_weight_product(module) and not has_hooks(module) for module in modules):
         return None
     weights = [module._parameters["weight"] for module in modules]
     biases = [module._parameters.get("bias") for module in modules]

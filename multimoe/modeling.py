@@ -515,11 +515,7 @@ class MultiTenantDecoderLayer(nn.Module):
             if not all(type(module) is type(modules[0]) and is_weight_product(module) for module in modules):
                 continue
             for name in ("weight", "bias"):
-                tensors = [module._parameters.get(name) for module in modules]
-                if all(type(tensor) is nn.Parameter for tensor in tensors) and len(
-                    {(tensor.shape, tensor.dtype, tensor.device) for tensor in tensors}
-                ) == 1:
-                    lay_side_by_side(tensors)
+                lay_side_by_side([module._parameters.get(name) for module in modules])
 
     @property
     def grouped_projections(self) -> list[GroupedProjection]:
@@ -822,8 +818,7 @@ class MultiTenantModel(TenantRouter, MultiTenantPreTrainedModel):
         embeddings by vocabulary unless it names them: here each tenant's."""
         super().init_parallel_plans()
         if self._tp_plan and not any(rule.startswith("embed_tokens") for rule in self._tp_plan):
-            names = {"*" if name.isdigit() else name for name in self.embed_tokens}  # see `Family.multitenant_plan`
-            self._tp_plan |= {f"embed_tokens.{name}": "embedding_rowwise" for name in names}
+            self._tp_plan |= self.family.multitenant_plan({"embed_tokens": "embedding_rowwise"}, self.config.tenants)
 
     def tenant_embedding(self, name: str) -> nn.Module:
         """Tenant `name`'s embedding, uninitialised, with its own padding token (whose row training

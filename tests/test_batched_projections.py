@@ -240,6 +240,9 @@ def test_only_modules_holding_one_weight_and_no_state_are_batched():
     assert batchable(linears) is None
     with torch.no_grad():
         assert batchable(linears) is not None
+        handle = linears[1].register_full_backward_hook(lambda *args: None)  # a batched product would skip it
+        assert batchable(linears) is None
+        handle.remove()
 
 
 def test_trained_biases_get_their_own_gradients_in_a_mixed_batch(monkeypatch):
