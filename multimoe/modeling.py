@@ -621,6 +621,8 @@ class MultiTenantPreTrainedModel(PreTrainedModel):
         if torch.compiler.is_compiling():
             return super().__call__(*args, **kwargs)
         with self.base_model.tenant_lock.reading():
+            if is_fully_sharded(self.base_model):  # before FSDP's hooks gather anything for this call
+                check_same_tenants_on_every_rank(self.base_model.call_routing(args, kwargs))
             return super().__call__(*args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -663,8 +665,6 @@ class TenantRouter:
                 "per call to get them."
             )
         checking = not torch.compiler.is_compiling()  # a compiled call: see `generate`
-        if checking and is_fully_sharded(self):
-            check_same_tenants_on_every_rank(routing)
         if inputs.get("cache") is not None and checking:
             claim_cache(inputs["cache"], routing)
         if any(inputs.get(f"output_{kind}") for kind in ("hidden_states", "attentions", "router_logits")):
@@ -714,6 +714,16 @@ class TenantRouter:
         if rows is None:
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         return self.route(rows.shape[0], tenant=tenant, tenant_names=tenant_names, tenant_ids=tenant_ids)
+
+    def call_routing(self, args: tuple, kwargs: dict) -> TenantRouting:
+        """`route` for the arguments of a call of a model (with or without its head), read before the
+        call runs: its rows are the first of `input_ids`, `inputs_embeds`, `decoder_input_ids` given."""
+        given = (kwargs.get(key) for key in ("input_ids", "inputs_embeds", "decoder_input_ids"))
+        rows = next((value for value in given if value is not None), args[0] if args else None)
+        if rows is None:
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        names = ("tenant", "tenant_names", "tenant_ids")
+        return self.route(rows.shape[0], **{key: kwargs.get(key) for key in names})
 
     def route(
         self,

@@ -75,4 +75,11 @@ def train_step(model, inputs: torch.Tensor, rows: list[str], report: str, save_d
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    try:
+        main(*sys.argv[1:])
+    finally:
+        # Leave together and close the process group, also after a refusal: a rank exiting with the
+        # group open can abort in gloo's teardown ("terminate called without an active exception").
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
