@@ -69,6 +69,10 @@ class MultiTenantConfigMixin:
     pool_sizes (`list[int]`):
         The number of shared experts stored in each layer (0 for a dense layer).
 
+    `pool_multiple`, set only while loading for expert parallelism and never saved, pads each pool
+    with entries no map points to, up to a multiple of the expert-parallel ranks (see
+    `padded_pool_size`).
+
     Tying is decided per tenant; the inherited `tie_word_embeddings` field is not used.
     """
 
@@ -87,6 +91,7 @@ class MultiTenantConfigMixin:
 
     def to_dict(self) -> dict:
         fields = super().to_dict()
+        fields.pop("pool_multiple", None)  # a property of this load, not of the checkpoint
         fields["tenants"] = [{"name": name} | spec for name, spec in self.tenants.items()]
         return fields
 
@@ -114,17 +119,16 @@ class MultiTenantConfigMixin:
         layers = {key: style for key, style in plan.items() if key.startswith("layers.")}
         return self.family.multitenant_plan(layers, self.tenants)
 
-    def check_expert_parallel(self, ep_size: int) -> None:
-        """Refuse an expert-parallel split of pools whose entries do not divide evenly over the ranks
-        (transformers splits experts evenly only), naming the layers, before anything is allocated."""
-        uneven = {layer: size for layer, size in enumerate(self.pool_sizes) if size % ep_size}
-        if uneven:
-            raise ValueError(
-                f"ep_size={ep_size} cannot split these layers' pools evenly (layer: entries): {uneven}. "
-                "Padding pools to a multiple of the ranks at load time is not implemented yet; use tensor "
-                "parallelism (tp_plan='auto' without ep_size), an ep_size dividing every pool size, or consolidate to "
-                "such sizes."
-            )
+    pool_multiple = 1
+
+    def padded_pool_size(self, layer_idx: int) -> int:
+        """Entries the pool of layer `layer_idx` holds once loaded: `pool_sizes[layer_idx]` rounded up
+        to a multiple of `pool_multiple` (transformers splits experts over ranks evenly only). The
+        padding entries are zeros that no map points to, so no row reaches them."""
+        return -(-self.pool_sizes[layer_idx] // self.pool_multiple) * self.pool_multiple
+
+    def padding_entries(self) -> int:
+        return sum(self.padded_pool_size(layer_idx) - size for layer_idx, size in enumerate(self.pool_sizes))
 
     @property
     def num_routed_experts(self) -> int:

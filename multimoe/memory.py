@@ -19,12 +19,15 @@ def parameter_bytes(modules: list[nn.Module]) -> int:
 
 @dataclass(frozen=True)
 class MemoryReport:
-    """Parameter bytes; `source_models_bytes` is what the tenants' original checkpoints hold together."""
+    """Parameter bytes; `source_models_bytes` is what the tenants' original checkpoints hold together;
+    `padding_bytes`, the part of `pool_bytes` that pads the pools for expert parallelism (entries
+    no tenant reads, held only while loaded so)."""
 
     pool_bytes: int
     tenant_bytes: dict[str, int]
     total_bytes: int
     source_models_bytes: int
+    padding_bytes: int = 0
 
     @property
     def saving(self) -> float:
@@ -47,11 +50,14 @@ class MemoryReport:
             tenant_bytes=tenant_bytes,
             total_bytes=parameter_bytes([model]),
             source_models_bytes=sum(tenant_bytes.values()) + len(tenant_bytes) * one_model_experts,
+            padding_bytes=config.padding_entries() * expert_bytes,
         )
 
     def to_markdown(self) -> str:
         mib = 2**20
         rows = ["| part | MiB |", "|---|---:|", f"| shared expert pool | {self.pool_bytes / mib:.2f} |"]
+        if self.padding_bytes:
+            rows.append(f"| of which padding for expert parallelism | {self.padding_bytes / mib:.2f} |")
         rows += [f"| tenant `{name}` (own layers) | {size / mib:.2f} |" for name, size in self.tenant_bytes.items()]
         rows += [
             f"| **total** | **{self.total_bytes / mib:.2f}** |",

@@ -61,6 +61,7 @@ from .families import FAMILIES, Family
 from .generation import generation_for_rows
 from .hub import push_to_hub, write_model_card
 from .memory import MemoryReport
+from .pool_padding import pool_padding_converter
 from .pool_window import call_pool
 from .routing import (
     CALL_GENERATION_CONFIGS,
@@ -450,7 +451,7 @@ class MultiTenantDecoderLayer(nn.Module):
                 f"but pool_sizes[{layer_idx}] is {config.pool_sizes[layer_idx]}."
             )
         if sparse:
-            self.experts = family.pool(config, config.pool_sizes[layer_idx])
+            self.experts = family.pool(config, config.padded_pool_size(layer_idx))
         self.tenants = nn.ModuleDict({name: self.tenant_layer(template, name) for name in config.tenants})
 
     def tenant_layer(self, template: nn.Module, name: str) -> nn.Module:
@@ -463,7 +464,8 @@ class MultiTenantDecoderLayer(nn.Module):
 
     @property
     def pool_size(self) -> int:
-        return self.config.pool_sizes[self.layer_idx]
+        """Entries the pool holds, padding included (see `padded_pool_size`)."""
+        return self.config.padded_pool_size(self.layer_idx)
 
     def tenant_experts(self) -> list[TenantExperts]:
         """Each tenant's `TenantExperts`, in the tenants' order."""
@@ -597,14 +599,20 @@ class MultiTenantPreTrainedModel(PreTrainedModel):
         ep_size = getattr(kwargs.get("distributed_config"), "ep_size", None)
         if ep_size is None and isinstance(kwargs.get("distributed_config"), dict):
             ep_size = kwargs["distributed_config"].get("ep_size")
+        check_number("ep_size", ep_size, positive=True, integer=True, optional=True)
         if ep_size and ep_size > 1 and args and args[0] is not None:
+            # Split by experts: each pool padded to a multiple of the ranks for this load (a copy of
+            # a given config: the caller's object is not changed).
             config = kwargs.get("config")
-            if not isinstance(config, MultiTenantConfigMixin):  # not given, or a path to one
+            if isinstance(config, MultiTenantConfigMixin):
+                config = copy.deepcopy(config)
+            else:  # not given, or a path to one
                 options = {key: kwargs[key] for key in HUB_DOWNLOAD_OPTIONS if kwargs.get(key) is not None}
                 config = cls.config_class.from_pretrained(
                     config or args[0], subfolder=kwargs.get("subfolder", ""), **options
                 )
-            config.check_expert_parallel(ep_size)
+            config.pool_multiple = ep_size
+            kwargs["config"] = config
         model = strict_from_pretrained(super().from_pretrained, *args, **kwargs)
         lay_out_projections(model[0] if isinstance(model, tuple) else model)  # loading gave each weight its own tensor
         return model
@@ -1325,12 +1333,11 @@ def multitenant_classes(family: Family) -> tuple[type, type, type]:
     causal = define(
         f"MultiTenant{stem}{head_suffix}", (head_class, pretrained), head_class.__doc__, base_model_class_for_family=base
     )
-    if family.saved_renames:
-        register_checkpoint_conversion_mapping(
-            family.multitenant_model_type,
-            [WeightRenaming(saved, current) for saved, current in family.saved_renames],
-            overwrite=True,
-        )
+    conversions = [WeightRenaming(saved, current) for saved, current in family.saved_renames]
+    if family.config_class.base_model_ep_plan:  # pools are split by experts: padded on load if uneven
+        conversions.append(pool_padding_converter())
+    if conversions:
+        register_checkpoint_conversion_mapping(family.multitenant_model_type, conversions, overwrite=True)
     return pretrained, base, causal
 
 

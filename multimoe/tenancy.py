@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers.utils.output_capturing import OutputRecorder, recursively_install_hooks
 
 from .assembly import SHARED_SETTINGS, TenantSet
@@ -50,6 +51,18 @@ def install_output_hooks(model: MultiTenantLM, modules: dict[str, nn.Module]) ->
         recursively_install_hooks(module, name, tasks)
 
 
+def check_whole(model: MultiTenantLM, edit: str) -> None:
+    """Refuse to edit a model split over ranks (tensor, expert or FSDP2 parallel), or loaded with its
+    pools padded for that: each rank holds a share of the tensors an edit rewrites, and an edit
+    would put new entries where the padding is."""
+    split = any(isinstance(parameter, DTensor) for parameter in model.parameters())
+    if split or model.config.pool_multiple > 1:
+        raise ValueError(
+            f"Cannot {edit}: the model is split over several ranks or padded for that. Edit it as loaded on one "
+            "process, save it, and load the result with your DistributedConfig."
+        )
+
+
 def add_tenant(
     model: MultiTenantLM,
     name: str,
@@ -60,6 +73,7 @@ def add_tenant(
     revision: str | None = None,
 ) -> None:
     validate_tenant_name(name)
+    check_whole(model, f"add tenant {name!r}")
     check_number("threshold", threshold, unbounded=True)  # math.inf: every expert shares its closest entry
     if name in model.tenants:
         raise ValueError(f"Tenant {name!r} already exists; remove it first to replace it.")
@@ -137,6 +151,7 @@ def add_tenant(
 
 def remove_tenant(model: MultiTenantLM, name: str) -> None:
     name = model.model.known_tenant(name)
+    check_whole(model, f"remove tenant {name!r}")
     if len(model.tenants) == 1:
         raise ValueError(f"Cannot remove {name!r}: it is the only tenant.")
     config = model.config

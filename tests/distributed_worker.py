@@ -45,7 +45,8 @@ def main(split: str, checkpoint: str, report: str, save_directory: str) -> None:
     if dist.get_rank() == 0:
         with open(report, "w") as file:
             json.dump({"differences": differences, "generated": generated.tolist(), "split": split,
-                       "world_size": dist.get_world_size()}, file)
+                       "world_size": dist.get_world_size(), "padding_bytes": model.memory_report().padding_bytes,
+                       "pool_sizes": model.config.pool_sizes}, file)
     dist.barrier()
 
 

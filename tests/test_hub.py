@@ -135,7 +135,7 @@ def test_push_to_hub_uploads_exactly_the_checkpoint_and_it_loads_back(multi, tok
     files = commit["files"]
     python_files = {"configuration.py", "modeling.py", "routing.py", "checkpoints.py", "alignment.py", "memory.py",
                     "saving.py", "hub.py", "generation.py", "validation.py", "concurrency.py", "families.py",
-                    "modeling_seq2seq.py", "batched_projections.py", "pool_window.py"}
+                    "modeling_seq2seq.py", "batched_projections.py", "pool_window.py", "pool_padding.py"}
     tenant_files = {f"tenants/{name}/generation_config.json" for name in multi.tenants}
     assert set(files) == {"config.json", "generation_config.json", "model.safetensors", "README.md",
                           "tokenizer.json", "tokenizer_config.json"} | python_files | tenant_files
