@@ -5,17 +5,25 @@ temporary directory, then runs `consolidate(..., memory_budget="1.25x")` in a fr
 a thread samples that process's resident memory every 5 ms. Holding the 4 sources in memory would take 4 checkpoints; the lazy
 reader should need about the result plus one layer of every tenant.
 
+`--similarity output` takes the calibration path (random token ids as calibration data): each
+original tenant then runs one decoder layer at a time. Several `--layers` (and similarities) give
+one row each, and the slope of the peak per added layer, to compare with the result's.
+
     python benchmarks/consolidation_memory.py
+    python benchmarks/consolidation_memory.py --similarity weight_l2 output --layers 4 8 16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 CHILD = r"""
 import json, sys, threading, time
@@ -34,22 +42,27 @@ def sample():  # ru_maxrss would keep the import-time high-water mark; sample th
 
 sampler = threading.Thread(target=sample, daemon=True)  # a failed consolidation must not leave the process running
 sampler.start()
-sources = json.loads(sys.argv[1])
+sources, options = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 start = time.perf_counter()
-model = consolidate(sources, memory_budget=sys.argv[2], progress=False)
+model = consolidate(sources, progress=False, **options)
 seconds = time.perf_counter() - start
 done.set()
 sampler.join()
 print(json.dumps(dict(baseline=baseline, peak=peak[0], seconds=seconds, result=model.memory_report().total_bytes,
                       pool_sizes=model.config.pool_sizes)))
 """
+MIB = 2**20
+VOCAB = 1024
 
-def write_tenants(root: Path, layers: int, hidden: int, intermediate: int, count: int) -> dict[str, str]:
+
+def write_tenants(root: Path, layers: int, hidden: int, intermediate: int, count: int) -> tuple[dict[str, str], int]:
+    """The tenants' directories, and the bytes of one decoder layer of one tenant."""
     from multimoe.testing import fine_tune, random_mixtral, tiny_mixtral_config
 
     config = tiny_mixtral_config(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=intermediate,
-                                 num_local_experts=8, num_attention_heads=8, num_key_value_heads=4, vocab_size=1024)
+                                 num_local_experts=8, num_attention_heads=8, num_key_value_heads=4, vocab_size=VOCAB)
     base = random_mixtral(config, seed=0)
+    layer_bytes = sum(p.numel() * p.element_size() for p in base.model.layers[0].parameters())
     sources = {}
     for index in range(count):
         changed = [e for e in range(8) if e % 2 == index % 2] if index else []
@@ -57,35 +70,86 @@ def write_tenants(root: Path, layers: int, hidden: int, intermediate: int, count
         tenant.save_pretrained(root / f"t{index}")
         sources[f"t{index}"] = str(root / f"t{index}")
         del tenant
-    return sources
+    return sources, layer_bytes
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--intermediate", type=int, default=1024)
-    parser.add_argument("--tenants", type=int, default=4)
-    parser.add_argument("--memory-budget", default="1.25x")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as directory:
-        sources = write_tenants(Path(directory), args.layers, args.hidden, args.intermediate, args.tenants)
-        checkpoint = sum(p.stat().st_size for p in Path(sources["t0"]).glob("*.safetensors"))
-        child = subprocess.run([sys.executable, "-c", CHILD, json.dumps(sources), args.memory_budget],
-                               capture_output=True, text=True, check=True)
-    result = json.loads(child.stdout.strip().splitlines()[-1])
-    mib = 2**20
+def measure(sources: dict[str, str], options: dict) -> dict:
+    """One consolidation in a fresh process: its RSS before, its peak, its time and the result's bytes."""
+    child = subprocess.run([sys.executable, "-c", CHILD, json.dumps(sources), json.dumps(options)],
+                           capture_output=True, text=True)
+    if child.returncode:
+        raise SystemExit(f"The consolidation failed:\n{child.stderr}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def options_for(similarity: str, memory_budget: str, calibration_rows: int, calibration_tokens: int) -> dict:
+    """`consolidate`'s options; a calibrated similarity gets random token ids as calibration data."""
+    options = dict(similarity=similarity, memory_budget=memory_budget)
+    if similarity == "output":
+        generator = torch.Generator().manual_seed(0)
+        options["calibration"] = torch.randint(4, VOCAB, (calibration_rows, calibration_tokens), generator=generator).tolist()
+    return options
+
+
+def print_run(args, similarity: str, layers: int, checkpoint: int, result: dict) -> None:
     used = result["peak"] - result["baseline"]
-    print(f"{args.tenants} tenants, {args.layers} layers, H={args.hidden}, I={args.intermediate}, 8 experts; "
-          f"memory_budget={args.memory_budget}; pool sizes {result['pool_sizes']}")
-    print(f"  one source checkpoint            {checkpoint / mib:9.1f} MiB")
-    print(f"  consolidated model               {result['result'] / mib:9.1f} MiB")
-    print(f"  RSS before consolidating         {result['baseline'] / mib:9.1f} MiB   (Python, torch, transformers)")
-    print(f"  peak RSS while consolidating     {result['peak'] / mib:9.1f} MiB")
+    print(f"{args.tenants} tenants, {layers} layers, H={args.hidden}, I={args.intermediate}, 8 experts; "
+          f"similarity={similarity}, memory_budget={args.memory_budget}; pool sizes {result['pool_sizes']}")
+    print(f"  one source checkpoint            {checkpoint / MIB:9.1f} MiB")
+    print(f"  consolidated model               {result['result'] / MIB:9.1f} MiB")
+    print(f"  RSS before consolidating         {result['baseline'] / MIB:9.1f} MiB   (Python, torch, transformers)")
+    print(f"  peak RSS while consolidating     {result['peak'] / MIB:9.1f} MiB")
     print(f"  peak RSS / one checkpoint        {result['peak'] / checkpoint:9.2f}")
     print(f"  (peak - before) / one checkpoint {used / checkpoint:9.2f}   "
           f"(result alone: {result['result'] / checkpoint:.2f}; all {args.tenants} sources: {args.tenants:.2f})")
     print(f"  consolidation time               {result['seconds']:9.1f} s")
+
+
+def print_table(rows: list[dict]) -> None:
+    """One row per (similarity, layers), then per similarity the fitted slopes over the layer counts."""
+    print("\n| similarity | layers | one source checkpoint | result | one layer of all tenants | peak RSS growth "
+          "| growth - result | time |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        growth = row["peak"] - row["baseline"]
+        print(f"| {row['similarity']} | {row['layers']} | {row['checkpoint'] / MIB:.1f} MiB | {row['result'] / MIB:.1f} MiB "
+              f"| {row['layer_of_all'] / MIB:.1f} MiB | {growth / MIB:.1f} MiB | {(growth - row['result']) / MIB:.1f} MiB "
+              f"| {row['seconds']:.1f} s |")
+    for similarity in dict.fromkeys(row["similarity"] for row in rows):
+        runs = [row for row in rows if row["similarity"] == similarity]
+        if len(runs) < 2:
+            continue
+        layers = [row["layers"] for row in runs]
+        growth = statistics.linear_regression(layers, [(row["peak"] - row["baseline"]) / MIB for row in runs])
+        result = statistics.linear_regression(layers, [row["result"] / MIB for row in runs])
+        print(f"\n{similarity}: peak RSS growth {growth.slope:.1f} MiB per added layer (intercept {growth.intercept:.1f} MiB); "
+              f"result {result.slope:.1f} MiB per layer (intercept {result.intercept:.1f} MiB)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, nargs="+", default=[4])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=1024)
+    parser.add_argument("--tenants", type=int, default=4)
+    parser.add_argument("--memory-budget", default="1.25x")
+    parser.add_argument("--similarity", nargs="+", default=["weight_l2"], choices=["weight_l2", "weight_cosine", "output"])
+    parser.add_argument("--calibration-rows", type=int, default=32, help="random calibration rows (--similarity output)")
+    parser.add_argument("--calibration-tokens", type=int, default=64, help="tokens per calibration row")
+    args = parser.parse_args()
+    rows = []
+    for layers in args.layers:
+        with tempfile.TemporaryDirectory() as directory:
+            sources, layer_bytes = write_tenants(Path(directory), layers, args.hidden, args.intermediate, args.tenants)
+            checkpoint = sum(p.stat().st_size for p in Path(sources["t0"]).glob("*.safetensors"))
+            for similarity in args.similarity:
+                options = options_for(similarity, args.memory_budget, args.calibration_rows, args.calibration_tokens)
+                result = measure(sources, options)
+                print_run(args, similarity, layers, checkpoint, result)
+                rows.append(result | dict(similarity=similarity, layers=layers, checkpoint=checkpoint,
+                                          layer_of_all=layer_bytes * args.tenants))
+    if len(rows) > 1:
+        print_table(sorted(rows, key=lambda row: (row["similarity"], row["layers"])))
 
 
 if __name__ == "__main__":

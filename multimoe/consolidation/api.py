@@ -389,6 +389,7 @@ def consolidate(
     after = losses(model) if data is not None else None
     deciding = plan.deciding
     if max_quality_loss is not None and not within_guard(after):
+        del model  # one result-sized model at a time: each step of the bisection builds its own
         # Bisect the number of merges kept (closest first) for the largest that every tenant accepts.
         low, high = 0, count - 1
         while low < high:

@@ -1,4 +1,5 @@
-"""Calibration: run each original tenant on the calibration tokens, one model at a time.
+"""Calibration: run each original tenant on the calibration tokens, one decoder layer of one tenant
+at a time (`streaming.py`), so that no source model is ever held whole.
 
 Collected per tenant: its mean language-model loss (the quality guard's baseline), how often its
 router picks each expert (for usage-weighted merging), and a sample of the hidden states that
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 from typing import Union
 
 import torch
-from transformers import PreTrainedModel
 
 from ..assembly import TenantSet
+from .streaming import LayerByLayerModel
 
 BATCH_ROWS = 8
 PAIR_KEYS = {"prompt", "completion"}
@@ -142,19 +143,6 @@ class CalibrationStats:
     layer_inputs: dict[str, list[torch.Tensor]]  # tenant -> per layer, sampled inputs of its experts [n, H]
 
 
-def original_model(tenants: TenantSet, name: str) -> PreTrainedModel:
-    """The tenant as its family's own model, read from its checkpoint (one model in memory)."""
-    checkpoint = tenants.checkpoints[name]
-    family = tenants.family
-    state = {key: checkpoint.tensor(key) for key in tenants.shapes if not family.is_expert_key(key)}
-    for layer_idx, module in enumerate(family.experts_modules(checkpoint.config)):
-        if module is not None:
-            experts = family.experts_state(checkpoint.config, checkpoint.experts(layer_idx))
-            state.update((f"{module}.{name}", tensor) for name, tensor in experts.items())
-    model_class = family.model_class
-    return model_class.from_pretrained(None, config=checkpoint.config, state_dict=state, dtype=tenants.dtype).eval()
-
-
 @torch.no_grad()
 def language_model_loss(model, data: CalibrationData, **forward_kwargs) -> float:
     """Token-weighted mean loss over the calibration rows."""
@@ -162,7 +150,11 @@ def language_model_loss(model, data: CalibrationData, **forward_kwargs) -> float
     shift = 0 if model.config.is_encoder_decoder else 1  # a causal LM scores each label from the token before
     for input_ids, attention_mask, labels in data.batches():
         count = int((labels[:, shift:] != -100).sum())
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **forward_kwargs).loss
+        # The language-model loss alone, even where a config asks for router logits: their
+        # load-balancing term measures no quality (and a model run layer by layer has none to add).
+        loss = model(
+            input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_router_logits=False, **forward_kwargs
+        ).loss
         total += float(loss) * count
         tokens += count
     return total / tokens
@@ -177,7 +169,8 @@ def collect(
     family = tenants.family
     losses, usage, samples = {}, {}, {}
     for name in tenants.names:
-        model = original_model(tenants, name)
+        streamed = LayerByLayerModel(tenants, name, data[name])
+        model = streamed.model
         counts = torch.zeros(layers, experts)
         inputs: list[list[torch.Tensor]] = [[] for _ in range(layers)]
         valid: list[torch.Tensor] = []
@@ -194,15 +187,12 @@ def collect(
             # The tokens that reach the experts: the prompt's real ones, and in a decoder the scored targets.
             valid[:] = [kwargs["attention_mask"].reshape(-1).bool(), (kwargs["labels"] != -100).reshape(-1)]
 
-        handles = [
-            model.get_submodule(path).register_forward_pre_hook(hook(i, int(path.startswith("decoder."))))
-            for i, path in enumerate(family.experts_modules(model.config))
-            if path is not None
-        ]
-        handles.append(model.register_forward_pre_hook(remember_valid_rows, with_kwargs=True))
+        for layer_idx, path in enumerate(family.experts_modules(model.config)):
+            if path is not None:
+                model.get_submodule(path).register_forward_pre_hook(hook(layer_idx, int(path.startswith("decoder."))))
+        model.register_forward_pre_hook(remember_valid_rows, with_kwargs=True)
+        streamed.run_layers()
         losses[name] = language_model_loss(model, data[name])
-        for handle in handles:
-            handle.remove()
         usage[name] = counts
         samples[name] = []
         for layer_idx in range(layers):
@@ -211,8 +201,8 @@ def collect(
                 continue
             rows = torch.cat(inputs[layer_idx])
             samples[name].append(rows[torch.randperm(rows.shape[0], generator=generator)[:max_rows_per_layer]])
-        del model
+        del streamed, model
     return CalibrationStats(losses, usage, samples)
 
 
-__all__ = ["CalibrationData", "CalibrationStats", "collect", "language_model_loss", "original_model", "per_tenant_data"]
+__all__ = ["CalibrationData", "CalibrationStats", "collect", "language_model_loss", "per_tenant_data"]
