@@ -1,7 +1,8 @@
 """Serving: request traces, the compared systems, and trace replay through schedulers.
 
     trace.py     Request, poisson_trace, read_jsonl / write_jsonl
-    engine.py    greedy prefill / decode of a running batch whose rows join and leave
+    engine.py    prefill / decode of a running batch whose rows join and leave, each row greedy or
+                 sampled, stopping at its length, its tenant's EOS or a stop string
     backends.py  multimoe's shared pool and the baselines (single model, whole-model swap,
                  partial reconfiguration by copying)
     replay.py    fcfs / static / continuous schedulers on a virtual clock; the MIG-like partition

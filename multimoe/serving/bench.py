@@ -82,8 +82,8 @@ def mixed_batch_ratio(
     """Tokens/s of a 4-tenant mixed batch and of a one-tenant batch of the same size, their ratio,
     and how many times the weight bytes of the one-tenant batch's decode step the mixed batch's reads."""
     tenants = multi.tenants[:4]
-    mixed = [Request(i, tenants[i % len(tenants)], 0.0, PROMPTS[i % len(PROMPTS)], steps) for i in range(batch_size)]
-    single = [Request(i, tenants[0], 0.0, PROMPTS[i % len(PROMPTS)], steps) for i in range(batch_size)]
+    mixed = [Request(i, tenants[i % len(tenants)], 0.0, PROMPTS[i % len(PROMPTS)], steps, ignore_eos=True) for i in range(batch_size)]
+    single = [Request(i, tenants[0], 0.0, PROMPTS[i % len(PROMPTS)], steps, ignore_eos=True) for i in range(batch_size)]
     engine = Engine(multi, tokenizer, SharedPoolBackend(multi).prepare)
     batches = {"mixed": engine.prefill(mixed), "single": engine.prefill(single)}
     read = {}

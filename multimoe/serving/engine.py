@@ -1,4 +1,4 @@
-"""A running batch of requests: greedy prefill and decode with one KV cache, rows joining and leaving.
+"""A running batch of requests: prefill and decode with one KV cache, rows joining and leaving.
 
 This is the smallest engine that continuous batching needs: new requests are prefilled on their
 own, then their cache rows are left-padded to the batch's length and appended; finished rows are
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from ..generation import eos_ids
 from ..routing import tenant_order
 from .trace import Request
 
@@ -41,22 +42,45 @@ def left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
+def sampling_generator(request: Request, device: torch.device) -> torch.Generator | None:
+    """A sampled row's own generator when it has a seed; None draws from torch's global one."""
+    if request.temperature == 0 or request.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(request.seed)
+
+
+def pick_token(logits: torch.Tensor, request: Request, generator: torch.Generator | None) -> int:
+    """One row's next token from its logits [V]: greedy, or sampled as `request` asks."""
+    if request.temperature == 0:
+        return int(logits.argmax())
+    probabilities = torch.softmax(logits.float() / request.temperature, dim=-1)
+    if request.top_p < 1:
+        ordered, order = probabilities.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the most likely token always).
+        outside = ordered.cumsum(-1) - ordered >= request.top_p
+        probabilities = probabilities.scatter(-1, order, ordered.masked_fill(outside, 0))
+    return int(torch.multinomial(probabilities, 1, generator=generator))
+
+
 @dataclass
 class RunningBatch:
-    """Rows in flight: their requests, last token, attention mask, cache and tokens produced."""
+    """Rows in flight: their requests, last token, attention mask, cache, tokens produced, sampling
+    generators, and why each row finished (None while it runs; else "length" or "stop")."""
 
     requests: list[Request]
     last_tokens: torch.Tensor  # [rows, 1]
     attention_mask: torch.Tensor  # [rows, length]
     cache: DynamicCache
     tokens: list[list[int]]
+    generators: list[torch.Generator | None]
+    finish_reasons: list[str | None]
 
     @property
     def tenants(self) -> list[str]:
         return [request.tenant for request in self.requests]
 
     def finished_rows(self) -> list[int]:
-        return [row for row, request in enumerate(self.requests) if len(self.tokens[row]) >= request.max_new_tokens]
+        return [row for row, reason in enumerate(self.finish_reasons) if reason is not None]
 
     def keep(self, rows: list[int], config) -> RunningBatch | None:
         if not rows:
@@ -69,6 +93,8 @@ class RunningBatch:
             self.attention_mask.index_select(0, index),
             cache_from_layers(config, layers),
             [self.tokens[row] for row in rows],
+            [self.generators[row] for row in rows],
+            [self.finish_reasons[row] for row in rows],
         )
 
     def merge(self, other: RunningBatch, config) -> RunningBatch:
@@ -87,18 +113,52 @@ class RunningBatch:
             torch.cat([left_pad(self.attention_mask, length, 1), left_pad(other.attention_mask, length, 1)]),
             cache_from_layers(config, layers),
             self.tokens + other.tokens,
+            self.generators + other.generators,
+            self.finish_reasons + other.finish_reasons,
         )
         order = tenant_order(merged.tenants)
         return merged if order == list(range(len(order))) else merged.keep(order, config)
 
 
 class Engine:
-    """Greedy generation on one model for batches of requests."""
+    """Generation on one model for batches of requests, each row decoding and stopping as its
+    request asks (see `Request`), at its own tenant's EOS."""
 
     def __init__(self, model, tokenizer: PreTrainedTokenizerBase, prepare: Prepare):
         self.model = model
         self.tokenizer = tokenizer
         self.prepare = prepare
+
+    def eos_ids(self, tenant: str) -> list[int]:
+        """The tenant's own EOS tokens (a multi-tenant model keeps a generation config per tenant;
+        a plain model, one for all)."""
+        configs = getattr(self.model, "generation_configs", None)
+        return eos_ids(configs[tenant] if configs else self.model.generation_config)
+
+    def text(self, batch: RunningBatch, row: int) -> str:
+        """The row's completion: its tokens decoded without special tokens, cut before the first
+        stop string it contains."""
+        text = self.tokenizer.decode(batch.tokens[row], skip_special_tokens=True)
+        cuts = [text.find(stop) for stop in batch.requests[row].stop if stop in text]
+        return text[: min(cuts)] if cuts else text
+
+    def finish_reason(self, request: Request, tokens: list[int]) -> str | None:
+        if not request.ignore_eos and tokens[-1] in self.eos_ids(request.tenant):
+            return "stop"
+        if request.stop:
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if any(stop in text for stop in request.stop):
+                return "stop"
+        return "length" if len(tokens) >= request.max_new_tokens else None
+
+    def advance(self, batch: RunningBatch, logits: torch.Tensor) -> None:
+        """Append each running row's next token from `logits` [rows, V] and mark the rows that
+        finish; a finished row keeps its place, fed its last token, until the caller drops it."""
+        for row, request in enumerate(batch.requests):
+            if batch.finish_reasons[row] is None:
+                batch.tokens[row].append(pick_token(logits[row], request, batch.generators[row]))
+                batch.finish_reasons[row] = self.finish_reason(request, batch.tokens[row])
+        batch.last_tokens = torch.tensor([tokens[-1] for tokens in batch.tokens], device=logits.device).unsqueeze(-1)
 
     @torch.inference_mode()
     def prefill(self, requests: Sequence[Request]) -> RunningBatch:
@@ -121,12 +181,16 @@ class Engine:
             logits_to_keep=1,
             **routing,
         )
-        first = out.logits[:, -1:].argmax(-1)
-        return RunningBatch(list(requests), first, mask, out.cache, [[token] for token in first[:, 0].tolist()])
+        batch = RunningBatch(
+            list(requests), None, mask, out.cache, [[] for _ in requests],
+            [sampling_generator(request, mask.device) for request in requests], [None] * len(requests),
+        )
+        self.advance(batch, out.logits[:, -1])
+        return batch
 
     @torch.inference_mode()
     def decode(self, batch: RunningBatch) -> RunningBatch:
-        """One greedy step for every row."""
+        """One step for every row."""
         mask = torch.cat([batch.attention_mask, torch.ones_like(batch.attention_mask[:, :1])], dim=1)
         routing = self.prepare(batch.tenants)
         out = self.model(
@@ -137,10 +201,9 @@ class Engine:
             use_cache=True,
             **routing,
         )
-        batch.last_tokens = out.logits[:, -1:].argmax(-1)
         batch.attention_mask = mask
         batch.cache = out.cache
-        batch.tokens = [tokens + [token] for tokens, token in zip(batch.tokens, batch.last_tokens[:, 0].tolist())]
+        self.advance(batch, out.logits[:, -1])
         return batch
 
 

@@ -20,13 +20,25 @@ def check_text(name: str, value: object) -> None:
 
 @dataclass(frozen=True)
 class Request:
-    """One generation request: who asks, when (seconds from the trace start), and for what."""
+    """One generation request: who asks, when (seconds from the trace start), and for what.
+
+    Decoding is greedy at `temperature` 0 (the default), else sampled from the temperature-scaled
+    distribution cut to its `top_p` nucleus, from a generator of the row's own seeded with `seed`
+    (the same tokens whatever else is in the batch), or from torch's global one without a seed. A
+    row stops after `max_new_tokens`, at its tenant's EOS unless `ignore_eos` (vLLM's name; traces
+    for benchmarks set it, so that every request asks for the same work), or once its text
+    contains one of the `stop` strings (the text is cut before it, as OpenAI's API does)."""
 
     request_id: int
     tenant: str
     arrival_s: float
     prompt: str
     max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self):
         """Refused here, where every trace (and trace file) passes, what a replay would crash on
@@ -38,6 +50,16 @@ class Request:
         check_number(f"arrival_s of {request}", self.arrival_s)
         check_text(f"prompt of {request}", self.prompt)
         check_number(f"max_new_tokens of {request}", self.max_new_tokens, integer=True, positive=True)
+        check_number(f"temperature of {request}", self.temperature)
+        check_number(f"top_p of {request}", self.top_p, positive=True)
+        if self.top_p > 1:
+            raise ValueError(f"top_p of {request} must be at most 1, got {self.top_p!r}.")
+        check_number(f"seed of {request}", self.seed, integer=True, optional=True)
+        if isinstance(self.stop, str) or not all(isinstance(text, str) and text for text in self.stop):
+            raise ValueError(f"stop of {request} must be a list of non-empty strings, got {self.stop!r}.")
+        object.__setattr__(self, "stop", tuple(self.stop))  # a JSON list becomes a tuple: the request stays hashable
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"ignore_eos of {request} must be a bool, got {self.ignore_eos!r}.")
 
 
 def poisson_trace(
@@ -65,7 +87,8 @@ def poisson_trace(
         # A merged Poisson process: exponential gaps at the total rate, tenant drawn by its share.
         clock += generator.expovariate(total_rate)
         tenant = generator.choices(tenants, weights)[0]
-        requests.append(Request(request_id, tenant, clock, generator.choice(list(prompts)), max_new_tokens))
+        prompt = generator.choice(list(prompts))
+        requests.append(Request(request_id, tenant, clock, prompt, max_new_tokens, ignore_eos=True))
     return requests
 
 
