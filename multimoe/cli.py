@@ -2,6 +2,7 @@
 
     multimoe consolidate --tenant base=org/moe-base --tenant chat=./chat --memory-budget 1.25x --out merged
     multimoe demo
+    multimoe serve org/four-tenants --port 8000      # or --testbed
 """
 
 from __future__ import annotations
@@ -113,6 +114,18 @@ def demo_command(args: argparse.Namespace) -> None:
     demo(memory_budget=args.memory_budget, examples=args.examples, family=args.family)
 
 
+def serve_command(args: argparse.Namespace) -> None:
+    if (args.source is None) == (not args.testbed):
+        raise ValueError("give a model (directory or Hub id) or --testbed, not both")
+    from .serving.openai_server import OpenAIServer, load_for_serving, serve
+
+    model, tokenizer = load_for_serving(args.source, testbed=args.testbed, device=args.device, dtype=args.dtype)
+    server = OpenAIServer(model, tokenizer, tenant_tokenizers=getattr(model, "tenant_tokenizers", {}),
+                          max_batch_size=args.max_batch_size, shutdown_timeout_s=args.shutdown_timeout)
+    print(f"serving {', '.join(model.tenants)} at http://{args.host}:{args.port}/v1", flush=True)
+    serve(server, host=args.host, port=args.port)
+
+
 def parser() -> argparse.ArgumentParser:
     from .consolidation import GROUPINGS, MERGE_RULES, SIMILARITY_METRICS
     from .families import FAMILIES
@@ -158,6 +171,18 @@ def parser() -> argparse.ArgumentParser:
                          help="held-out prompts per task for the quality table")
     command.add_argument("--threads", type=number_argument("threads", integer=True, positive=True), default=2)
     command.set_defaults(run=demo_command)
+    command = commands.add_parser("serve", help="an OpenAI-compatible server in which every tenant is a model")
+    command.add_argument("source", nargs="?", help="a saved multi-tenant model: directory or Hub id")
+    command.add_argument("--testbed", action="store_true", help="serve the shipped task fine-tunes instead")
+    command.add_argument("--host", default="127.0.0.1")
+    command.add_argument("--port", type=number_argument("port", integer=True, positive=True), default=8000)
+    command.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    command.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    command.add_argument("--max-batch-size", type=number_argument("max_batch_size", integer=True, positive=True),
+                         default=8, help="rows in the running batch, all tenants together")
+    command.add_argument("--shutdown-timeout", type=number_argument("shutdown_timeout"), default=30.0,
+                         help="seconds requests in flight get to finish after SIGTERM before they are aborted")
+    command.set_defaults(run=serve_command)
     return root
 
 

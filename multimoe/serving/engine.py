@@ -8,7 +8,7 @@ are kept grouped by tenant, so a mixed batch runs each tenant's rows as a slice,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -124,10 +124,27 @@ class Engine:
     """Generation on one model for batches of requests, each row decoding and stopping as its
     request asks (see `Request`), at its own tenant's EOS."""
 
-    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, prepare: Prepare):
+    def __init__(
+        self,
+        model,
+        tokenizer: PreTrainedTokenizerBase,
+        prepare: Prepare,
+        tenant_tokenizers: Mapping[str, PreTrainedTokenizerBase] | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.prepare = prepare
+        self.tenant_tokenizers = dict(tenant_tokenizers or {})
+
+    def tokenizer_of(self, tenant: str) -> PreTrainedTokenizerBase:
+        """The tenant's own tokenizer where it has one (fine-tunes may add special tokens), else
+        the shared one."""
+        return self.tenant_tokenizers.get(tenant, self.tokenizer)
+
+    def prompt_ids(self, request: Request) -> list[int]:
+        if request.prompt_ids is not None:
+            return list(request.prompt_ids)
+        return self.tokenizer_of(request.tenant)(request.prompt)["input_ids"]
 
     def eos_ids(self, tenant: str) -> list[int]:
         """The tenant's own EOS tokens (a multi-tenant model keeps a generation config per tenant;
@@ -138,15 +155,18 @@ class Engine:
     def text(self, batch: RunningBatch, row: int) -> str:
         """The row's completion: its tokens decoded without special tokens, cut before the first
         stop string it contains."""
-        text = self.tokenizer.decode(batch.tokens[row], skip_special_tokens=True)
+        text = self.decoded(batch.requests[row], batch.tokens[row])
         cuts = [text.find(stop) for stop in batch.requests[row].stop if stop in text]
         return text[: min(cuts)] if cuts else text
+
+    def decoded(self, request: Request, tokens: list[int]) -> str:
+        return self.tokenizer_of(request.tenant).decode(tokens, skip_special_tokens=True)
 
     def finish_reason(self, request: Request, tokens: list[int]) -> str | None:
         if not request.ignore_eos and tokens[-1] in self.eos_ids(request.tenant):
             return "stop"
         if request.stop:
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            text = self.decoded(request, tokens)
             if any(stop in text for stop in request.stop):
                 return "stop"
         return "length" if len(tokens) >= request.max_new_tokens else None
@@ -162,18 +182,22 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self, requests: Sequence[Request]) -> RunningBatch:
-        """Run the prompts (grouped by tenant) and pick each row's first token. Padding goes on the
-        left whatever the tokenizer's `padding_side`: every row's first token is read at the last
-        position, and rows join a running batch by left-padding."""
+        """Run the prompts (grouped by tenant, each tokenized by its tenant's tokenizer) and pick each
+        row's first token. Padding goes on the left whatever a tokenizer's `padding_side`: every
+        row's first token is read at the last position, and rows join a running batch by
+        left-padding."""
         if not requests:
             raise ValueError("prefill needs at least one request.")
         requests = [requests[row] for row in tenant_order([request.tenant for request in requests])]
-        inputs = self.tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True, padding_side="left")
-        mask = inputs["attention_mask"].to(self.model.device)
+        prompts = [self.prompt_ids(request) for request in requests]
+        device = self.model.device
+        width = max(map(len, prompts))
+        input_ids = torch.tensor([[0] * (width - len(ids)) + ids for ids in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         routing = self.prepare([r.tenant for r in requests])
         out = self.model(
-            input_ids=inputs["input_ids"].to(self.model.device),
+            input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
             cache=DynamicCache(config=self.model.config),

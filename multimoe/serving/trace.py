@@ -18,6 +18,10 @@ def check_text(name: str, value: object) -> None:
         raise ValueError(f"{name} must not be empty.")
 
 
+def is_token(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 @dataclass(frozen=True)
 class Request:
     """One generation request: who asks, when (seconds from the trace start), and for what.
@@ -39,6 +43,7 @@ class Request:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    prompt_ids: tuple[int, ...] | None = None  # the prompt already tokenized (a rendered chat template)
 
     def __post_init__(self):
         """Refused here, where every trace (and trace file) passes, what a replay would crash on
@@ -60,6 +65,12 @@ class Request:
         object.__setattr__(self, "stop", tuple(self.stop))  # a JSON list becomes a tuple: the request stays hashable
         if not isinstance(self.ignore_eos, bool):
             raise TypeError(f"ignore_eos of {request} must be a bool, got {self.ignore_eos!r}.")
+        if self.prompt_ids is not None:
+            if isinstance(self.prompt_ids, (str, bytes)) or not self.prompt_ids or not all(
+                is_token(token) for token in self.prompt_ids
+            ):
+                raise ValueError(f"prompt_ids of {request} must be a non-empty list of token ids, got {self.prompt_ids!r:.80}.")
+            object.__setattr__(self, "prompt_ids", tuple(self.prompt_ids))
 
 
 def poisson_trace(

@@ -1,0 +1,266 @@
+"""`multimoe serve`: the OpenAI-compatible server, tested with the real `openai` client against a
+server on 127.0.0.1 (a free port), serving the shipped testbed's four task tenants."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from openai import APIError, BadRequestError, OpenAI
+
+from multimoe import testbed
+from multimoe.serving.openai_server import OpenAIServer, UvicornServer, load_for_serving
+
+TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"  # the task prompt, as is
+
+
+class Running:
+    """A server in a thread of this process, on a free port, with its `openai` client."""
+
+    def __init__(self, server: OpenAIServer):
+        self.server = server
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.uvicorn = UvicornServer(server)
+        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.uvicorn.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.02)
+        self.client = OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=60)
+
+    def stop(self) -> None:
+        self.uvicorn.handle_exit(signal.SIGTERM, None)  # what uvicorn's SIGTERM handler calls
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+
+    def post(self, path: str, data: bytes) -> tuple[int, dict]:
+        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def metric(self, name: str, **labels) -> float:
+        text = urllib.request.urlopen(self.url + "/metrics", timeout=30).read().decode()
+        selector = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))  # as Prometheus writes them
+        found = re.search(rf"^{name}\{{{selector}\}} (\S+)$", text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    model, tokenizer = load_for_serving(None, testbed=True)
+    chat = tokenizer.__class__.from_pretrained(testbed.TOKENIZER_DIR)
+    chat.chat_template = TEMPLATE
+    return model, tokenizer, {name: chat for name in ("add", "sort")}
+
+
+@pytest.fixture(scope="module")
+def running(loaded):
+    model, tokenizer, own = loaded
+    server = Running(OpenAIServer(model, tokenizer, tenant_tokenizers=own, max_batch_size=4))
+    yield server
+    server.stop()
+
+
+def own_answer(name: str, prompt: str, max_new_tokens: int) -> tuple[str, str]:
+    """What the tenant's own original model generates, greedily, and why it stopped."""
+    model, tokenizer = testbed.load(name), testbed.tokenizer()
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = output[0, inputs["input_ids"].shape[1]:].tolist()
+    reason = "stop" if new[-1] == model.generation_config.eos_token_id else "length"
+    return tokenizer.decode(new, skip_special_tokens=True), reason
+
+
+REQUESTS = [(task.name, example.prompt) for task in testbed.TASKS.values() for example in task.held_out(3)]
+
+
+def test_models_are_the_tenants(running):
+    assert [model.id for model in running.client.models.list()] == ["add", "reverse", "sort", "shift"]
+
+
+def test_concurrent_clients_get_their_own_tenants_greedy_answers(running):
+    def ask(item):
+        name, prompt = item
+        answer = running.client.completions.create(model=name, prompt=prompt, max_tokens=12, temperature=0)
+        return answer.model, answer.choices[0].text, answer.choices[0].finish_reason, answer.usage
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, REQUESTS * 2))
+    for (name, prompt), (model, text, reason, usage) in zip(REQUESTS * 2, answers):
+        assert model == name and (text, reason) == own_answer(name, prompt, 12), (name, prompt)
+        assert usage.prompt_tokens == len(testbed.tokenizer()(prompt)["input_ids"])
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+@pytest.mark.parametrize("settings", [{"temperature": 0}, {"temperature": 1.5, "top_p": 0.9, "seed": 7, "ignore_eos": True}])
+def test_streaming_gives_what_the_whole_answer_gives(running, settings):
+    extra = {"ignore_eos": settings.pop("ignore_eos")} if "ignore_eos" in settings else None
+    for name, prompt in REQUESTS[::3]:
+        whole = running.client.completions.create(model=name, prompt=prompt, max_tokens=10, extra_body=extra, **settings)
+        chunks = list(running.client.completions.create(model=name, prompt=prompt, max_tokens=10, stream=True,
+                                                        extra_body=extra, **settings))
+        assert "".join(chunk.choices[0].text for chunk in chunks) == whole.choices[0].text
+        assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+        assert chunks[-1].usage == whole.usage
+
+
+def test_chat_applies_the_tenants_own_template(running):
+    messages = [{"role": "user", "content": "12+34="}]
+    answer = running.client.chat.completions.create(model="add", messages=messages, max_tokens=8, temperature=0)
+    assert answer.choices[0].message.content == "46" and answer.choices[0].finish_reason == "stop"
+    streamed = list(running.client.chat.completions.create(model="add", messages=messages, max_tokens=8,
+                                                           temperature=0, stream=True))
+    assert streamed[0].choices[0].delta.role == "assistant"
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == "46"
+    with pytest.raises(BadRequestError, match="The model 'reverse' has no chat template"):
+        running.client.chat.completions.create(model="reverse", messages=messages)
+
+
+def test_a_seed_repeats_a_sample_and_a_stop_string_cuts_it(running):
+    ask = dict(model="reverse", prompt="rev abcd=", max_tokens=20, temperature=1.8, seed=3, extra_body={"ignore_eos": True})
+    first, again = (running.client.completions.create(**ask).choices[0].text for _ in range(2))
+    assert first == again and len(first) > 4
+    stop = first[2:4]
+    cut = running.client.completions.create(**ask, stop=[stop]).choices[0]
+    assert cut.text == first[: first.find(stop)] and cut.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("body, status, param, message", [
+    ({"model": "nobody", "prompt": "1+1="}, 404, "model", "The model 'nobody' does not exist"),
+    ({"prompt": "1+1="}, 400, "model", "'model' must name a tenant"),
+    ({"model": "add", "prompt": ""}, 400, "prompt", "'prompt' must be a non-empty string"),
+    ({"model": "add", "prompt": "1+1=", "temperature": 3}, 400, "temperature", "'temperature' must be in [0, 2]"),
+    ({"model": "add", "prompt": "1+1=", "temperature": "hot"}, 400, "temperature", "must be a finite number"),
+    ({"model": "add", "prompt": "1+1=", "top_p": 0}, 400, "top_p", "'top_p' must be in (0, 1]"),
+    ({"model": "add", "prompt": "1+1=", "max_tokens": 0}, 400, "max_tokens", "'max_tokens' must be in [1, inf]"),
+    ({"model": "add", "prompt": "1+1=", "max_tokens": 2.5}, 400, "max_tokens", "must be an integer"),
+    ({"model": "add", "prompt": "1+1=", "seed": -1}, 400, "seed", "'seed' must be in"),
+    ({"model": "add", "prompt": "1+1=", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "a list of 1 to 4"),
+    ({"model": "add", "prompt": "1+1=", "stream": "yes"}, 400, "stream", "'stream' must be a boolean"),
+    ({"model": "add", "prompt": "1+1=", "n": 2}, 400, "n", "Only n=1 is supported"),
+    ({"model": "add", "prompt": "1+1=", "logprobs": 2}, 400, "logprobs", "Unsupported parameter 'logprobs'"),
+    ({"model": "add", "prompt": "1" * 70}, 400, "prompt", "maximum context length is 64 tokens"),
+    ({"model": "add", "prompt": "1+1=", "max_tokens": 61}, 400, "prompt", "maximum context length is 64 tokens"),
+    ({"model": "add", "prompt": "1+1=", "messages": []}, 400, "messages", "Unsupported parameter 'messages'"),
+])
+def test_bad_requests_get_openai_errors(running, body, status, param, message):
+    code, answer = running.post("/v1/completions", json.dumps(body).encode())
+    assert code == status and message in answer["error"]["message"] and answer["error"]["param"] == param, answer
+    assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("data", [b"{not json", b"[1, 2]", b"\xff"])
+def test_malformed_json_gets_a_400(running, data):
+    code, answer = running.post("/v1/chat/completions", data)
+    assert code == 400 and "JSON" in answer["error"]["message"]
+
+
+def test_health_and_metrics_per_tenant(running):
+    assert json.loads(urllib.request.urlopen(running.url + "/health", timeout=30).read()) == {"status": "ok"}
+    before = running.metric("multimoe_requests_total", tenant="shift", reason="stop")
+    tokens = running.metric("multimoe_generated_tokens_total", tenant="shift")
+    answer = running.client.completions.create(model="shift", prompt="next abc=", max_tokens=8, temperature=0)
+    assert running.metric("multimoe_requests_total", tenant="shift", reason="stop") == before + 1
+    assert running.metric("multimoe_generated_tokens_total", tenant="shift") == tokens + answer.usage.completion_tokens
+    assert running.metric("multimoe_time_to_first_token_seconds_count", tenant="shift") >= 1
+    assert running.metric("multimoe_turnaround_seconds_count", tenant="shift") >= 1
+    assert running.metric("multimoe_queue_length", tenant="sort") == 0
+
+
+def slowed(server: OpenAIServer, seconds: float) -> None:
+    """Each decode step takes at least `seconds` (the testbed is too quick to catch mid-answer)."""
+    decode = server.loop.engine.decode
+
+    def slow(batch):
+        time.sleep(seconds)
+        return decode(batch)
+
+    server.loop.engine.decode = slow
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row(loaded):
+    model, tokenizer, _ = loaded
+    server = Running(OpenAIServer(model, tokenizer, max_batch_size=4))
+    slowed(server.server, 0.05)
+    try:
+        stream = server.client.completions.create(model="sort", prompt="sort dcba=", max_tokens=50, temperature=0,
+                                                  stream=True, extra_body={"ignore_eos": True})
+        for _, _ in zip(range(2), stream):
+            pass
+        assert server.metric("multimoe_running_requests", tenant="sort") == 1
+        stream.close()
+        deadline = time.monotonic() + 1.0  # well before the 50 steps (2.5 s) the answer would take
+        while server.metric("multimoe_running_requests", tenant="sort") != 0:
+            assert time.monotonic() < deadline, "the row was not freed"
+            time.sleep(0.02)
+        assert server.metric("multimoe_requests_total", tenant="sort", reason="cancelled") == 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("timeout, finishes", [(30.0, True), (0.0, False)])
+def test_shutdown_finishes_or_cleanly_aborts_requests_in_flight(loaded, timeout, finishes):
+    model, tokenizer, _ = loaded
+    server = Running(OpenAIServer(model, tokenizer, max_batch_size=4, shutdown_timeout_s=timeout))
+    slowed(server.server, 0.02)
+    stream = server.client.completions.create(model="add", prompt="12+34=", max_tokens=40, temperature=0,
+                                              stream=True, extra_body={"ignore_eos": True})
+    chunks = [next(iter(stream))]
+    stopping = threading.Thread(target=server.stop)
+    stopping.start()
+    if finishes:
+        chunks += list(stream)
+        assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 40
+    else:
+        with pytest.raises(APIError, match="The server shut down before this request finished"):
+            list(stream)
+    stopping.join(60)
+    assert not server.thread.is_alive()
+    with pytest.raises(Exception):
+        server.client.models.list()
+
+
+def test_the_serve_command_starts_and_exits_on_sigterm(tmp_path):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    command = [sys.executable, "-m", "multimoe.cli", "serve", "--testbed", "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=os.environ | {"OMP_NUM_THREADS": "1"})
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=10)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                answer = client.completions.create(model="add", prompt="12+34=", max_tokens=8, temperature=0)
+                break
+            except Exception:
+                assert time.monotonic() < deadline and process.poll() is None, process.stdout.read()
+                time.sleep(0.2)
+        assert answer.choices[0].text == "46"
+        process.send_signal(signal.SIGTERM)
+        # uvicorn shuts down, then raises the signal again so that the exit status says why it stopped.
+        assert process.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        process.kill()
+    assert f"serving add, reverse, sort, shift at http://127.0.0.1:{port}/v1" in process.stdout.read()
