@@ -18,9 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from openai import APIError, BadRequestError, OpenAI
+from openai import APIError, APITimeoutError, BadRequestError, OpenAI
 
 from multimoe import testbed
+from multimoe.serving import Request
+from multimoe.serving.continuous import Job
 from multimoe.serving.openai_server import OpenAIServer, UvicornServer, load_for_serving
 
 TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"  # the task prompt, as is
@@ -197,18 +199,26 @@ def slowed(server: OpenAIServer, seconds: float) -> None:
     server.loop.engine.decode = slow
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_row(loaded):
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_frees_its_row(loaded, stream):
+    """A closed stream frees the row at the next step; a client that stops waiting for a whole
+    answer, within half a second (the server looks twice a second)."""
     model, tokenizer, _ = loaded
     server = Running(OpenAIServer(model, tokenizer, max_batch_size=4))
     slowed(server.server, 0.05)
+    ask = dict(model="sort", prompt="sort dcba=", max_tokens=50, temperature=0, extra_body={"ignore_eos": True})
     try:
-        stream = server.client.completions.create(model="sort", prompt="sort dcba=", max_tokens=50, temperature=0,
-                                                  stream=True, extra_body={"ignore_eos": True})
-        for _, _ in zip(range(2), stream):
-            pass
-        assert server.metric("multimoe_running_requests", tenant="sort") == 1
-        stream.close()
-        deadline = time.monotonic() + 1.0  # well before the 50 steps (2.5 s) the answer would take
+        if stream:
+            answer = server.client.completions.create(**ask, stream=True)
+            for _, _ in zip(range(2), answer):
+                pass
+            assert server.metric("multimoe_running_requests", tenant="sort") == 1
+            answer.close()
+        else:
+            impatient = server.client.with_options(timeout=0.5)
+            with pytest.raises(APITimeoutError):
+                impatient.completions.create(**ask)
+        deadline = time.monotonic() + 1.5  # well before the 50 steps (2.5 s) the answer would take
         while server.metric("multimoe_running_requests", tenant="sort") != 0:
             assert time.monotonic() < deadline, "the row was not freed"
             time.sleep(0.02)
@@ -264,3 +274,21 @@ def test_the_serve_command_starts_and_exits_on_sigterm(tmp_path):
     finally:
         process.kill()
     assert f"serving add, reverse, sort, shift at http://127.0.0.1:{port}/v1" in process.stdout.read()
+
+
+def test_a_flood_for_one_tenant_does_not_starve_another(loaded):
+    """Admission is a round-robin over tenants with waiting requests: a request for `sort` that
+    arrives after 20 for `add` is admitted among the next free rows, not after the flood."""
+    model, tokenizer, _ = loaded
+    server = OpenAIServer(model, tokenizer, max_batch_size=2)  # the loop is not started: admission alone
+    jobs = [Job(Request(index, "add", 0.0, "12+34=", 4), lambda text, reason: None) for index in range(20)]
+    jobs += [Job(Request(20, "sort", 0.0, "sort cba=", 4), lambda text, reason: None)]
+    for job in jobs:
+        server.loop.submit(job)
+    assert server.metrics.exposition().decode().count('multimoe_queue_length{tenant="add"} 20.0') == 1
+    first = server.loop.admit()
+    assert [job.request.tenant for job in first] == ["add", "sort"]
+    server.loop.jobs = first  # both rows taken
+    assert server.loop.admit() == []
+    server.loop.jobs = []
+    assert [job.request.request_id for job in server.loop.admit()] == [1, 2]  # then add's backlog, in order

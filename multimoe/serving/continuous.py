@@ -83,10 +83,6 @@ class ServingLoop:
             self.wake.notify()
         self.thread.join()
 
-    @property
-    def running_rows(self) -> int:
-        return len(self.jobs)
-
     def admit(self) -> list[Job]:
         """Up to the free rows, one request per tenant in turn (see the module docstring)."""
         chosen: list[Job] = []
@@ -101,7 +97,9 @@ class ServingLoop:
                     self.turn.append(tenant)
                 else:
                     del self.waiting[tenant]
-                if not job.cancelled.is_set():
+                if job.cancelled.is_set():  # its client left while it waited
+                    self.metrics.finished(job, time.perf_counter(), "cancelled")
+                else:
                     chosen.append(job)
         return chosen
 

@@ -284,13 +284,17 @@ class OpenAIServer:
                         chat, int(time.time()))
         if body.get("stream"):
             return StreamingResponse(self.stream(answer, events, job), media_type="text/event-stream")
-        text, reason = await self.collect(http, events, job)
+        collected = await self.collect(http, events, job)
+        if collected is None:  # the client left: nobody reads an answer
+            return Response(status_code=499)
+        text, reason = collected
         if reason == "abort":
             raise ABORTED
         return JSONResponse(answer.whole(text, reason, job.tokens).model_dump(exclude_none=True))
 
-    async def collect(self, http: HttpRequest, events: asyncio.Queue, job: Job) -> tuple[str, str]:
-        """The whole answer; a client that leaves meanwhile frees its row (checked twice a second)."""
+    async def collect(self, http: HttpRequest, events: asyncio.Queue, job: Job) -> tuple[str, str] | None:
+        """The whole answer and its finish reason; None when the client leaves meanwhile, which
+        frees its row (checked twice a second)."""
         pieces = []
         while True:
             try:
@@ -298,7 +302,7 @@ class OpenAIServer:
             except asyncio.TimeoutError:
                 if await http.is_disconnected():
                     job.cancelled.set()
-                    raise asyncio.CancelledError from None
+                    return None
                 continue
             pieces.append(text)
             if reason is not None:
