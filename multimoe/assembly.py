@@ -265,6 +265,10 @@ class TenantSet:
         """Each tenant's generation settings, from its source (a copy per model built)."""
         return {name: copy.deepcopy(checkpoint.generation_config) for name, checkpoint in self.checkpoints.items()}
 
+    def tokenizers(self) -> dict:
+        """The tokenizers of the tenants whose source has its own (a copy per model built)."""
+        return {name: copy.deepcopy(c.tokenizer) for name, c in self.checkpoints.items() if c.tokenizer is not None}
+
     def config(self, pool_sizes: list[int], expert_maps: dict[str, list[list[int]]]) -> MultiTenantConfigMixin:
         fields = self.reference.to_dict()
         for field in ("model_type", "architectures", "transformers_version", "auto_map"):

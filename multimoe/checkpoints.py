@@ -28,7 +28,7 @@ from typing import Union
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .alignment import realign
@@ -90,6 +90,7 @@ class TenantCheckpoint:
         tensors: Mapping[str, torch.Tensor] | None,
         files=None,
         generation_source: GenerationConfig | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ):
         self.label = label
         self.config = config
@@ -97,12 +98,14 @@ class TenantCheckpoint:
         self._tensors = tensors
         self._files = files
         self.generation_source = generation_source
+        self.tokenizer = tokenizer  # the source's own, where its directory has one (see `read_tokenizer`)
 
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
     def open(cls, source: TenantSource, *, tenant: str, revision: str | None = None) -> TenantCheckpoint:
-        """Open `source` without reading any weight yet (only the config and the file index)."""
+        """Open `source` without reading any weight yet (only the config, the file index and the
+        tokenizer, where a directory has one)."""
         if isinstance(source, PreTrainedModel):
             family = family_for(getattr(source.config, "model_type", None), owner=f"Tenant {tenant!r}")
             if type(source) is not family.model_class:
@@ -121,12 +124,14 @@ class TenantCheckpoint:
             )
         directory = resolve_directory(str(source), owner=f"Tenant {tenant!r}", revision=revision)
         config = read_config(directory, tenant=tenant)
+        tokenizer = read_tokenizer(directory, owner=f"Tenant {tenant!r}")
         method = quantization_method(config)
         if method is not None:
             dequantized = dequantize(directory, config, method, owner=f"Tenant {tenant!r}")
             return cls(str(source), dequantized.config, dict(dequantized.state_dict()),
-                       generation_source=dequantized.generation_config)
-        return cls(str(source), config, None, SafetensorsFiles(directory, owner=f"Tenant {tenant!r}"))
+                       generation_source=dequantized.generation_config, tokenizer=tokenizer)
+        return cls(str(source), config, None, SafetensorsFiles(directory, owner=f"Tenant {tenant!r}"),
+                   tokenizer=tokenizer)
 
     # -- access -------------------------------------------------------------------------------
 
@@ -375,11 +380,15 @@ class SafetensorsFiles:
 
 # What transformers' loading of a safetensors checkpoint fetches from the Hub: configs and weights.
 HUB_DOWNLOAD_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+# The files fetched from a Hub repo: configs, weights and tokenizers (*.json and, where a tokenizer
+# has them, chat templates, sentencepiece models and vocabulary or merges lists), in any folder.
+HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
 
 
 def resolve_directory(source: str, *, owner: str, **hub_options) -> Path:
-    """A local directory as is; anything else is a Hub repo id whose configs and safetensors are
-    fetched (or found in the cache), the files transformers would fetch to load it."""
+    """A local directory as is; anything else is a Hub repo id whose configs, safetensors and
+    tokenizer files are fetched (or found in the cache), the files transformers would fetch to load
+    it and its tokenizers."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
@@ -388,7 +397,7 @@ def resolve_directory(source: str, *, owner: str, **hub_options) -> Path:
 
     options = {key: value for key, value in hub_options.items() if key in HUB_DOWNLOAD_OPTIONS and value is not None}
     try:
-        snapshot = snapshot_download(source, allow_patterns=["*.json", "*.safetensors"], **options)
+        snapshot = snapshot_download(source, allow_patterns=HUB_FILE_PATTERNS, **options)
     except (HFValidationError, OSError, ValueError) as error:
         raise CheckpointError(
             f"{owner}: {source!r} is neither a local directory nor a Hub repo that could be "
@@ -403,6 +412,22 @@ def read_config(directory: Path, *, tenant: str) -> PreTrainedConfig:
     raw = read_json(directory / "config.json", owner=f"Tenant {tenant!r}")
     family = family_for(raw.get("model_type"), owner=f"Tenant {tenant!r} ({directory})")
     return family.config_class.from_pretrained(directory)
+
+
+# A directory holds a tokenizer when it has one of these (the other files it needs are optional).
+TOKENIZER_MARKERS = ("tokenizer_config.json", "tokenizer.json")
+
+
+def read_tokenizer(directory: Path, *, owner: str) -> PreTrainedTokenizerBase | None:
+    """The tokenizer (and chat template) saved in `directory`, or None when it holds no tokenizer
+    files. Broken files are refused, not skipped: the model would then be served with another
+    tokenizer, one that may not know its special tokens or its chat template."""
+    if not any((directory / name).is_file() for name in TOKENIZER_MARKERS):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as error:  # broken files fail in many ways; tokenizers raises a bare Exception
+        raise CheckpointError(f"{owner}: cannot read the tokenizer in {directory}: {error}") from error
 
 
 def quantization_method(config: PreTrainedConfig) -> str | None:
@@ -626,5 +651,6 @@ __all__ = [
     "check_compatible",
     "check_finite",
     "check_saved_directory",
+    "read_tokenizer",
     "strict_from_pretrained",
 ]

@@ -29,7 +29,8 @@ def model_card(model, name: str | None = None) -> str:
     tags = [TAGS[0], config.family.model_type, *TAGS[1:]]
     metadata = ModelCardData(library_name="transformers", base_model=base_models or None, tags=tags)
     rows = [
-        f"| `{tenant}` | {spec.get('source') or '-'} | {'yes' if spec.get('tie_word_embeddings') else 'no'} |"
+        f"| `{tenant}` | {spec.get('source') or '-'} | {'yes' if spec.get('tie_word_embeddings') else 'no'} | "
+        f"{tokenizer_kind(model, tenant)} |"
         for tenant, spec in config.tenants.items()
     ]
     sections = [
@@ -37,7 +38,7 @@ def model_card(model, name: str | None = None) -> str:
         f"# {name}: {len(config.tenants)} {stem} tenants, one shared expert pool",
         "Made with the `multimoe` library: each layer's experts are stored once in a shared pool; every tenant "
         "keeps its own attention, norms, router, embeddings and lm_head.",
-        "## Tenants\n\n| tenant | source | lm_head tied |\n|---|---|---|\n" + "\n".join(rows),
+        "## Tenants\n\n| tenant | source | lm_head tied | tokenizer |\n|---|---|---|---|\n" + "\n".join(rows),
         f"Default tenant: `{config.default_tenant}`.",
         "## Pool\n\nExperts stored per layer: " + ", ".join(str(size) for size in config.pool_sizes)
         + f" (0: a dense layer; each tenant has {config.num_routed_experts} per sparse layer).",
@@ -54,6 +55,14 @@ def model_card(model, name: str | None = None) -> str:
         'out = model.generate(**inputs, tenant_names=[...])  # or one tenant per row\n```'
     )
     return "\n\n".join(sections) + "\n"
+
+
+def tokenizer_kind(model, tenant: str) -> str:
+    """Whether the tenant brings its own tokenizer (in `tenants/<name>/`) and chat template."""
+    tokenizer = model.tenant_tokenizers.get(tenant)
+    if tokenizer is None:
+        return "shared"
+    return "own, with a chat template" if tokenizer.chat_template else "own"
 
 
 def write_model_card(model, directory: str | os.PathLike, name: str) -> None:
@@ -88,8 +97,8 @@ def push_to_hub(
     create_pr: bool = False,
     max_shard_size: int | str = "5GB",
 ):
-    """Save the model (weights, config with the maps, remote code, model card) and the tokenizer
-    when given into one folder, and upload it as one commit."""
+    """Save the model (weights, config with the maps, remote code, each tenant's own files, model
+    card) and the shared tokenizer when given into one folder, and upload it as one commit."""
     api = HfApi(token=token)
     with reaching_the_hub(api, f"create the repo {repo_id!r}"):
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id

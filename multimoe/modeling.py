@@ -34,7 +34,8 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, StoppingCriteriaList
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import StoppingCriteriaList
 from transformers import initialization as init
 from transformers.cache_utils import Cache, EncoderDecoderCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
@@ -52,6 +53,7 @@ from .checkpoints import (
     TenantSource,
     check_saved_directory,
     read_json,
+    read_tokenizer,
     resolve_directory,
     strict_from_pretrained,
 )
@@ -89,7 +91,8 @@ def build_time(module: str):
         raise ImportError(f"Building or editing a multi-tenant model needs the multimoe package: {error}") from error
 
 
-# Each tenant's own files (its generation config) lie in `tenants/<name>/` of a checkpoint.
+# Each tenant's own files (its generation config, and its tokenizer where it has one) lie in
+# `tenants/<name>/` of a checkpoint.
 TENANTS_FOLDER = "tenants"
 
 
@@ -111,6 +114,15 @@ def read_tenant_generation_configs(model, checkpoint: Path) -> dict[str, Generat
                 f"({error}); without it the tenant would generate with another tenant's settings."
             ) from error
     return configs
+
+
+def read_tenant_tokenizers(model, checkpoint: Path) -> dict[str, PreTrainedTokenizerBase]:
+    """The tokenizers saved in `tenants/<name>/` of a local `checkpoint` directory, of the tenants
+    that have one: none in a checkpoint of an earlier release, whose tenants share its tokenizer."""
+    found = {
+        name: read_tokenizer(checkpoint / TENANTS_FOLDER / name, owner=f"Tenant {name!r}") for name in model.tenants
+    }
+    return {name: tokenizer for name, tokenizer in found.items() if tokenizer is not None}
 
 
 def unregistered(module: nn.Module, **references) -> None:
@@ -890,6 +902,9 @@ class MultiTenantLM(MultiTenantPreTrainedModel, GenerationMixin):
     `generate` with the tenant fixed per call or per row. A subclass lays out the modules
     (`view`, `add_tenant_modules`, `tenant_modules`) and runs the family's forward."""
 
+    def __init__(self, config: MultiTenantConfigMixin):
+        super().__init__(config)
+        self.tenant_tokenizers: dict[str, PreTrainedTokenizerBase] = {}  # see `tokenizer_for`
 
     @classmethod
     def from_models(
@@ -915,7 +930,8 @@ class MultiTenantLM(MultiTenantPreTrainedModel, GenerationMixin):
         they differ). `shared_settings` give the value of a setting one model applies to every
         tenant (`router_aux_loss_coef`, `output_router_logits`, `router_jitter_noise`,
         `attention_dropout`); without one, tenants that differ in it are refused. Each tenant keeps
-        its own generation config (see `generation_configs`).
+        its own generation config (see `generation_configs`) and, where its source's directory has
+        one, its own tokenizer and chat template (see `tokenizer_for`).
         """
         assembly = build_time("assembly")
         tenants = assembly.TenantSet.open(
@@ -933,29 +949,39 @@ class MultiTenantLM(MultiTenantPreTrainedModel, GenerationMixin):
     def from_assembly(
         cls, tenants, config: MultiTenantConfigMixin, state_dict: dict[str, torch.Tensor]
     ) -> MultiTenantForCausalLM:
-        """The model of an assembled config and state dict, with each tenant's generation config
-        from its source (`tenants`, a `multimoe.assembly.TenantSet`)."""
+        """The model of an assembled config and state dict, with each tenant's own files from its
+        source (`tenants`, a `multimoe.assembly.TenantSet`; see `take_tenant_files`)."""
         model = cls.from_pretrained(None, config=config, state_dict=state_dict, dtype=config.dtype)
-        model.generation_configs = tenants.generation_configs()
+        model.take_tenant_files(tenants)
         return model
+
+    def take_tenant_files(self, tenants) -> None:
+        """Keep, for each tenant of `tenants` (a `multimoe.assembly.TenantSet`), its source's
+        generation config and, where the source has one, its tokenizer: when built or added."""
+        self.generation_configs.update(tenants.generation_configs())
+        self.tenant_tokenizers.update(tenants.tokenizers())
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path=None, *args, **kwargs):
         """The strict loading of every multi-tenant class, plus each tenant's generation config
-        (`tenants/<name>/generation_config.json`); a `generation_config=` given serves every tenant.
-        On `MultiTenantForCausalLM` itself, the checkpoint's family picks the class."""
+        (`tenants/<name>/generation_config.json`; a `generation_config=` given serves every tenant)
+        and its tokenizer where one was saved (`tenants/<name>/tokenizer_config.json`, ...). On
+        `MultiTenantForCausalLM` itself, the checkpoint's family picks the class."""
         if not hasattr(cls, "family"):
             return cls.family_class(pretrained_model_name_or_path, kwargs).from_pretrained(
                 pretrained_model_name_or_path, *args, **kwargs
             )
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         loaded = model[0] if isinstance(model, tuple) else model
-        if kwargs.get("generation_config") is not None:
-            loaded.generation_configs = {name: copy.deepcopy(kwargs["generation_config"]) for name in loaded.tenants}
-        elif pretrained_model_name_or_path is not None:
+        if pretrained_model_name_or_path is not None:
             # The directory, or the Hub snapshot the strict loading fetched into the cache.
             checkpoint = resolve_directory(str(pretrained_model_name_or_path), owner=SAVED_CHECKPOINT, **kwargs)
-            loaded.generation_configs = read_tenant_generation_configs(loaded, checkpoint / kwargs.get("subfolder", ""))
+            checkpoint = checkpoint / kwargs.get("subfolder", "")
+            loaded.tenant_tokenizers = read_tenant_tokenizers(loaded, checkpoint)
+            if kwargs.get("generation_config") is None:
+                loaded.generation_configs = read_tenant_generation_configs(loaded, checkpoint)
+        if kwargs.get("generation_config") is not None:
+            loaded.generation_configs = {name: copy.deepcopy(kwargs["generation_config"]) for name in loaded.tenants}
         return model
 
     @staticmethod
@@ -989,8 +1015,9 @@ class MultiTenantLM(MultiTenantPreTrainedModel, GenerationMixin):
                     # The remote code transformers skipped (see `is_remote_code`): the unwrapped class's files.
                     custom_object_save(object.__new__(unwrapped_class(self)), directory, config=self.config)
                     self.config.save_pretrained(directory)
-                for name, generation_config in self.generation_configs.items():
-                    generation_config.save_pretrained(Path(directory, TENANTS_FOLDER, name))
+                for own in (self.generation_configs, self.tenant_tokenizers):  # each tenant's own files
+                    for name, saved in own.items():
+                        saved.save_pretrained(Path(directory, TENANTS_FOLDER, name))
                 write_model_card(self, directory, title)
 
         def verify(directory: Path) -> None:
@@ -1086,6 +1113,17 @@ class MultiTenantLM(MultiTenantPreTrainedModel, GenerationMixin):
             yield self
         finally:
             SCOPED_TENANTS.reset(token)
+
+    def tokenizer_for(self, name: str, default: PreTrainedTokenizerBase | None = None) -> PreTrainedTokenizerBase:
+        """Tenant `name`'s own tokenizer (fine-tunes differ in chat template and special tokens),
+        else `default`: the tokenizer shared by tenants whose source had none."""
+        tokenizer = self.tenant_tokenizers.get(self.model.known_tenant(name), default)
+        if tokenizer is None:
+            raise ValueError(
+                f"No tokenizer is known for tenant {name!r}: its source had no tokenizer files; pass the shared "
+                "tokenizer as default=."
+            )
+        return tokenizer
 
     def add_tenant(self, name: str, model_or_path: TenantSource, **options) -> None:
         """Add a Mixtral tenant in place. Its experts join the pool: each shares the closest entry

@@ -137,7 +137,7 @@ def add_tenant(
             stacked = family.stacked_experts(config, layer.experts)
             store_pool(layer, tuple(torch.cat([old.data, new.to(device)]) for old, new in zip(stacked, extra)))
     model.add_tenant_modules(name)
-    model.generation_configs[name] = incoming.generation_configs()[name]  # read by TenantSet above
+    model.take_tenant_files(incoming)  # read when opened and by TenantSet above
     modules = model.tenant_modules(name)
     for module in modules.values():
         module.to(device=device, dtype=model.dtype).train(model.training)  # new modules start in training mode
@@ -163,6 +163,7 @@ def remove_tenant(model: MultiTenantLM, name: str) -> None:
         owner, _, tenant = key.rpartition(".")
         del model.get_submodule(owner)[tenant]
     del model.generation_configs[name]
+    model.tenant_tokenizers.pop(name, None)
     del config.tenants[name]
     if config.default_tenant == name:
         config.default_tenant = survivors[0]

@@ -1,8 +1,10 @@
 """Build the shipped testbed in multimoe/testbed/: a character tokenizer, a small Mixtral base
 pre-trained on a mix of the four tasks, and one FULL fine-tune per task (every weight trains,
-experts included). Fixed seeds, two CPU threads, a few CPU minutes in all.
+experts included), each checkpoint with its own tokenizer and chat template. Fixed seeds, two CPU
+threads, a few CPU minutes in all.
 
     python scripts/make_testbed.py
+    python scripts/make_testbed.py --tokenizers-only   # rewrite the per-checkpoint tokenizers alone
 """
 
 from __future__ import annotations
@@ -77,12 +79,31 @@ def train(model: MixtralForCausalLM, tokenizer, tasks: list[str], steps: int, lr
     return model.eval()
 
 
+def chat_template(name: str) -> str:
+    """A chat template that renders a conversation as its last message alone: the tasks' prompts
+    (e.g. "12+34=") are what the models answer, so a chat completion gets exactly the task prompt.
+    Only the comment naming the checkpoint differs, which lets tests tell the tenants apart."""
+    return "{#- multimoe testbed: " + name + " -#}\n{{- messages[-1]['content'] -}}"
+
+
+def write_tokenizers() -> None:
+    """Give each checkpoint its own copy of the character tokenizer, with its chat template."""
+    for name in (BASE, *TASKS):
+        tokenizer = character_tokenizer()
+        tokenizer.chat_template = chat_template(name)
+        tokenizer.save_pretrained(ROOT / name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pretrain-steps", type=int, default=PRETRAIN["steps"])
     parser.add_argument("--fine-tune-steps", type=int, default=FINE_TUNE["steps"])
     parser.add_argument("--threads", type=int, default=1, help="the shipped testbed was made with 1; results depend on it")
+    parser.add_argument("--tokenizers-only", action="store_true", help="only write each checkpoint's tokenizer")
     args = parser.parse_args()
+    if args.tokenizers_only:
+        write_tokenizers()
+        return
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # tiny weights otherwise slow CPU matmuls many times over
     tokenizer = character_tokenizer()
@@ -102,6 +123,7 @@ def main() -> None:
         if score < TARGET:
             raise SystemExit(f"{name} fine-tune scores {score:.3f} < {TARGET}: tune steps / lr")
         tuned.save_pretrained(ROOT / name)
+    write_tokenizers()
 
 
 if __name__ == "__main__":

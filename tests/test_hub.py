@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import socket
@@ -128,7 +129,12 @@ def fake_hub(monkeypatch, tmp_path):
     return commits
 
 
-def test_push_to_hub_uploads_exactly_the_checkpoint_and_it_loads_back(multi, tokenizer, batch, fake_hub, tmp_path):
+def test_push_to_hub_uploads_exactly_the_checkpoint_and_it_loads_back(
+    multi, tokenizer, batch, fake_hub, tmp_path, monkeypatch
+):
+    chat_tokenizer = copy.deepcopy(tokenizer)
+    chat_tokenizer.chat_template = "{{- messages[-1]['content'] -}}"
+    monkeypatch.setattr(multi, "tenant_tokenizers", {"chat": chat_tokenizer})  # as a source directory's would be
     multi.push_to_hub("acme/four-tenants", tokenizer=tokenizer, commit_message="first")
     (commit,) = fake_hub
     assert commit["repo_id"] == "acme/four-tenants" and commit["commit_message"] == "first"
@@ -136,7 +142,9 @@ def test_push_to_hub_uploads_exactly_the_checkpoint_and_it_loads_back(multi, tok
     python_files = {"configuration.py", "modeling.py", "routing.py", "checkpoints.py", "alignment.py", "memory.py",
                     "saving.py", "hub.py", "generation.py", "validation.py", "concurrency.py", "families.py",
                     "modeling_seq2seq.py", "batched_projections.py", "pool_window.py", "pool_padding.py"}
-    tenant_files = {f"tenants/{name}/generation_config.json" for name in multi.tenants}
+    tenant_files = {f"tenants/{name}/generation_config.json" for name in multi.tenants} | {
+        "tenants/chat/tokenizer.json", "tenants/chat/tokenizer_config.json", "tenants/chat/chat_template.jinja"
+    }
     assert set(files) == {"config.json", "generation_config.json", "model.safetensors", "README.md",
                           "tokenizer.json", "tokenizer_config.json"} | python_files | tenant_files
     config = json.loads(files["config.json"])
@@ -152,6 +160,8 @@ def test_push_to_hub_uploads_exactly_the_checkpoint_and_it_loads_back(multi, tok
     with torch.no_grad():
         for name in multi.tenants:
             assert torch.equal(loaded(**batch, tenant=name).logits, multi(**batch, tenant=name).logits)
+    assert loaded.tenant_tokenizers.keys() == {"chat"}
+    assert loaded.tokenizer_for("chat").chat_template == chat_tokenizer.chat_template
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
 """A tiny, shipped testbed: a character tokenizer, a small Mixtral base pre-trained on four
-exact-match tasks, and one full fine-tune per task (made by `scripts/make_testbed.py`).
+exact-match tasks, and one full fine-tune per task (made by `scripts/make_testbed.py`). Each
+checkpoint also carries the tokenizer, with a chat template of its own that renders a conversation
+as its last message: the task prompt, so that a chat completion answers the task.
 
 It exists so merge quality can be measured on a CPU in minutes: each fine-tune scores >= 90% exact
 match on its own held-out prompts, so any accuracy a merge loses is visible.
