@@ -18,15 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from openai import APIError, APITimeoutError, BadRequestError, OpenAI
+from openai import APIError, APITimeoutError, OpenAI
 
 from multimoe import testbed
 from multimoe.serving import Request
 from multimoe.serving.continuous import Job
-from multimoe.serving.openai_server import OpenAIServer, UvicornServer, load_for_serving
-
-TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"  # the task prompt, as is
-
+from multimoe.serving.openai_server import ApiError, OpenAIServer, UvicornServer, load_for_serving
 
 class Running:
     """A server in a thread of this process, on a free port, with its `openai` client."""
@@ -67,16 +64,16 @@ class Running:
 
 @pytest.fixture(scope="module")
 def loaded():
+    """The testbed's task tenants, each with its own tokenizer and chat template, and the shared tokenizer."""
     model, tokenizer = load_for_serving(None, testbed=True)
-    chat = tokenizer.__class__.from_pretrained(testbed.TOKENIZER_DIR)
-    chat.chat_template = TEMPLATE
-    return model, tokenizer, {name: chat for name in ("add", "sort")}
+    assert set(model.tenant_tokenizers) == set(model.tenants)
+    return model, tokenizer
 
 
 @pytest.fixture(scope="module")
 def running(loaded):
-    model, tokenizer, own = loaded
-    server = Running(OpenAIServer(model, tokenizer, tenant_tokenizers=own, max_batch_size=4))
+    model, tokenizer = loaded
+    server = Running(OpenAIServer(model, tokenizer, tenant_tokenizers=model.tenant_tokenizers, max_batch_size=4))
     yield server
     server.stop()
 
@@ -125,16 +122,23 @@ def test_streaming_gives_what_the_whole_answer_gives(running, settings):
         assert chunks[-1].usage == whole.usage
 
 
-def test_chat_applies_the_tenants_own_template(running):
-    messages = [{"role": "user", "content": "12+34="}]
-    answer = running.client.chat.completions.create(model="add", messages=messages, max_tokens=8, temperature=0)
-    assert answer.choices[0].message.content == "46" and answer.choices[0].finish_reason == "stop"
-    streamed = list(running.client.chat.completions.create(model="add", messages=messages, max_tokens=8,
+@pytest.mark.parametrize("name, prompt, expected", [("add", "12+34=", "46"), ("reverse", "rev abcd=", "dcba")])
+def test_chat_applies_the_tenants_own_template(running, name, prompt, expected):
+    messages = [{"role": "user", "content": prompt}]
+    answer = running.client.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0)
+    assert answer.choices[0].message.content == expected and answer.choices[0].finish_reason == "stop"
+    assert answer.usage.prompt_tokens == len(testbed.tokenizer()(prompt, add_special_tokens=False)["input_ids"])
+    streamed = list(running.client.chat.completions.create(model=name, messages=messages, max_tokens=8,
                                                            temperature=0, stream=True))
     assert streamed[0].choices[0].delta.role == "assistant"
-    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == "46"
-    with pytest.raises(BadRequestError, match="The model 'reverse' has no chat template"):
-        running.client.chat.completions.create(model="reverse", messages=messages)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == expected
+
+
+def test_chat_needs_a_chat_template(loaded):
+    model, tokenizer = loaded  # the shared tokenizer has none
+    server = OpenAIServer(model, tokenizer)
+    with pytest.raises(ApiError, match="The model 'add' has no chat template; use /v1/completions"):
+        server.request({"model": "add", "messages": [{"role": "user", "content": "1+1="}]}, chat=True)
 
 
 def test_a_seed_repeats_a_sample_and_a_stop_string_cuts_it(running):
@@ -203,7 +207,7 @@ def slowed(server: OpenAIServer, seconds: float) -> None:
 def test_a_client_that_leaves_frees_its_row(loaded, stream):
     """A closed stream frees the row at the next step; a client that stops waiting for a whole
     answer, within half a second (the server looks twice a second)."""
-    model, tokenizer, _ = loaded
+    model, tokenizer = loaded
     server = Running(OpenAIServer(model, tokenizer, max_batch_size=4))
     slowed(server.server, 0.05)
     ask = dict(model="sort", prompt="sort dcba=", max_tokens=50, temperature=0, extra_body={"ignore_eos": True})
@@ -229,7 +233,7 @@ def test_a_client_that_leaves_frees_its_row(loaded, stream):
 
 @pytest.mark.parametrize("timeout, finishes", [(30.0, True), (0.0, False)])
 def test_shutdown_finishes_or_cleanly_aborts_requests_in_flight(loaded, timeout, finishes):
-    model, tokenizer, _ = loaded
+    model, tokenizer = loaded
     server = Running(OpenAIServer(model, tokenizer, max_batch_size=4, shutdown_timeout_s=timeout))
     slowed(server.server, 0.02)
     stream = server.client.completions.create(model="add", prompt="12+34=", max_tokens=40, temperature=0,
@@ -279,7 +283,7 @@ def test_the_serve_command_starts_and_exits_on_sigterm(tmp_path):
 def test_a_flood_for_one_tenant_does_not_starve_another(loaded):
     """Admission is a round-robin over tenants with waiting requests: a request for `sort` that
     arrives after 20 for `add` is admitted among the next free rows, not after the flood."""
-    model, tokenizer, _ = loaded
+    model, tokenizer = loaded
     server = OpenAIServer(model, tokenizer, max_batch_size=2)  # the loop is not started: admission alone
     jobs = [Job(Request(index, "add", 0.0, "12+34=", 4), lambda text, reason: None) for index in range(20)]
     jobs += [Job(Request(20, "sort", 0.0, "sort cba=", 4), lambda text, reason: None)]
