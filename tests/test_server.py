@@ -21,6 +21,7 @@ import torch
 from openai import APIError, APITimeoutError, OpenAI
 
 from multimoe import testbed
+from multimoe.cli import main
 from multimoe.serving import Request
 from multimoe.serving.continuous import Job
 from multimoe.serving.openai_server import ApiError, OpenAIServer, UvicornServer, load_for_serving
@@ -296,3 +297,16 @@ def test_a_flood_for_one_tenant_does_not_starve_another(loaded):
     assert server.loop.admit() == []
     server.loop.jobs = []
     assert [job.request.request_id for job in server.loop.admit()] == [1, 2]  # then add's backlog, in order
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["serve"], "give a model (directory or Hub id) or --testbed, not both"),
+    (["serve", "some/model", "--testbed"], "give a model (directory or Hub id) or --testbed, not both"),
+    (["serve", "--testbed", "--port", "0"], "port must be positive"),
+    (["serve", "--testbed", "--max-batch-size", "2.5"], "max_batch_size must be an int"),
+    (["serve", "--testbed", "--shutdown-timeout", "nan"], "shutdown_timeout must be a finite number"),
+])
+def test_the_serve_command_refuses_bad_arguments_before_loading(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(arguments)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
