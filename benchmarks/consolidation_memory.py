@@ -30,16 +30,30 @@ import json, sys, threading, time
 import psutil
 import torch
 from multimoe import consolidate
+from multimoe.consolidation import api
 
 process = psutil.Process()
 baseline = process.memory_info().rss
-peak, done = [baseline], threading.Event()
+peak, calibration_peak, done, calibrating = [baseline], [None], threading.Event(), threading.Event()
 
 def sample():  # ru_maxrss would keep the import-time high-water mark; sample the live RSS instead
     while not done.is_set():
-        peak[0] = max(peak[0], process.memory_info().rss)
+        rss = process.memory_info().rss
+        peak[0] = max(peak[0], rss)
+        if calibrating.is_set():
+            calibration_peak[0] = max(calibration_peak[0] or rss, rss)
         time.sleep(0.005)
 
+calibration = api.collect
+
+def collect(*args, **kwargs):  # consolidate's calibration: its own peak too
+    calibrating.set()
+    try:
+        return calibration(*args, **kwargs)
+    finally:
+        calibrating.clear()
+
+api.collect = collect
 sampler = threading.Thread(target=sample, daemon=True)  # a failed consolidation must not leave the process running
 sampler.start()
 sources, options = json.loads(sys.argv[1]), json.loads(sys.argv[2])
@@ -48,8 +62,8 @@ model = consolidate(sources, progress=False, **options)
 seconds = time.perf_counter() - start
 done.set()
 sampler.join()
-print(json.dumps(dict(baseline=baseline, peak=peak[0], seconds=seconds, result=model.memory_report().total_bytes,
-                      pool_sizes=model.config.pool_sizes)))
+print(json.dumps(dict(baseline=baseline, peak=peak[0], calibration_peak=calibration_peak[0], seconds=seconds,
+                      result=model.memory_report().total_bytes, pool_sizes=model.config.pool_sizes)))
 """
 MIB = 2**20
 VOCAB = 1024
@@ -87,7 +101,8 @@ def options_for(similarity: str, memory_budget: str, calibration_rows: int, cali
     options = dict(similarity=similarity, memory_budget=memory_budget)
     if similarity == "output":
         generator = torch.Generator().manual_seed(0)
-        options["calibration"] = torch.randint(4, VOCAB, (calibration_rows, calibration_tokens), generator=generator).tolist()
+        shape = (calibration_rows, calibration_tokens)
+        options["calibration"] = torch.randint(4, VOCAB, shape, generator=generator).tolist()
     return options
 
 
@@ -99,31 +114,41 @@ def print_run(args, similarity: str, layers: int, checkpoint: int, result: dict)
     print(f"  consolidated model               {result['result'] / MIB:9.1f} MiB")
     print(f"  RSS before consolidating         {result['baseline'] / MIB:9.1f} MiB   (Python, torch, transformers)")
     print(f"  peak RSS while consolidating     {result['peak'] / MIB:9.1f} MiB")
+    if result["calibration_peak"] is not None:
+        print(f"  peak RSS while calibrating       {result['calibration_peak'] / MIB:9.1f} MiB")
     print(f"  peak RSS / one checkpoint        {result['peak'] / checkpoint:9.2f}")
     print(f"  (peak - before) / one checkpoint {used / checkpoint:9.2f}   "
           f"(result alone: {result['result'] / checkpoint:.2f}; all {args.tenants} sources: {args.tenants:.2f})")
     print(f"  consolidation time               {result['seconds']:9.1f} s")
 
 
+def growth(row: dict, peak: str) -> float | None:
+    """MiB the RSS rose above the baseline at its `peak` (None: no such phase)."""
+    return None if row[peak] is None else (row[peak] - row["baseline"]) / MIB
+
+
 def print_table(rows: list[dict]) -> None:
-    """One row per (similarity, layers), then per similarity the fitted slopes over the layer counts."""
+    """One row per (similarity, layers), then per similarity the slopes fitted over the layer counts."""
     print("\n| similarity | layers | one source checkpoint | result | one layer of all tenants | peak RSS growth "
-          "| growth - result | time |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| growth - result | calibration's peak growth | time |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        growth = row["peak"] - row["baseline"]
-        print(f"| {row['similarity']} | {row['layers']} | {row['checkpoint'] / MIB:.1f} MiB | {row['result'] / MIB:.1f} MiB "
-              f"| {row['layer_of_all'] / MIB:.1f} MiB | {growth / MIB:.1f} MiB | {(growth - row['result']) / MIB:.1f} MiB "
-              f"| {row['seconds']:.1f} s |")
+        total, calibration, result = growth(row, "peak"), growth(row, "calibration_peak"), row["result"] / MIB
+        sizes = (row["checkpoint"] / MIB, result, row["layer_of_all"] / MIB, total, total - result, calibration)
+        cells = [row["similarity"], row["layers"], *("-" if size is None else f"{size:.1f} MiB" for size in sizes),
+                 f"{row['seconds']:.1f} s"]
+        print("| " + " | ".join(map(str, cells)) + " |")
     for similarity in dict.fromkeys(row["similarity"] for row in rows):
         runs = [row for row in rows if row["similarity"] == similarity]
         if len(runs) < 2:
             continue
         layers = [row["layers"] for row in runs]
-        growth = statistics.linear_regression(layers, [(row["peak"] - row["baseline"]) / MIB for row in runs])
-        result = statistics.linear_regression(layers, [row["result"] / MIB for row in runs])
-        print(f"\n{similarity}: peak RSS growth {growth.slope:.1f} MiB per added layer (intercept {growth.intercept:.1f} MiB); "
-              f"result {result.slope:.1f} MiB per layer (intercept {result.intercept:.1f} MiB)")
+        slopes = {"peak RSS growth": [growth(row, "peak") for row in runs],
+                  "calibration's peak growth": [growth(row, "calibration_peak") for row in runs],
+                  "result": [row["result"] / MIB for row in runs]}
+        fitted = [f"{name} {statistics.linear_regression(layers, values).slope:.1f}"
+                  for name, values in slopes.items() if None not in values]
+        print(f"\n{similarity}, MiB per added layer: {'; '.join(fitted)}")
 
 
 def main() -> None:
@@ -133,8 +158,10 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=1024)
     parser.add_argument("--tenants", type=int, default=4)
     parser.add_argument("--memory-budget", default="1.25x")
-    parser.add_argument("--similarity", nargs="+", default=["weight_l2"], choices=["weight_l2", "weight_cosine", "output"])
-    parser.add_argument("--calibration-rows", type=int, default=32, help="random calibration rows (--similarity output)")
+    parser.add_argument("--similarity", nargs="+", default=["weight_l2"],
+                        choices=["weight_l2", "weight_cosine", "output"])
+    parser.add_argument("--calibration-rows", type=int, default=32,
+                        help="random calibration rows (--similarity output)")
     parser.add_argument("--calibration-tokens", type=int, default=64, help="tokens per calibration row")
     args = parser.parse_args()
     rows = []

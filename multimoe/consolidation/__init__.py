@@ -4,6 +4,7 @@
     grouping.py     which experts are candidates to share an entry (same_index, cross_index)
     merging.py      how a group becomes one expert (select, keep_anchor, average, ...)
     calibration.py  running the original tenants on calibration data
+    streaming.py    a tenant's own model, run one decoder layer at a time (for calibration)
     report.py       ConsolidationReport: markdown and heatmap
     api.py          consolidate(): ranking, budgets, the quality guard, assembly
 """

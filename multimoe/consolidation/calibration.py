@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Union
 
 import torch
+from transformers import PreTrainedModel
 
 from ..assembly import TenantSet
+from ..families import Family
 from .streaming import LayerByLayerModel
 
 BATCH_ROWS = 8
@@ -152,57 +154,72 @@ def language_model_loss(model, data: CalibrationData, **forward_kwargs) -> float
         count = int((labels[:, shift:] != -100).sum())
         # The language-model loss alone, even where a config asks for router logits: their
         # load-balancing term measures no quality (and a model run layer by layer has none to add).
-        loss = model(
-            input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_router_logits=False, **forward_kwargs
-        ).loss
+        batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        loss = model(**batch, output_router_logits=False, **forward_kwargs).loss
         total += float(loss) * count
         tokens += count
     return total / tokens
+
+
+class ExpertCalls:
+    """What a tenant's model calls its experts with, per layer: how often its router picks each
+    expert, and the hidden states that reach them (a prompt's real tokens, and in a decoder the
+    scored targets). Recorded by hooks on `model`, which this object does not keep."""
+
+    def __init__(self, model: PreTrainedModel, family: Family, num_experts: int):
+        paths = family.experts_modules(model.config)
+        self.family, self.num_experts = family, num_experts
+        self.counts = torch.zeros(len(paths), num_experts)
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in paths]
+        self.valid: list[torch.Tensor] = []
+        for layer_idx, path in enumerate(paths):
+            if path is not None:
+                stack = int(path.startswith("decoder."))
+                model.get_submodule(path).register_forward_pre_hook(self.recorder(layer_idx, stack))
+        model.register_forward_pre_hook(self.remember_valid_rows, with_kwargs=True)
+
+    def remember_valid_rows(self, module, args, kwargs) -> None:
+        self.valid[:] = [kwargs["attention_mask"].reshape(-1).bool(), (kwargs["labels"] != -100).reshape(-1)]
+
+    def recorder(self, layer_idx: int, stack: int):
+        def record(module, args):  # the experts' call: (hidden states, local routing, weights)
+            rows = self.valid[stack]
+            self.inputs[layer_idx].append(args[0].reshape(-1, args[0].shape[-1])[rows].float())
+            picks = self.family.local_experts(args[1][rows])
+            self.counts[layer_idx] += torch.bincount(picks, minlength=self.num_experts).float()
+
+        return record
+
+    def sample(self, layer_idx: int, max_rows: int, generator: torch.Generator) -> torch.Tensor | None:
+        """Up to `max_rows` of the inputs layer `layer_idx`'s experts got, drawn at random; the others
+        are dropped. None for a dense layer."""
+        recorded, self.inputs[layer_idx] = self.inputs[layer_idx], []
+        if not recorded:
+            return None
+        rows = torch.cat(recorded)
+        return rows[torch.randperm(rows.shape[0], generator=generator)[:max_rows]]
 
 
 @torch.no_grad()
 def collect(
     tenants: TenantSet, data: Mapping[str, CalibrationData], max_rows_per_layer: int, seed: int = 0
 ) -> CalibrationStats:
+    """Each tenant's statistics, from one decoder layer of one tenant at a time: a layer's expert
+    inputs are sampled as soon as it has run on every chunk, so at most one layer's are ever held."""
     generator = torch.Generator().manual_seed(seed)
-    layers, experts = tenants.num_layers, tenants.checkpoints[tenants.names[0]].num_experts
-    family = tenants.family
+    experts = tenants.checkpoints[tenants.names[0]].num_experts
     losses, usage, samples = {}, {}, {}
     for name in tenants.names:
         streamed = LayerByLayerModel(tenants, name, data[name])
-        model = streamed.model
-        counts = torch.zeros(layers, experts)
-        inputs: list[list[torch.Tensor]] = [[] for _ in range(layers)]
-        valid: list[torch.Tensor] = []
-
-        def hook(layer_idx, stack):
-            def record(module, args):  # the experts' call: (hidden states, local routing, weights)
-                rows = valid[stack]
-                inputs[layer_idx].append(args[0].reshape(-1, args[0].shape[-1])[rows].float())
-                counts[layer_idx] += torch.bincount(family.local_experts(args[1][rows]), minlength=experts).float()
-
-            return record
-
-        def remember_valid_rows(module, args, kwargs):
-            # The tokens that reach the experts: the prompt's real ones, and in a decoder the scored targets.
-            valid[:] = [kwargs["attention_mask"].reshape(-1).bool(), (kwargs["labels"] != -100).reshape(-1)]
-
-        for layer_idx, path in enumerate(family.experts_modules(model.config)):
-            if path is not None:
-                model.get_submodule(path).register_forward_pre_hook(hook(layer_idx, int(path.startswith("decoder."))))
-        model.register_forward_pre_hook(remember_valid_rows, with_kwargs=True)
-        streamed.run_layers()
-        losses[name] = language_model_loss(model, data[name])
-        usage[name] = counts
+        calls = ExpertCalls(streamed.model, tenants.family, experts)
         samples[name] = []
-        for layer_idx in range(layers):
-            if not inputs[layer_idx]:  # a dense layer
-                samples[name].append(None)
-                continue
-            rows = torch.cat(inputs[layer_idx])
-            samples[name].append(rows[torch.randperm(rows.shape[0], generator=generator)[:max_rows_per_layer]])
-        del streamed, model
+        for layer_idx in range(tenants.num_layers):
+            streamed.run_layer(layer_idx)
+            samples[name].append(calls.sample(layer_idx, max_rows_per_layer, generator))
+        losses[name] = language_model_loss(streamed.model, data[name])
+        usage[name] = calls.counts
+        del streamed  # before the next tenant's embeddings and head are read
     return CalibrationStats(losses, usage, samples)
 
 
-__all__ = ["CalibrationData", "CalibrationStats", "collect", "language_model_loss", "per_tenant_data"]
+__all__ = ["CalibrationData", "CalibrationStats", "ExpertCalls", "collect", "language_model_loss", "per_tenant_data"]
