@@ -83,14 +83,23 @@ class RunningBatch:
         return [row for row, reason in enumerate(self.finish_reasons) if reason is not None]
 
     def keep(self, rows: list[int], config) -> RunningBatch | None:
+        """The batch of `rows` alone, without the leading positions that are padding in all of them
+        (left by the longer rows that left): a server that stays busy would otherwise grow its
+        cache, and each step's work, for as long as it runs."""
         if not rows:
             return None
         index = torch.tensor(rows, device=self.last_tokens.device)
-        layers = [(keys.index_select(0, index), values.index_select(0, index)) for keys, values in cache_layers(self.cache)]
+        mask = self.attention_mask.index_select(0, index)
+        length = mask.shape[1] - int(mask.any(0).int().argmax())  # from the first position any row uses
+
+        def kept(tensor: torch.Tensor) -> torch.Tensor:  # a sliding-window layer keeps fewer positions
+            return tensor.index_select(0, index)[:, :, -min(length, tensor.shape[2]):]
+
+        layers = [(kept(keys), kept(values)) for keys, values in cache_layers(self.cache)]
         return RunningBatch(
             [self.requests[row] for row in rows],
             self.last_tokens.index_select(0, index),
-            self.attention_mask.index_select(0, index),
+            mask[:, -length:],
             cache_from_layers(config, layers),
             [self.tokens[row] for row in rows],
             [self.generators[row] for row in rows],

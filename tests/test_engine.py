@@ -112,3 +112,20 @@ def test_bad_decoding_settings_are_refused(field, value, error, message):
     fields = {"request_id": 7, "tenant": "base", "arrival_s": 0.5, "prompt": "hi", "max_new_tokens": 2}
     with pytest.raises(error, match=message):
         Request(**{**fields, field: value})
+
+
+def test_rows_that_leave_take_their_padding_with_them(engine, multi, tokenizer):
+    """A long prompt's row leaves: the positions only it used go too, so a busy server's cache does
+    not grow for as long as it runs; the rows that stay generate what they would have."""
+    long = Request(0, "base", 0.0, "hello there, a long prompt", 2, ignore_eos=True)
+    short = Request(1, "chat", 0.0, "hi", 6, ignore_eos=True)
+    alone = run(engine, [short])[1]
+    batch = engine.decode(engine.prefill([long, short]))  # the long row is done after 2 tokens
+    assert batch.finish_reasons == ["length", None]
+    batch = batch.keep([1], multi.config)
+    length = len(tokenizer("hi")["input_ids"]) + 1  # the prompt and the token fed back
+    assert batch.attention_mask.shape[1] == length and batch.attention_mask.all()
+    assert all(keys.shape[2] == length for keys, _ in ((layer.keys, layer.values) for layer in batch.cache.layers))
+    while batch.finish_reasons[0] is None:
+        batch = engine.decode(batch)
+    assert (batch.tokens[0], engine.text(batch, 0), batch.finish_reasons[0]) == alone
