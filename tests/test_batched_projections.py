@@ -13,6 +13,7 @@ import multimoe.batched_projections
 import multimoe.modeling
 import multimoe
 from multimoe import MultiTenantMixtralForCausalLM
+from multimoe.modeling import MultiTenantDecoderLayer
 from multimoe.testing import fine_tune, random_model, tiny_config
 from multimoe.batched_projections import (
     MAX_PADDING,
@@ -78,6 +79,28 @@ def test_every_grouped_projection_is_laid_out_after_building_and_loading(fresh, 
     assert laid_out(loaded)
     for key, tensor in fresh.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], tensor), key
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "switch_transformers"])
+def test_a_built_model_takes_the_assembled_layout_without_a_copy(family):
+    """The assembly stores each layer parameter of all tenants side by side, so that building the
+    model (at scale, from tens of GB of tenant layers) copies nothing: every grouped projection's
+    weight is the assembled tensor itself."""
+    from multimoe.assembly import TenantSet, assemble_lossless
+
+    base = random_model(tiny_config(family), seed=0)
+    tenants = TenantSet.open({"a": base, "b": fine_tune(base, seed=1, changed_experts=[0]), "c": base})
+    config, state_dict = assemble_lossless(tenants)
+    pointers = {key: tensor.data_ptr() for key, tensor in state_dict.items()}
+    model = multimoe.modeling.classes_for(tenants.family)[2].from_assembly(tenants, config, state_dict)
+    layers = [(name, layer) for name, layer in model.named_modules() if isinstance(layer, MultiTenantDecoderLayer)]
+    grouped = [[f"{name}.tenants.{tenant}.{path}.weight" for tenant in layer.tenants]
+               for name, layer in layers for path in layer.grouped_paths]
+    assert len(grouped) >= len(layers) > 0
+    for keys in grouped:
+        assert side_by_side([model.get_parameter(key) for key in keys]) is not None, keys
+        for key in keys:
+            assert model.get_parameter(key).data_ptr() == pointers[key], key
 
 
 def test_mixed_rows_equal_each_tenants_own_run_through_one_product_per_projection(fresh, tenants, tokenizer, products):
