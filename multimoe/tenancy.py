@@ -17,7 +17,7 @@ from .assembly import SHARED_SETTINGS, TenantSet
 from .checkpoints import IncompatibleTenantsError, TenantCheckpoint, TenantSource, check_compatible
 from .configuration import validate_tenant_name
 from .consolidation.similarity import NEEDS_CALIBRATION, expert_runner, get_metric
-from .modeling import MultiTenantLM
+from .modeling import MultiTenantDecoderLayer, MultiTenantLM
 from .validation import check_number
 
 
@@ -169,7 +169,26 @@ def remove_tenant(model: MultiTenantLM, name: str) -> None:
         config.default_tenant = survivors[0]
     if model.model.active_tenant == name:
         model.model.active_tenant = config.default_tenant
-    model.build_views()
+    for layer in model.modules():
+        if isinstance(layer, MultiTenantDecoderLayer):
+            release_shared_storage(layer.tenants)
+    model.build_views()  # lays the grouped projections out again, in storages of the survivors alone
+
+
+def release_shared_storage(modules: nn.Module) -> None:
+    """Give each tensor of `modules` that is a slice of a larger storage (the assembly stores a
+    layer's tensors of all tenants side by side) a storage of its own: a removed tenant's slice is
+    freed only once nothing views its storage."""
+    with torch.no_grad():
+        for module in modules.modules():
+            for tensors in (module._parameters, module._buffers):
+                for key, tensor in tensors.items():
+                    if tensor is None or tensor.is_meta or tensor.untyped_storage().nbytes() <= tensor.nbytes:
+                        continue
+                    if isinstance(tensor, nn.Parameter):
+                        tensor.data = tensor.data.clone()
+                    else:
+                        tensors[key] = tensor.clone()
 
 
 def remove_pool_entries(layer, layer_idx: int, config, survivors: list[str]) -> None:

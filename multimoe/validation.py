@@ -33,8 +33,12 @@ def check_number(
     if isinstance(value, bool) or not isinstance(value, kind):
         expected = "an int" if integer else "a number"
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}.")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite:
+        raise ValueError(f"{name} must be a finite number, got {value!r:.40}.")
     if positive and value <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}.")
     if minimum is not None and value < minimum:

@@ -23,7 +23,7 @@ from openai import APIError, APITimeoutError, OpenAI
 from multimoe import testbed
 from multimoe.cli import main
 from multimoe.serving import Request
-from multimoe.serving.continuous import Job
+from multimoe.serving.continuous import Job, ServingLoop
 from multimoe.serving.openai_server import ApiError, OpenAIServer, UvicornServer, load_for_serving
 
 class Running:
@@ -310,3 +310,119 @@ def test_the_serve_command_refuses_bad_arguments_before_loading(arguments, messa
     with pytest.raises(SystemExit) as exit_:
         main(arguments)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_request_the_engine_fails_gets_a_500_and_the_server_goes_on(loaded):
+    model, tokenizer = loaded
+    server = Running(OpenAIServer(model, tokenizer, max_batch_size=4))
+    prefill, decode = server.server.loop.engine.prefill, server.server.loop.engine.decode
+    failures = {"decode": 1}
+
+    def failing_prefill(requests):
+        if any("boom" in request.prompt for request in requests):
+            raise RuntimeError("boom")
+        return prefill(requests)
+
+    def failing_decode(batch):
+        if failures["decode"]:
+            failures["decode"] -= 1
+            raise RuntimeError("out of memory")
+        return decode(batch)
+
+    server.server.loop.engine.prefill = failing_prefill
+    try:
+        with pytest.raises(APIError, match="The engine failed on this request: RuntimeError: boom") as failed:
+            server.client.completions.create(model="add", prompt="boom", max_tokens=4)
+        assert failed.value.code == "engine_error"
+        server.server.loop.engine.decode = failing_decode
+        with pytest.raises(APIError, match="The engine failed on this request: RuntimeError: out of memory"):
+            list(server.client.completions.create(model="add", prompt="12+34=", max_tokens=4, stream=True))
+        answer = server.client.completions.create(model="add", prompt="12+34=", max_tokens=4, temperature=0)
+        assert answer.choices[0].text == "46"
+        assert json.loads(urllib.request.urlopen(server.url + "/health", timeout=30).read()) == {"status": "ok"}
+        assert server.metric("multimoe_requests_total", tenant="add", reason="error") == 2
+    finally:
+        server.stop()
+
+
+def test_a_tiny_temperature_samples_the_greedy_token(running):
+    ask = dict(model="add", prompt="12+34=", max_tokens=4)
+    tiny = running.client.completions.create(**ask, temperature=1e-40, seed=1).choices[0].text
+    assert tiny == running.client.completions.create(**ask, temperature=0).choices[0].text == "46"
+
+
+@pytest.mark.parametrize("extra", [
+    {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "best_of": 1, "echo": False},
+    {"stream": None, "n": 1, "user": "me", "logprobs": None},
+])
+def test_neutral_values_of_unimplemented_parameters_are_accepted(running, extra):
+    code, answer = running.post("/v1/completions", json.dumps(
+        {"model": "add", "prompt": "12+34=", "max_tokens": 4, "temperature": 0, **extra}).encode())
+    assert code == 200 and answer["choices"][0]["text"] == "46"
+
+
+@pytest.mark.parametrize("path, body, param, message", [
+    ("/v1/completions", {"n": True}, "n", "Only n=1 is supported"),
+    ("/v1/completions", {"presence_penalty": 0.5}, "presence_penalty", "Unsupported parameter 'presence_penalty'"),
+    ("/v1/completions", {"max_tokens": 10**400}, "max_tokens", "'max_tokens' must be an integer"),
+    ("/v1/completions", {"seed": 10**400}, "seed", "'seed' must be an integer"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": ""}]}, "messages", "renders these messages to an empty prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs",
+     "Unsupported parameter 'logprobs'"),
+])
+def test_more_bad_requests_get_400s(running, path, body, param, message):
+    base = {"model": "add", "prompt": "12+34="} if path == "/v1/completions" else {"model": "add"}
+    code, answer = running.post(path, json.dumps(base | body).encode())
+    assert code == 400 and message in answer["error"]["message"] and answer["error"]["param"] == param, answer
+
+
+def test_a_chat_template_that_refuses_the_messages_gets_a_400(loaded):
+    model, tokenizer = loaded
+    strict = testbed.tokenizer()
+    strict.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system messages') }}{% endif %}x"
+    server = OpenAIServer(model, tokenizer, tenant_tokenizers={"add": strict})
+    with pytest.raises(ApiError, match="The chat template of 'add' refused the messages: no system messages"):
+        server.request({"model": "add", "messages": [{"role": "system", "content": "be brief"}]}, chat=True)
+
+
+def byte_level_tokenizer():
+    """A GPT-2-style byte-level tokenizer: a character outside ASCII takes several tokens, and
+    decoding only some of them gives a replacement character."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = {character: index for index, character in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocabulary, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, clean_up_tokenization_spaces=True)
+
+
+@pytest.mark.parametrize("answer, stop", [("xa\u3002yz", ("a\u3002",)), ("a b . c", ()), ("\u00e9t\u00e9 !", ("!",))])
+def test_streamed_text_is_the_whole_answer_token_by_token(answer, stop):
+    """The loop's stream, fed one token at a time, adds up to the engine's whole answer: a
+    multi-byte character is held back until complete, then what a stop string could still claim,
+    and spaces are never cleaned up after they were sent."""
+    from types import SimpleNamespace
+
+    from multimoe.serving.engine import Engine
+    from multimoe.serving.metrics import ServingMetrics
+
+    tokenizer = byte_level_tokenizer()
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None), config=None)
+    engine = Engine(model, tokenizer, None)
+    loop = ServingLoop(engine, max_batch_size=1, metrics=ServingMetrics(["t"]))
+    request = Request(0, "t", 0.0, "p", len(ids), stop=stop)
+    pieces = []
+    loop.jobs = [Job(request, lambda text, reason: pieces.append(text))]
+    loop.running = SimpleNamespace(requests=[request], tokens=[[]], finish_reasons=[None], keep=lambda rows, config: None)
+    for count in range(1, len(ids) + 1):
+        loop.running.tokens[0] = ids[:count]
+        loop.running.finish_reasons[0] = engine.finish_reason(request, ids[:count])
+        loop.publish()
+        if not loop.jobs:
+            break
+    whole = engine.text(SimpleNamespace(requests=[request], tokens=[ids[:count]]), 0)
+    assert "".join(pieces) == whole and "\ufffd" not in "".join(pieces)
+    assert whole == (answer[: answer.find(stop[0])] if stop else answer)

@@ -92,3 +92,32 @@ def test_bad_requests_change_nothing(model, tenants):
         model.remove_tenant("chat")
     assert set(model.state_dict()) < set(snapshot)
     assert config["pool_sizes"] == [6, 6] and model.config.pool_sizes == [4, 4]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3", "switch_transformers"])
+def test_removing_a_tenant_frees_its_share_of_every_layer_storage(family):
+    """The assembly stores a layer's tensors of all tenants side by side: once a tenant is removed,
+    the survivors' layer tensors hold storage of their own size, nothing of the removed tenant's,
+    and compute as before."""
+    from multimoe.modeling import MultiTenantDecoderLayer
+    from multimoe.testing import random_model, tiny_config
+
+    import multimoe
+
+    base = random_model(tiny_config(family), seed=0)
+    sources = {"a": base, "b": fine_tune(base, seed=1, changed_experts=[0]), "c": fine_tune(base, seed=2, changed_experts=[1])}
+    model = multimoe.from_models(sources).eval()
+
+    def own(name: str) -> bool:  # a survivor's tensor (the pool loses c's entries)
+        return ".experts." not in name and ".c." not in name
+
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items() if own(name)}
+    model.remove_tenant("c")
+    layers = [layer for layer in model.modules() if isinstance(layer, MultiTenantDecoderLayer)]
+    tensors = [tensor for layer in layers for tensor in (*layer.tenants.parameters(), *layer.tenants.buffers())]
+    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in tensors}
+    assert sum(storages.values()) == sum(tensor.nbytes for tensor in tensors)
+    after = {name: tensor for name, tensor in model.state_dict().items() if own(name)}
+    assert after.keys() == before.keys()
+    for name, tensor in after.items():
+        assert torch.equal(tensor, before[name]), name

@@ -28,11 +28,12 @@ IDLE_WAIT_S = 0.05
 class Job:
     """A request in the server: `emit(text_delta, finish_reason)` is called from the loop thread
     for every new piece of text (finish_reason None) and once at the end (the rest of the text,
-    and "stop", "length" or "abort")."""
+    and "stop", "length", "abort" at shutdown, or "error" with `error` set)."""
 
     request: Request
     emit: Callable[[str, str | None], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None  # why the engine failed this request (finish reason "error")
     submitted_s: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
     sent: int = 0  # characters of the text already emitted
@@ -53,7 +54,6 @@ class ServingLoop:
         self.wake = threading.Condition()
         self.stopping = False  # no new requests; the admitted ones finish
         self.aborting = False  # the rest are aborted
-        self.error: BaseException | None = None  # what stopped the loop, if anything did
         self.thread = threading.Thread(target=self.run, name="multimoe-serving", daemon=True)
 
     def start(self) -> None:
@@ -62,7 +62,7 @@ class ServingLoop:
     def submit(self, job: Job) -> None:
         with self.wake:
             if self.stopping:
-                raise RuntimeError("The server is shutting down." if self.error is None else f"The engine failed: {self.error!r}")
+                raise RuntimeError("The server is shutting down.")
             tenant = job.request.tenant
             if tenant not in self.waiting:
                 self.waiting[tenant] = deque()
@@ -116,18 +116,28 @@ class ServingLoop:
                 return self.abort_all()
             try:
                 self.step()
-            except Exception as error:  # a failed step: answer every request, and report unhealthy
-                self.error = error
-                with self.wake:
-                    self.stopping = True
-                return self.abort_all()
+            except Exception as error:  # the batch's state is unknown: answer its rows, keep serving
+                self.fail(self.jobs, error)
+                self.running, self.jobs = None, []
+                self.metrics.running(self.jobs)
+
+    def fail(self, jobs: list[Job], error: Exception) -> None:
+        now = time.perf_counter()
+        for job in jobs:
+            job.error = f"{type(error).__name__}: {error}"
+            job.emit("", "error")
+            self.metrics.finished(job, now, "error")
 
     def step(self) -> None:
         """Admit, prefill the newcomers and join them to the batch, or decode one step; then send
-        every row its new text and drop the rows that finished or whose client left."""
+        every row its new text and drop the rows that finished or whose client left. A prefill
+        that fails fails its own requests only; the running batch goes on."""
         admitted = self.admit()
         if admitted:
-            fresh = self.engine.prefill([job.request for job in admitted])
+            try:
+                fresh = self.engine.prefill([job.request for job in admitted])
+            except Exception as error:
+                return self.fail(admitted, error)
             by_request = {id(job.request): job for job in admitted}
             fresh_jobs = [by_request[id(request)] for request in fresh.requests]
             if self.running is None:
@@ -156,9 +166,10 @@ class ServingLoop:
             job.tokens = len(self.running.tokens[row])
             text = self.engine.text(self.running, row)
             if reason is None:
-                # Hold back what a stop string could still claim, and an unfinished UTF-8 sequence.
+                # Hold back an unfinished UTF-8 sequence, then what a stop string could still claim.
                 hold = max((len(stop) - 1 for stop in job.request.stop), default=0)
-                ready = text[: max(job.sent, len(text) - hold)].rstrip("\ufffd")
+                visible = text.rstrip("\ufffd")
+                ready = visible[: max(job.sent, len(visible) - hold)]
                 if len(ready) > job.sent:
                     job.emit(ready[job.sent :], None)
                     job.sent = len(ready)

@@ -53,7 +53,9 @@ def pick_token(logits: torch.Tensor, request: Request, generator: torch.Generato
     """One row's next token from its logits [V]: greedy, or sampled as `request` asks."""
     if request.temperature == 0:
         return int(logits.argmax())
-    probabilities = torch.softmax(logits.float() / request.temperature, dim=-1)
+    logits = logits.float()
+    # Shifted so that the largest is 0: a tiny temperature cannot overflow to inf (and NaN).
+    probabilities = torch.softmax((logits - logits.max()) / request.temperature, dim=-1)
     if request.top_p < 1:
         ordered, order = probabilities.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the most likely token always).
@@ -169,7 +171,11 @@ class Engine:
         return text[: min(cuts)] if cuts else text
 
     def decoded(self, request: Request, tokens: list[int]) -> str:
-        return self.tokenizer_of(request.tenant).decode(tokens, skip_special_tokens=True)
+        """The tokens' text. Without the cleanup of spaces before punctuation, which rewrites text
+        already sent: decoding a prefix of the tokens then gives a prefix of the text, and a stream
+        equals the whole answer."""
+        tokenizer = self.tokenizer_of(request.tenant)
+        return tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def finish_reason(self, request: Request, tokens: list[int]) -> str | None:
         if not request.ignore_eos and tokens[-1] in self.eos_ids(request.tenant):

@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager
 import uvicorn
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
 from openai.types import Completion, CompletionChoice, CompletionUsage, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
 from openai.types.chat.chat_completion import Choice as ChatChoice
@@ -63,18 +64,40 @@ class ApiError(Exception):
         return JSONResponse({"error": self.response_body()}, status_code=self.status)
 
 
-ABORTED = ApiError(503, "The server shut down before this request finished.", code="server_shutdown")
+def ended(job: Job, reason: str) -> ApiError:
+    """The error of a request the server could not finish: shut down ("abort"), or failed."""
+    if reason == "abort":
+        return ApiError(503, "The server shut down before this request finished.", code="server_shutdown")
+    return ApiError(500, f"The engine failed on this request: {job.error}", code="engine_error")
 
 
 def bad(param: str, message: str) -> ApiError:
     return ApiError(400, message, param=param)
 
 
+def is_plain_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_neutral(name: str, value: object) -> bool:
+    """A value of an unimplemented parameter that asks for nothing (clients such as LangChain's
+    send them by default): no penalty, no bias, one candidate, no echo, no log-probabilities."""
+    if name in ("presence_penalty", "frequency_penalty"):
+        return is_plain_number(value) and value == 0
+    if name == "best_of":
+        return type(value) is int and value == 1
+    if name in ("echo", "logprobs"):
+        return value is False
+    return name == "logit_bias" and value == {}
+
+
 def check_fields(body: dict, accepted: set[str]) -> None:
     for name, value in body.items():
-        if name not in accepted and name not in IGNORED_FIELDS and value is not None:
-            raise bad(name, f"Unsupported parameter '{name}': this server does not implement it.")
-    if body.get("n") not in (None, 1):
+        if name in accepted or name in IGNORED_FIELDS or value is None or is_neutral(name, value):
+            continue
+        raise bad(name, f"Unsupported parameter '{name}': this server does not implement it.")
+    n = body.get("n")
+    if n is not None and (type(n) is not int or n != 1):
         raise bad("n", "Only n=1 is supported.")
 
 
@@ -82,9 +105,12 @@ def number(body: dict, name: str, low: float, high: float, *, integer: bool = Fa
     value = body.get(name)
     if value is None:
         return None
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
-        raise bad(name, f"'{name}' must be {'an integer' if integer else 'a finite number'}, got {value!r}.")
+    try:
+        finite = is_plain_number(value) and math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite or (integer and not isinstance(value, int)):
+        raise bad(name, f"'{name}' must be {'an integer' if integer else 'a finite number'}, got {value!r:.40}.")
     if value < low or value > high or (low_open and value == low):
         interval = f"{'(' if low_open else '['}{low}, {high}]"
         raise bad(name, f"'{name}' must be in {interval}, got {value!r}.")
@@ -140,9 +166,9 @@ class Tenants:
         return name
 
     def context(self, name: str) -> int:
-        """The tokenizer's limit where it sets one, else the model's positions."""
+        """The model's positions, or the tokenizer's limit where it sets a smaller one."""
         limit = self.tokenizers[name].model_max_length
-        return limit if limit and limit < UNSET_CONTEXT else self.model_context
+        return min(limit, self.model_context) if limit and limit < UNSET_CONTEXT else self.model_context
 
 
 def sse(chunk) -> str:
@@ -202,8 +228,8 @@ class OpenAIServer:
 
         @app.get("/health")
         async def health():
-            if self.loop.error is not None or not self.loop.thread.is_alive():
-                return JSONResponse({"status": "unhealthy", "reason": repr(self.loop.error)}, status_code=503)
+            if not self.loop.thread.is_alive():
+                return JSONResponse({"status": "unhealthy", "reason": "the engine thread is not running"}, status_code=503)
             return {"status": "ok"}
 
         return app
@@ -223,7 +249,12 @@ class OpenAIServer:
         if chat:
             if not tokenizer.chat_template:
                 raise bad("messages", f"The model '{tenant}' has no chat template; use /v1/completions.")
-            text = tokenizer.apply_chat_template(chat_messages(body), add_generation_prompt=True, tokenize=False)
+            try:
+                text = tokenizer.apply_chat_template(chat_messages(body), add_generation_prompt=True, tokenize=False)
+            except (TemplateError, ValueError, TypeError) as error:  # the template refuses the messages
+                raise bad("messages", f"The chat template of '{tenant}' refused the messages: {error}") from None
+            if not text:
+                raise bad("messages", f"The chat template of '{tenant}' renders these messages to an empty prompt.")
             return text, tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote them
         text = body.get("prompt")
         if isinstance(text, list) and len(text) == 1:
@@ -242,7 +273,7 @@ class OpenAIServer:
         limit_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
         max_tokens = number(body, limit_name, 1, math.inf, integer=True)
         for flag in ("stream", "ignore_eos"):
-            if not isinstance(body.get(flag, False), bool):
+            if body.get(flag) is not None and not isinstance(body[flag], bool):
                 raise bad(flag, f"'{flag}' must be a boolean.")
         stop = stop_strings(body)
         text, ids = self.prompt(body, tenant, chat)
@@ -256,12 +287,12 @@ class OpenAIServer:
         if max_tokens is None:
             max_tokens = min(max(defaults.max_new_tokens or 0, MIN_DEFAULT_NEW_TOKENS), context - len(ids))
         if temperature is None:
-            temperature = defaults.temperature if defaults.do_sample else 0.0
+            temperature = (1.0 if defaults.temperature is None else defaults.temperature) if defaults.do_sample else 0.0
         if top_p is None:
             top_p = (defaults.top_p or 1.0) if defaults.do_sample else 1.0
         return Request(request_id=0, tenant=tenant, arrival_s=0.0, prompt=text, max_new_tokens=max_tokens,
                        temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-                       ignore_eos=body.get("ignore_eos", False), prompt_ids=tuple(ids))
+                       ignore_eos=bool(body.get("ignore_eos")), prompt_ids=tuple(ids))
 
     async def generate(self, http: HttpRequest, *, chat: bool):
         body = await self.read_body(http)
@@ -288,8 +319,8 @@ class OpenAIServer:
         if collected is None:  # the client left: nobody reads an answer
             return Response(status_code=499)
         text, reason = collected
-        if reason == "abort":
-            raise ABORTED
+        if reason in ("abort", "error"):
+            raise ended(job, reason)
         return JSONResponse(answer.whole(text, reason, job.tokens).model_dump(exclude_none=True))
 
     async def collect(self, http: HttpRequest, events: asyncio.Queue, job: Job) -> tuple[str, str] | None:
@@ -316,8 +347,8 @@ class OpenAIServer:
             while not finished:
                 text, reason = await events.get()
                 finished = reason is not None
-                if reason == "abort":
-                    yield f"data: {json.dumps({'error': ABORTED.response_body()})}\n\n"
+                if reason in ("abort", "error"):
+                    yield f"data: {json.dumps({'error': ended(job, reason).response_body()})}\n\n"
                     return
                 if text:
                     yield sse(answer.chunk(ChoiceDelta(content=text) if answer.chat else text))
