@@ -100,6 +100,7 @@ def test_a_right_padding_tokenizer_gets_the_same_tokens(multi, tokenizer, trace,
         ("max_new_tokens", -3, ValueError, "max_new_tokens of request 7 must be positive, got -3"),
         ("max_new_tokens", 2.5, TypeError, "max_new_tokens of request 7 must be an int"),
         ("arrival_s", float("nan"), ValueError, "arrival_s of request 7 must be a finite number, got nan"),
+        ("arrival_s", 10**400, ValueError, "arrival_s of request 7 must be a finite number, got 1000"),  # too big for a float
         ("arrival_s", -1.0, ValueError, "arrival_s of request 7 must be at least 0, got -1.0"),
         ("request_id", "7", TypeError, "request_id must be an int, got str '7'"),
     ],
