@@ -5,6 +5,7 @@ expert parallel), run every tenant and a mixed batch, generate, save, and report
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -81,6 +82,10 @@ if __name__ == "__main__":
     finally:
         # Leave together and close the process group, also after a refusal: a rank exiting with the
         # group open can abort in gloo's teardown ("terminate called without an active exception").
+        # The model is collected first: its sharded parameters' device mesh holds the group, and a
+        # model kept alive by a reference cycle (after a refused call) would otherwise release it
+        # only while the interpreter exits, where gloo's threads then abort the process.
+        gc.collect()
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
