@@ -13,6 +13,14 @@ import numbers
 from collections.abc import Callable
 
 
+def is_finite(value: numbers.Real) -> bool:
+    """Neither NaN nor infinite, nor an int too large for a float."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def check_number(
     name: str,
     value: object,
@@ -33,11 +41,7 @@ def check_number(
     if isinstance(value, bool) or not isinstance(value, kind):
         expected = "an int" if integer else "a number"
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}.")
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        finite = False
-    if not finite:
+    if not is_finite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r:.40}.")
     if positive and value <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}.")
@@ -63,4 +67,4 @@ def number_argument(name: str, *, integer: bool = False, **limits) -> Callable[[
     return parse
 
 
-__all__ = ["check_number", "number_argument"]
+__all__ = ["check_number", "is_finite", "number_argument"]

@@ -277,7 +277,6 @@ def run(setup: Setup, *, docs: Path | None = None, command: str = "", ratio_only
         plot(results, "mean_ttft_s", images / "serving_ttft.png")
         section = "\n\n".join(
             [
-                DOCS_BEGIN,
                 f"Command: `{command}`",
                 header,
                 "### Mixed-tenant batch vs one-tenant batch (decode)",
@@ -287,14 +286,19 @@ def run(setup: Setup, *, docs: Path | None = None, command: str = "", ratio_only
                 "### Trace replay: all systems",
                 table,
                 "![mean turnaround](img/serving_turnaround.png)\n\n![mean TTFT](img/serving_ttft.png)",
-                DOCS_END,
             ]
         )
-        text = docs.read_text() if docs.exists() else "# Benchmarks\n"
-        pattern = re.compile(re.escape(DOCS_BEGIN) + ".*?" + re.escape(DOCS_END), re.S)
-        text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
-        docs.write_text(text)
+        write_section(docs, DOCS_BEGIN, DOCS_END, section)
     return goals
+
+
+def write_section(path: Path, begin: str, end: str, body: str) -> None:
+    """Replace what lies between the markers `begin` and `end` in the markdown file `path` with
+    `body`; where the markers are not there yet, append them with `body` (to a new file too)."""
+    block = f"{begin}\n\n{body}\n\n{end}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    path.write_text(pattern.sub(lambda _: block, text) if pattern.search(text) else f"{text.rstrip()}\n\n{block}\n")
 
 
 def shape_argument(text: str) -> tuple[int, int]:

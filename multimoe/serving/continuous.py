@@ -138,14 +138,9 @@ class ServingLoop:
                 fresh = self.engine.prefill([job.request for job in admitted])
             except Exception as error:
                 return self.fail(admitted, error)
-            by_request = {id(job.request): job for job in admitted}
-            fresh_jobs = [by_request[id(request)] for request in fresh.requests]
-            if self.running is None:
-                self.running, self.jobs = fresh, fresh_jobs
-            else:
-                self.running = self.running.merge(fresh, self.engine.model.config)
-                jobs = {id(job.request): job for job in self.jobs + fresh_jobs}
-                self.jobs = [jobs[id(request)] for request in self.running.requests]
+            jobs = {id(job.request): job for job in self.jobs + admitted}
+            self.running = fresh if self.running is None else self.running.merge(fresh, self.engine.model.config)
+            self.jobs = [jobs[id(request)] for request in self.running.requests]  # in the batch's (tenant) order
         elif self.running is not None:
             self.running = self.engine.decode(self.running)
         else:

@@ -42,7 +42,6 @@ import json
 import math
 import os
 import random
-import re
 import signal
 import socket
 import subprocess
@@ -61,6 +60,7 @@ from transformers import AutoConfig
 
 from .. import testbed
 from ..validation import number_argument
+from .bench import write_section
 
 TENANTS = tuple(testbed.TASKS)  # add, reverse, sort, shift
 SYSTEMS = ("multimoe", "transformers")
@@ -399,15 +399,6 @@ def ratios(reports: list[Report]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(path: Path, flood: bool, section: str) -> None:
-    """Replace the section between this mix's markers in `path` (appended where there are none)."""
-    begin, end = DOCS_MARKERS[flood]
-    block = f"{begin}\n\n{section}\n\n{end}"
-    text = path.read_text()
-    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
-    path.write_text(pattern.sub(lambda _: block, text) if pattern.search(text) else f"{text.rstrip()}\n\n{block}\n")
-
-
 def main(argv: list[str] | None = None) -> list[Report]:
     parser = argparse.ArgumentParser(prog="python -m multimoe.serving.load", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -460,7 +451,7 @@ def main(argv: list[str] | None = None) -> list[Report]:
     print(section)
     if args.write_docs:
         command = "python -m multimoe.serving.load" + (" " + " ".join(argv) if argv else "")
-        write_docs(Path(args.write_docs), args.flood, f"Command: `{command}`\n\n{section}")
+        write_section(Path(args.write_docs), *DOCS_MARKERS[args.flood], f"Command: `{command}`\n\n{section}")
     if any(report.errors or report.lost for report in reports):
         raise SystemExit(1)
     return reports

@@ -31,6 +31,7 @@ from openai.types.chat.chat_completion import Choice as ChatChoice
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice, ChoiceDelta
 from transformers import PreTrainedTokenizerBase
 
+from ..validation import is_finite
 from .continuous import Job, ServingLoop
 from .engine import Engine
 from .metrics import ServingMetrics
@@ -105,11 +106,7 @@ def number(body: dict, name: str, low: float, high: float, *, integer: bool = Fa
     value = body.get(name)
     if value is None:
         return None
-    try:
-        finite = is_plain_number(value) and math.isfinite(value)
-    except OverflowError:  # an integer too large for a float
-        finite = False
-    if not finite or (integer and not isinstance(value, int)):
+    if not (is_plain_number(value) and is_finite(value)) or (integer and not isinstance(value, int)):
         raise bad(name, f"'{name}' must be {'an integer' if integer else 'a finite number'}, got {value!r:.40}.")
     if value < low or value > high or (low_open and value == low):
         interval = f"{'(' if low_open else '['}{low}, {high}]"
