@@ -120,7 +120,7 @@ def serve_command(args: argparse.Namespace) -> None:
     from .serving.openai_server import OpenAIServer, load_for_serving, serve
 
     model, tokenizer = load_for_serving(args.source, testbed=args.testbed, device=args.device, dtype=args.dtype)
-    server = OpenAIServer(model, tokenizer, tenant_tokenizers=getattr(model, "tenant_tokenizers", {}),
+    server = OpenAIServer(model, tokenizer, tenant_tokenizers=model.tenant_tokenizers,
                           max_batch_size=args.max_batch_size, shutdown_timeout_s=args.shutdown_timeout)
     print(f"serving {', '.join(model.tenants)} at http://{args.host}:{args.port}/v1", flush=True)
     serve(server, host=args.host, port=args.port)
