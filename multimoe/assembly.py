@@ -286,7 +286,12 @@ class TenantSet:
         """The tokenizers of the tenants whose source has its own (a copy per model built)."""
         return {name: copy.deepcopy(c.tokenizer) for name, c in self.checkpoints.items() if c.tokenizer is not None}
 
-    def config(self, pool_sizes: list[int], expert_maps: dict[str, list[list[int]]]) -> MultiTenantConfigMixin:
+    def config(
+        self,
+        pool_sizes: list[int],
+        expert_maps: dict[str, list[list[int]]],
+        delta_ranks: dict[str, list[list[int]]] | None = None,
+    ) -> MultiTenantConfigMixin:
         fields = self.reference.to_dict()
         for field in ("model_type", "architectures", "transformers_version", "auto_map"):
             fields.pop(field, None)
@@ -301,6 +306,9 @@ class TenantSet:
             }
             for name, checkpoint in self.checkpoints.items()
         }
+        for name, ranks in (delta_ranks or {}).items():
+            if any(any(row) for row in ranks):
+                tenants[name]["delta_ranks"] = ranks
         return config_class_for(self.family)(
             **fields
             | self.settings
@@ -314,25 +322,36 @@ class TenantSet:
         )
 
 
-PoolBuilder = Callable[[int, dict[str, ExpertTensors]], tuple[list[ExpertTensors], dict[str, list[int]]]]
+# Per tenant with deltas in a layer: the rank of each local expert's delta and its delta tensors,
+# named relative to the family's experts module (`multimoe.expert_deltas`).
+LayerDeltas = dict[str, tuple[list[int], dict[str, torch.Tensor]]]
+PoolBuilder = Callable[
+    [int, dict[str, ExpertTensors]],
+    "tuple[list[ExpertTensors], dict[str, list[int]]] | tuple[list[ExpertTensors], dict[str, list[int]], LayerDeltas]",
+]
 
 
 def assemble(tenants: TenantSet, pool_for_layer: PoolBuilder) -> tuple[MultiTenantConfigMixin, dict[str, torch.Tensor]]:
     """Config and state dict of a multi-tenant model whose pools `pool_for_layer` decides.
 
     `pool_for_layer(layer_idx, experts)` gets every tenant's experts of that layer and returns
-    the pool entries and, per tenant, the local expert -> pool index map.
+    the pool entries and, per tenant, the local expert -> pool index map; and, optionally, the
+    tenants' low-rank deltas of that layer (`LayerDeltas`).
     """
     state_dict: dict[str, torch.Tensor] = {}
     pool_sizes: list[int] = []
     expert_maps: dict[str, list[list[int]]] = {name: [] for name in tenants.names}
+    delta_ranks: dict[str, list[list[int]]] = {name: [] for name in tenants.names}
+    experts_modules = tenants.family.experts_modules(tenants.reference)
     for layer_idx in range(tenants.num_layers):
         if not tenants.sparse_layers[layer_idx]:  # a dense layer: every tenant keeps its own MLP
             pool_sizes.append(0)
             for name in tenants.names:
                 expert_maps[name].append([])
+                delta_ranks[name].append([])
             continue
-        pool, maps = pool_for_layer(layer_idx, tenants.layer_experts(layer_idx))
+        pool, maps, *deltas = pool_for_layer(layer_idx, tenants.layer_experts(layer_idx))
+        deltas = deltas[0] if deltas else {}
         stacked = tuple(torch.stack([entry[index] for entry in pool]) for index in range(len(pool[0])))
         prefix = tenants.family.multitenant_key(f"{tenants.layer_paths[layer_idx]}.experts")
         for name, tensor in tenants.family.experts_state(tenants.reference, stacked).items():
@@ -340,9 +359,14 @@ def assemble(tenants: TenantSet, pool_for_layer: PoolBuilder) -> tuple[MultiTena
         pool_sizes.append(len(pool))
         for name in tenants.names:
             expert_maps[name].append(maps[name])
+            ranks, state = deltas.get(name, ([0] * len(maps[name]), {}))
+            delta_ranks[name].append(ranks)
+            for key, tensor in state.items():
+                key = f"{experts_modules[layer_idx]}.{key}"
+                state_dict[tenants.family.tenant_key(key, name, tenants.layer_paths)] = tensor
         del pool
     state_dict.update(tenants.own_tensors_side_by_side())
-    return tenants.config(pool_sizes, expert_maps), state_dict
+    return tenants.config(pool_sizes, expert_maps, delta_ranks), state_dict
 
 
 def assemble_lossless(tenants: TenantSet) -> tuple[MultiTenantConfigMixin, dict[str, torch.Tensor]]:

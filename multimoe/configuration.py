@@ -61,7 +61,9 @@ class MultiTenantConfigMixin:
         to a pool index (empty for a dense layer); `tie_word_embeddings`, whether this tenant's
         lm_head shares its embedding matrix; `pad_token_id`, its embedding's padding token (the
         model's when absent, as in earlier releases); and `source`, where the tenant came from
-        (informational, may be `None`). config.json stores it as a list of entries with a `name`
+        (informational, may be `None`); and, where the tenant keeps low-rank expert deltas
+        (`multimoe.expert_deltas`), `delta_ranks`, shaped like `expert_map`: the rank of each local
+        expert's delta (0: none; absent: no deltas). config.json stores it as a list of entries with a `name`
         each, because transformers writes JSON with sorted keys, which would reorder a mapping;
         the mapping form of earlier releases still loads, in its stored order.
     default_tenant (`str`):
@@ -150,6 +152,11 @@ class MultiTenantConfigMixin:
     def expert_map(self, tenant: str, layer_idx: int) -> list[int]:
         return self.tenants[tenant]["expert_map"][layer_idx]
 
+    def delta_ranks(self, tenant: str, layer_idx: int) -> list[int]:
+        """The rank of each of the tenant's local experts' deltas in layer `layer_idx` (0: none)."""
+        ranks = self.tenants[tenant].get("delta_ranks")
+        return ranks[layer_idx] if ranks is not None else [0] * len(self.expert_map(tenant, layer_idx))
+
     def check_tenant_maps(self) -> None:
         """Reject maps that would index past the pool, before any module is built from them."""
         layers, experts = len(self.family.layer_paths(self)), self.num_routed_experts
@@ -182,10 +189,25 @@ class MultiTenantConfigMixin:
                             f"Tenant {name!r}, layer {layer_idx}: pool index {pool_idx!r} is outside the pool "
                             f"of {pool_sizes[layer_idx]} experts."
                         )
+            self.check_delta_ranks(name, spec.get("delta_ranks"))
         if self.default_tenant not in self.tenants:
             raise ValueError(
                 f"default_tenant {self.default_tenant!r} is not one of the tenants {self.tenant_names}."
             )
+
+    def check_delta_ranks(self, name: str, ranks: object) -> None:
+        """`delta_ranks`, where given, must be shaped like the tenant's `expert_map` and hold ints >= 0."""
+        if ranks is None:
+            return
+        expert_map = self.tenants[name]["expert_map"]
+        if not isinstance(ranks, list) or len(ranks) != len(expert_map):
+            raise ValueError(f"Tenant {name!r}: delta_ranks must have one row per layer ({len(expert_map)}).")
+        for layer_idx, (row, experts) in enumerate(zip(ranks, expert_map)):
+            if not isinstance(row, list) or len(row) != len(experts) or not all(is_index(r) and r >= 0 for r in row):
+                raise ValueError(
+                    f"Tenant {name!r}, layer {layer_idx}: delta_ranks row must list {len(experts)} ranks (ints >= 0), "
+                    f"got {row!r}."
+                )
 
 
 def multitenant_config_class(family: Family) -> type[PreTrainedConfig]:

@@ -67,6 +67,43 @@ class LegacyExperts:
 
 
 @dataclass(frozen=True)
+class ExpertProgram:
+    """How one expert of a fused pool computes, on its declared layout: `first` (with `first_bias`),
+    then `between` (the family's gate or activation), then `second` (with `second_bias`); each
+    matrix stored [out, in], or [in, out] when `transposed`. What low-rank deltas correct
+    (`multimoe.expert_deltas`)."""
+
+    first: str
+    second: str
+    first_bias: str | None = None
+    second_bias: str | None = None
+    transposed: bool = False
+
+    def tensor(self, pool: nn.Module, name: str, entry: int) -> torch.Tensor:
+        return getattr(pool, name)[entry]
+
+    def product(self, pool: nn.Module, name: str, entry: int, rows: torch.Tensor) -> torch.Tensor:
+        weight = self.tensor(pool, name, entry)
+        return rows @ weight if self.transposed else rows @ weight.T
+
+    def between(self, pool: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return pool._apply_gate(hidden) if pool.has_gate else pool.act_fn(hidden)
+
+
+class PerExpertProgram(ExpertProgram):
+    """An `ExpertProgram` over a container of one module per expert (Switch's `expert_<e>`, each
+    `wi`, activation, dropout, `wo`)."""
+
+    def tensor(self, pool: nn.Module, name: str, entry: int) -> torch.Tensor:
+        return list(pool.children())[entry].get_parameter(name)
+
+    def between(self, pool: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        expert = next(iter(pool.children()))  # every entry has the same activation and dropout
+        hidden = expert.dropout(expert.act(hidden))
+        return hidden.to(self.tensor(pool, self.second, 0).dtype)
+
+
+@dataclass(frozen=True)
 class Family:
     """The declarative adapter of one MoE family (see the module docstring)."""
 
@@ -212,6 +249,27 @@ class Family:
     def experts_call(self, index: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The routing arguments an experts module takes for expert `index[t]` per token, with `weights`."""
         return index, weights
+
+    def routing_slots(self, routing: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each pick of the routing a block passes its experts, as (token, expert, weight) per pick."""
+        tokens, picks = routing.shape
+        token = torch.arange(tokens, device=routing.device).repeat_interleave(picks)
+        return token, routing.reshape(-1), weights.reshape(-1)
+
+    def expert_program(self, pool: nn.Module) -> ExpertProgram:
+        """How the pool's experts compute (see `ExpertProgram`), read off the flags transformers'
+        `use_experts_implementation` gives the family's experts class."""
+        if getattr(pool, "has_post_expert_norm", False):
+            raise UnsupportedFamilyError(f"{self.model_type}: low-rank deltas do not support experts with a post-expert norm.")
+        first = "gate_up_proj" if pool.has_gate else "up_proj"
+        biases = pool.has_bias
+        return ExpertProgram(
+            first, "down_proj", f"{first}_bias" if biases else None, "down_proj_bias" if biases else None, pool.is_transposed
+        )
+
+    def expert_shapes(self, pool: nn.Module) -> dict[str, torch.Size]:
+        """One expert's tensors' shapes, by name (`expert_parameter_names`), read off a pool."""
+        return {name: tensor.shape[1:] for name, tensor in pool.named_parameters()}
 
     def expert_outputs(self, config: PreTrainedConfig, experts: tuple[torch.Tensor, ...], inputs: torch.Tensor):
         """Every expert's output on every input row, [E, N, H], computed by the family's own experts
@@ -452,6 +510,16 @@ class Seq2SeqFamily(Family):
         count = int(index.max()) + 1
         return nn.functional.one_hot(index, count), weights
 
+    def routing_slots(self, routing: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        token, pick, expert = routing.nonzero().unbind(1)  # a token dropped by capacity has no pick
+        return token, expert, weights[token, pick]
+
+    def expert_program(self, pool: nn.Module) -> ExpertProgram:
+        return PerExpertProgram("wi.weight", "wo.weight")
+
+    def expert_shapes(self, pool: nn.Module) -> dict[str, torch.Size]:
+        return {name: tensor.shape for name, tensor in next(iter(pool.children())).named_parameters()}
+
     @cached_property
     def expert_key_pattern(self) -> re.Pattern:
         stacks = "|".join(self.stacks)
@@ -512,4 +580,4 @@ register(Family("deepseek_v3", legacy=PROJECTION_LEGACY))
 register(Family("gpt_oss"))
 register(Seq2SeqFamily("switch_transformers"))
 
-__all__ = ["FAMILIES", "Family", "LegacyExperts", "Seq2SeqFamily", "UnsupportedFamilyError", "family_for", "register"]
+__all__ = ["FAMILIES", "ExpertProgram", "Family", "LegacyExperts", "Seq2SeqFamily", "UnsupportedFamilyError", "family_for", "register"]

@@ -21,13 +21,15 @@ def parameter_bytes(modules: list[nn.Module]) -> int:
 class MemoryReport:
     """Parameter bytes; `source_models_bytes` is what the tenants' original checkpoints hold together;
     `padding_bytes`, the part of `pool_bytes` that pads the pools for expert parallelism (entries
-    no tenant reads, held only while loaded so)."""
+    no tenant reads, held only while loaded so); `delta_bytes`, the part of `tenant_bytes` that
+    holds the tenants' low-rank expert deltas (`multimoe.expert_deltas`)."""
 
     pool_bytes: int
     tenant_bytes: dict[str, int]
     total_bytes: int
     source_models_bytes: int
     padding_bytes: int = 0
+    delta_bytes: int = 0
 
     @property
     def saving(self) -> float:
@@ -45,12 +47,14 @@ class MemoryReport:
         tenant_bytes = {name: parameter_bytes(list(model.tenant_modules(name).values())) for name in config.tenants}
         expert_bytes = parameter_bytes([pools[0]]) // sparse[0].pool_size  # every entry is one expert's size
         one_model_experts = len(pools) * config.num_routed_experts * expert_bytes
+        delta_bytes = parameter_bytes([own for layer in sparse for own in layer.tenant_experts()])
         return cls(
             pool_bytes=pool_bytes,
             tenant_bytes=tenant_bytes,
             total_bytes=parameter_bytes([model]),
-            source_models_bytes=sum(tenant_bytes.values()) + len(tenant_bytes) * one_model_experts,
+            source_models_bytes=sum(tenant_bytes.values()) - delta_bytes + len(tenant_bytes) * one_model_experts,
             padding_bytes=config.padding_entries() * expert_bytes,
+            delta_bytes=delta_bytes,
         )
 
     def to_markdown(self) -> str:
@@ -59,6 +63,8 @@ class MemoryReport:
         if self.padding_bytes:
             rows.append(f"| of which padding for expert parallelism | {self.padding_bytes / mib:.2f} |")
         rows += [f"| tenant `{name}` (own layers) | {size / mib:.2f} |" for name, size in self.tenant_bytes.items()]
+        if self.delta_bytes:
+            rows.append(f"| of which low-rank expert deltas, all tenants | {self.delta_bytes / mib:.2f} |")
         rows += [
             f"| **total** | **{self.total_bytes / mib:.2f}** |",
             f"| {len(self.tenant_bytes)} source models | {self.source_models_bytes / mib:.2f} |",

@@ -59,6 +59,7 @@ from .checkpoints import (
 )
 from .concurrency import TenantLock
 from .configuration import MultiTenantConfigMixin, config_class_for
+from .expert_deltas import DeltaLayout, ExpertDeltas, run_with_deltas
 from .families import FAMILIES, Family
 from .generation import generation_for_rows
 from .hub import push_to_hub, write_model_card
@@ -133,9 +134,10 @@ def unregistered(module: nn.Module, **references) -> None:
 # -- a tenant's layer: the family's own, its experts reading the shared pool ---------------------
 
 
-class TenantExperts(nn.Module):
+class TenantExperts(ExpertDeltas, nn.Module):
     """Where a tenant's sparse block keeps its experts: the map from its E local experts to the
-    layer's pool entries. The family's block calls it exactly as it calls its own experts
+    layer's pool entries, and the tenant's low-rank deltas of them where it has any
+    (`multimoe.expert_deltas`). The family's block calls it exactly as it calls its own experts
     (`experts(hidden, top_k_index, top_k_weights)`, or Switch's one-hot dispatch mask), so the
     family's router, shared experts and scaling run unchanged; it only maps the routing to pool
     entries (`Family.pool_routing`) and calls the pool."""
@@ -145,12 +147,16 @@ class TenantExperts(nn.Module):
         unregistered(self, layer=layer)
         self.tenant = tenant
         self.register_buffer("expert_map", self.expert_map_from(layer.config), persistent=False)
+        ranks = DeltaLayout(tuple(layer.config.delta_ranks(tenant, layer.layer_idx)))
+        self.register_deltas(ranks, layer.config.family.expert_shapes(layer.experts), layer.experts_dtype)
 
     def expert_map_from(self, config: MultiTenantConfigMixin) -> torch.Tensor:
         return torch.tensor(config.expert_map(self.tenant, self.layer.layer_idx), dtype=torch.long)
 
     def forward(self, hidden_states: torch.Tensor, routing: torch.Tensor, weights: torch.Tensor):
         layer = self.layer
+        if self.has_deltas:
+            return layer.run_with_deltas([self], hidden_states, routing, weights, owner=None)
         pool_routing = layer.config.family.pool_routing(routing, self.expert_map, layer.pool_size)
         return call_pool(layer.experts, hidden_states, pool_routing, weights)
 
@@ -387,8 +393,13 @@ class RowMappedPool(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, routing: torch.Tensor, weights: torch.Tensor):
         rows, layer = MIXED_ROUTING.get(), self.layer
-        maps = rows.per_row([own.expert_map for own in layer.tenant_experts()])
-        maps = maps.repeat_interleave(routing.shape[0] // rows.batch_size, dim=0)
+        owners = layer.tenant_experts()
+        per_token = routing.shape[0] // rows.batch_size
+        if any(owners[index].has_deltas for index in set(rows.tenant_ids.tolist())):
+            owner = rows.tenant_ids.repeat_interleave(per_token)
+            return layer.run_with_deltas(owners, hidden_states, routing, weights, owner)
+        maps = rows.per_row([own.expert_map for own in owners])
+        maps = maps.repeat_interleave(per_token, dim=0)
         pool_routing = layer.config.family.pool_routing(routing, maps, layer.pool_size)
         return call_pool(layer.experts, hidden_states, pool_routing, weights)
 
@@ -482,6 +493,31 @@ class MultiTenantDecoderLayer(nn.Module):
     def tenant_experts(self) -> list[TenantExperts]:
         """Each tenant's `TenantExperts`, in the tenants' order."""
         return [own.get_submodule(self.experts_path) for own in self.tenants.values()]
+
+    @property
+    def experts_dtype(self) -> torch.dtype:
+        return next(self.experts.parameters()).dtype
+
+    def run_with_deltas(
+        self,
+        owners: list[TenantExperts],
+        hidden_states: torch.Tensor,
+        routing: torch.Tensor,
+        weights: torch.Tensor,
+        owner: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The pool's output with each token's pick corrected by its tenant's delta (`owner`: each
+        token's index into `owners`; `None`: all of `owners[0]`)."""
+        if getattr(self.experts, "_is_expert_parallel", False):
+            raise NotImplementedError("Low-rank expert deltas do not run expert parallel; load without ep_size.")
+        family = self.config.family
+        token, local, weight = family.routing_slots(routing, weights)
+        maps = torch.stack([own.expert_map for own in owners])
+        slot_owner = torch.zeros_like(local) if owner is None else owner[token]
+        entry = maps[slot_owner, local]
+        key = slot_owner * maps.shape[1] + local
+        program = family.expert_program(self.experts)
+        return run_with_deltas(self.experts, program, hidden_states, (token, entry, weight, key), owners)
 
     @property
     def mixed(self) -> nn.Module:
@@ -648,6 +684,8 @@ class MultiTenantPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, TenantExperts):
             init.copy_(module.expert_map, module.expert_map_from(self.config))
+            for delta in module.parameters(recurse=False):
+                init.zeros_(delta)
         elif not isinstance(module, MultiTenantDecoderLayer):
             super()._init_weights(module)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -24,8 +24,9 @@ from ..checkpoints import TenantSource
 from ..modeling import MultiTenantLM, classes_for
 from ..validation import check_number
 from .calibration import CalibrationStats, collect, language_model_loss, per_tenant_data
+from .deltas import DeltaCost, auto_ranks, check_delta_rank, energy_gains, layer_delta_state
 from .grouping import ExpertGroup, get_grouping
-from .merging import NEEDS_USAGE, MergeGroup, get_merge
+from .merging import KEEPS_A_MEMBER, NEEDS_USAGE, MergeGroup, get_merge
 from .report import ConsolidationReport, LayerReport
 from .similarity import NEEDS_CALIBRATION, expert_runner, get_metric
 
@@ -89,6 +90,7 @@ class Footprint:
     own: dict[str, int]  # each tenant's non-expert parameters (a tied lm_head is stored once)
     expert: int  # one expert
     experts_per_model: int  # layers x experts
+    delta: DeltaCost  # bytes of low-rank deltas
 
     @classmethod
     def of(cls, tenants: TenantSet) -> Footprint:
@@ -98,7 +100,8 @@ class Footprint:
         expert_keys = tenants.checkpoints[tenants.names[0]].expert_keys(sparse_layer)
         num_experts = tenants.shapes[expert_keys[0]][0]
         expert = sum(math.prod(tenants.shapes[key][1:]) for key in expert_keys) * itemsize
-        return cls(own, expert, sum(tenants.sparse_layers) * num_experts)
+        delta = DeltaCost.of([tenants.shapes[key][1:] for key in expert_keys], itemsize)
+        return cls(own, expert, sum(tenants.sparse_layers) * num_experts, delta)
 
     @property
     def one_model(self) -> int:
@@ -145,9 +148,12 @@ class Planner:
         grouping: str,
         stats: CalibrationStats | None,
         progress: bool,
+        spectra: bool = False,
     ):
         self.tenants, self.footprint = tenants, footprint
-        self.anchor = anchor
+        self.anchor, self.spectra = anchor, spectra
+        # (layer, group, tenant) -> the energy each rank of a delta would capture (`delta_rank="auto"`)
+        self.gains: dict[tuple[int, int, str], torch.Tensor] = {}
         self.others = [name for name in tenants.names if name != anchor]
         self.metric, self.grouping, self.progress = metric, grouping, progress
         self.experts = tenants.checkpoints[tenants.names[0]].num_experts
@@ -164,12 +170,23 @@ class Planner:
             }
             self.groups[layer_idx] = group(self.anchor, distances)
             self.compared_distances[layer_idx] = distances[self.others[0]]
+            if spectra:
+                for group_idx, members in enumerate(self.groups[layer_idx]):
+                    anchor_member = [tensor[members.members[self.anchor]] for tensor in experts[self.anchor]]
+                    for name in self.others:
+                        difference = [t[members.members[name]] - a for t, a in zip(experts[name], anchor_member)]
+                        self.gains[layer_idx, group_idx, name] = energy_gains(difference, footprint.delta.max_rank)
         self.candidates = sorted(
             Candidate(group.distances[name], layer_idx, group_idx, name)
             for layer_idx, groups in enumerate(self.groups)
             for group_idx, group in enumerate(groups)
             for name in self.others
         )
+
+    def importance(self, candidate: Candidate) -> float:
+        """How much merging `candidate` is expected to cost, on a scale shared by all candidates:
+        what `delta_rank="auto"` weighs a delta's recovered energy by."""
+        return candidate.distance**2
 
     def inputs(self, stats: CalibrationStats | None, name: str, layer_idx: int) -> torch.Tensor | None:
         """What both tenants of a candidate merge feed this layer's experts: the merged expert
@@ -180,21 +197,42 @@ class Planner:
 
 
 @dataclass(frozen=True)
+class DeltaSettings:
+    """`consolidate(delta_rank=...)`: a rank for every merged expert, or `"auto"`; and whether the
+    merge rule keeps one member unchanged (that member needs no delta), else every member of a
+    touched group gets one."""
+
+    rank: int | str
+    keeps_member: bool
+
+
+CandidateKey = tuple[int, int, str]  # (layer, group, tenant)
+
+
+def key_of(candidate: Candidate) -> CandidateKey:
+    return candidate.layer, candidate.group, candidate.tenant
+
+
+@dataclass(frozen=True)
 class Plan:
-    """The candidates a threshold allows (closest first), how many of them to merge, and which
-    limit stopped further merging (the report's `deciding_limit`)."""
+    """The candidates a threshold allows (closest first), how many of them to merge, which limit
+    stopped further merging (the report's `deciding_limit`), and the rank of each merged
+    candidate's delta (none without `delta_rank`)."""
 
     planner: Planner
     allowed: list[Candidate]
     count: int
     deciding: str
+    deltas: DeltaSettings | None = None
+    ranks: dict[CandidateKey, int] = field(default_factory=dict)
 
     @classmethod
-    def within(cls, planner: Planner, threshold: float | None, budget: int | None) -> Plan:
+    def within(cls, planner: Planner, threshold: float | None, budget: int | None, deltas: DeltaSettings | None = None) -> Plan:
         allowed = [c for c in planner.candidates if threshold is None or c.distance <= threshold]
         if budget is None:
             everything = len(allowed) == len(planner.candidates)
-            return cls(planner, allowed, len(allowed), "none (every expert shared)" if everything else "threshold")
+            deciding = "none (every expert shared)" if everything else "threshold"
+            return cls(planner, allowed, len(allowed), deciding, deltas, fixed_ranks(allowed, deltas))
         footprint = planner.footprint
         if footprint.total(len(allowed)) > budget:  # without a threshold, refused before planning
             raise footprint.unreachable(
@@ -203,22 +241,80 @@ class Plan:
             )
         needed = footprint.merges_for(budget)
         identical = sum(1 for c in allowed if c.distance == 0)  # sharing these costs no quality
-        if needed > identical:
+        if needed <= identical:
+            return cls(planner, allowed, identical, "none (identical experts only; the budget does not bind)", deltas)
+        if deltas is None:
             return cls(planner, allowed, needed, "memory_budget")
-        return cls(planner, allowed, identical, "none (identical experts only; the budget does not bind)")
+        if deltas.rank == "auto":
+            count, ranks = auto_plan(planner, allowed, needed, budget)
+            return cls(planner, allowed, count, "memory_budget", deltas, ranks)
+        for count in range(needed, len(allowed) + 1):  # each merge frees an expert and may cost a delta
+            ranks = fixed_ranks(allowed[:count], deltas)
+            if footprint.total(count) + delta_bytes(footprint, ranks, deltas) <= budget:
+                return cls(planner, allowed, count, "memory_budget", deltas, ranks)
+        smallest = footprint.total(len(allowed)) + delta_bytes(footprint, fixed_ranks(allowed, deltas), deltas)
+        raise footprint.unreachable(budget, f"with deltas of rank {deltas.rank}: sharing every expert leaves", smallest)
 
 
-def pool_builder(planner: Planner, chosen: Sequence[Candidate], merge: str, stats: CalibrationStats | None):
+def fixed_ranks(merged: Sequence[Candidate], deltas: DeltaSettings | None) -> dict[CandidateKey, int]:
+    """`delta_rank=<int>`: that rank for every merged candidate that differs from its entry."""
+    if deltas is None or deltas.rank == "auto":
+        return {}
+    return {key_of(c): deltas.rank for c in merged if c.distance > 0}
+
+
+def delta_bytes(footprint: Footprint, ranks: Mapping[CandidateKey, int], deltas: DeltaSettings | None) -> int:
+    """Bytes of the planned deltas; where the merge rule changes every member, each touched group's
+    anchor member needs one too (of its group's largest rank)."""
+    if deltas is None:
+        return 0
+    planned = footprint.delta.bytes(list(ranks.values()))
+    if deltas.keeps_member:
+        return planned
+    largest: dict[tuple[int, int], int] = {}
+    for (layer, group, _), rank in ranks.items():
+        largest[layer, group] = max(rank, largest.get((layer, group), 0))
+    return planned + footprint.delta.bytes(list(largest.values()))
+
+
+# At most this many merge counts are tried by `delta_rank="auto"`, evenly spread.
+AUTO_MERGE_COUNTS = 64
+
+
+def auto_plan(planner: Planner, allowed: list[Candidate], needed: int, budget: int) -> tuple[int, dict[CandidateKey, int]]:
+    """`delta_rank="auto"`: how many candidates to merge and the rank of each merged one's delta.
+    Each merge beyond the `needed` ones frees an expert's bytes for ranks; the count chosen leaves
+    the least estimated harm: the merged candidates' importance, less what their ranks recover
+    (`deltas.auto_ranks`)."""
+    footprint = planner.footprint
+    step = max(1, (len(allowed) - needed) // AUTO_MERGE_COUNTS)
+    best = None
+    for count in [*range(needed, len(allowed), step), len(allowed)]:
+        merged = [c for c in allowed[:count] if c.distance > 0]
+        importance = [planner.importance(c) for c in merged]
+        ranks, recovered = auto_ranks(
+            importance, [planner.gains[key_of(c)] for c in merged], budget - footprint.total(count), footprint.delta
+        )
+        harm = sum(importance) - recovered
+        if best is None or harm < best[0]:
+            best = harm, count, {key_of(c): rank for c, rank in zip(merged, ranks) if rank}
+    return best[1], best[2]
+
+
+def pool_builder(plan: Plan, merges: int, merge: str, stats: CalibrationStats | None):
     """The pool of each sparse layer: one entry per group (its anchor and merged members), plus one
-    entry for every member that stays on its own."""
-    rule = get_merge(merge)
-    merged = {(c.layer, c.group, c.tenant) for c in chosen}
+    entry for every member that stays on its own; and, with `delta_rank`, each merged member's delta
+    against its entry."""
+    planner, rule = plan.planner, get_merge(merge)
+    merged = {key_of(c) for c in plan.allowed[:merges]}
+    names = planner.tenants.family.expert_parameter_names(planner.tenants.reference)
 
     def build(layer_idx: int, experts: dict[str, ExpertTensors]):
         def member(tenant: str, group: ExpertGroup) -> ExpertTensors:
             return tuple(tensor[group.members[tenant]] for tensor in experts[tenant])
 
         pool, maps = [], {name: [0] * planner.experts for name in planner.tenants.names}
+        ranks = {name: [0] * planner.experts for name in planner.tenants.names}
         for group_idx, group in enumerate(planner.groups[layer_idx]):
             joined = [planner.anchor] + [t for t in planner.others if (layer_idx, group_idx, t) in merged]
             evidence = {}
@@ -227,15 +323,29 @@ def pool_builder(planner: Planner, chosen: Sequence[Candidate], merge: str, stat
                 evidence["inputs"] = [stats.layer_inputs[t][layer_idx] for t in joined]
             members = [member(t, group) for t in joined]
             pool.append(rule(MergeGroup(members, run_experts=planner.run_experts, **evidence)))
-            for tenant in joined:
+            planned = [plan.ranks.get((layer_idx, group_idx, t), 0) for t in joined]
+            for tenant, tensors, rank in zip(joined, members, planned):
                 maps[tenant][group.members[tenant]] = len(pool) - 1
+                if plan.deltas is not None and not identical(tensors, pool[-1]):
+                    # A member the rule did not keep; the anchor takes the rank planned for the kept one.
+                    kept = [r for m, r in zip(members, planned) if identical(m, pool[-1])]
+                    ranks[tenant][group.members[tenant]] = rank or max(kept or planned)
             for tenant in planner.others:
                 if tenant not in joined:
                     pool.append(member(tenant, group))
                     maps[tenant][group.members[tenant]] = len(pool) - 1
-        return pool, maps
+        deltas = {
+            tenant: (row, layer_delta_state(names, experts[tenant], pool, maps[tenant], row))
+            for tenant, row in ranks.items()
+            if any(row)
+        }
+        return pool, maps, deltas
 
     return build
+
+
+def identical(a: ExpertTensors, b: ExpertTensors) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def most_sensitive_plan(
@@ -258,7 +368,7 @@ def most_sensitive_plan(
     planner = plan.planner
     if not any(c.distance > 0 for c in plan.allowed[: plan.count]):
         return plan, f"anchor {planner.anchor!r}: no probe, only identical experts are shared"
-    probe = losses(build(plan, len(plan.allowed), "average"))
+    probe = losses(build(replace(plan, deltas=None, ranks={}), len(plan.allowed), "average"))
     increase = {name: probe[name] - stats.losses[name] for name in planner.tenants.names}
     chosen = max(increase, key=increase.get)
     figures = ", ".join(f"{name} {value:+.4f}" for name, value in increase.items())
@@ -268,10 +378,11 @@ def most_sensitive_plan(
     if chosen == planner.anchor:
         return plan, note
     replanned = Planner(
-        planner.tenants, planner.footprint, chosen, planner.metric, planner.grouping, stats, planner.progress
+        planner.tenants, planner.footprint, chosen, planner.metric, planner.grouping, stats, planner.progress,
+        planner.spectra,
     )
     try:
-        return Plan.within(replanned, threshold, budget), note
+        return Plan.within(replanned, threshold, budget, plan.deltas), note
     except ValueError as error:
         raise ValueError(f"With the groups built around the most sensitive tenant {chosen!r}: {error}") from None
 
@@ -292,6 +403,7 @@ def consolidate(
     dtype: torch.dtype | str | None = None,
     revision: str | None = None,
     max_calibration_rows: int = 256,
+    delta_rank: int | str | None = None,
     progress: bool = True,
     **shared_settings,
 ) -> MultiTenantLM:
@@ -325,6 +437,11 @@ def consolidate(
             budget, and the report says so.
         max_calibration_rows: the most hidden states kept per tenant and layer, the inputs on which
             `output` similarity and `output_medoid` compare experts.
+        delta_rank: per-tenant low-rank expert deltas (`multimoe.expert_deltas`): each merged expert
+            that differs from its entry keeps the truncated SVD of the difference, of this rank (an
+            int), or of ranks chosen per expert within `memory_budget` (`"auto"`: the rank steps that
+            recover most of the merges' expected harm per byte, merging further where that frees
+            bytes that buy more). Their bytes count against the budget. `None` (or 0): no deltas.
         shared_settings: the value of a setting one model applies to every tenant, as in
             `MultiTenantForCausalLM.from_models` (e.g. `router_aux_loss_coef=0.02`).
 
@@ -339,6 +456,14 @@ def consolidate(
     check_settings(shared_settings)
     requested_budget = None if memory_budget is None else MemoryBudget.parse(memory_budget)
     get_metric(similarity), get_grouping(grouping), get_merge(merge)
+    delta_rank = check_delta_rank(delta_rank)
+    deltas = None if delta_rank is None else DeltaSettings(delta_rank, merge in KEEPS_A_MEMBER)
+    if delta_rank == "auto" and (memory_budget is None or merge not in KEEPS_A_MEMBER):
+        raise ValueError(
+            f"delta_rank='auto' spends a memory_budget on ranks planned against the member the merge rule keeps; "
+            f"it needs memory_budget= and a merge rule that keeps one member ({sorted(KEEPS_A_MEMBER)}), got "
+            f"memory_budget={memory_budget!r}, merge={merge!r}. Give an int rank otherwise."
+        )
     if not isinstance(models, Mapping) or len(models) < 2:
         raise ValueError("consolidate needs at least two tenants; for one, use MultiTenantForCausalLM.from_models.")
     if anchor not in ANCHOR_RULES and anchor not in models:
@@ -365,11 +490,11 @@ def consolidate(
 
     stats = collect(tenants, data, max_calibration_rows) if data is not None else None
     first_anchor = tenants.names[0] if anchor in ANCHOR_RULES else anchor
-    planner = Planner(tenants, footprint, first_anchor, similarity, grouping, stats, progress)
-    plan = Plan.within(planner, threshold, budget)
+    planner = Planner(tenants, footprint, first_anchor, similarity, grouping, stats, progress, delta_rank == "auto")
+    plan = Plan.within(planner, threshold, budget, deltas)
 
     def build(plan: Plan, merges: int, rule: str = merge) -> MultiTenantLM:
-        config, state_dict = assemble(tenants, pool_builder(plan.planner, plan.allowed[:merges], rule, stats))
+        config, state_dict = assemble(tenants, pool_builder(plan, merges, rule, stats))
         return classes_for(tenants.family)[2].from_assembly(tenants, config, state_dict).eval()
 
     def losses(model) -> dict[str, float]:
@@ -404,7 +529,7 @@ def consolidate(
         if budget is not None:  # the guard undid merges the budget needed (identical ones cost nothing)
             notes.append(
                 f"memory_budget not reached: max_quality_loss={max_quality_loss} stops at "
-                f"{footprint.describe(footprint.total(count))}, above the budget of {footprint.describe(budget)}."
+                f"{footprint.describe(footprint.total(count) + model.memory_report().delta_bytes)}, above the budget of {footprint.describe(budget)}."
             )
             warnings.warn(notes[-1], stacklevel=2)  # a model over budget must not pass unnoticed
 
@@ -423,13 +548,14 @@ def consolidate(
         )
     model.consolidation_report = ConsolidationReport(
         settings=dict(similarity=similarity, grouping=grouping, merge=merge, anchor=anchor, threshold=threshold,
-                      memory_budget=memory_budget, max_quality_loss=max_quality_loss),
+                      memory_budget=memory_budget, max_quality_loss=max_quality_loss, delta_rank=delta_rank),
         tenants=list(tenants.names),
         anchor=plan.planner.anchor,
         compared=plan.planner.others[0],
         layers=layer_reports,
         bytes_before=footprint.total(0),
-        bytes_after=footprint.total(count),
+        bytes_after=footprint.total(count) + model.memory_report().delta_bytes,
+        delta_bytes=model.memory_report().delta_bytes,
         budget_bytes=budget,
         deciding_limit=deciding,
         loss_before=stats.losses if stats is not None else None,

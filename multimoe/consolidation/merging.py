@@ -32,6 +32,8 @@ MERGE_RULES: Registry[MergeRule] = Registry("merge rule")
 register_merge = MERGE_RULES.register
 get_merge = MERGE_RULES.lookup
 NEEDS_USAGE = MERGE_RULES.needs_calibration
+# Rules whose entry is one member unchanged: that member needs no delta (`consolidate(delta_rank=)`).
+KEEPS_A_MEMBER = {"select", "keep_anchor", "output_medoid"}
 
 
 def identical(members: Sequence[ExpertTensors]) -> bool:
@@ -101,4 +103,4 @@ def output_medoid(group: MergeGroup) -> ExpertTensors:
     return group.members[min(range(len(group.members)), key=distortion)]
 
 
-__all__ = ["MERGE_RULES", "MergeGroup", "NEEDS_USAGE", "get_merge", "register_merge"]
+__all__ = ["KEEPS_A_MEMBER", "MERGE_RULES", "MergeGroup", "NEEDS_USAGE", "get_merge", "register_merge"]

@@ -35,6 +35,8 @@ class ConsolidationReport:
     loss_before: dict[str, float] | None = None
     loss_after: dict[str, float] | None = None
     notes: list[str] = field(default_factory=list)
+    delta_bytes: int = 0  # of bytes_after: the tenants' low-rank expert deltas
+    loss_after_recovery: dict[str, float] | None = None  # `recover_steps` / `multimoe.recover`
 
     @property
     def relative_loss_increase(self) -> dict[str, float] | None:
@@ -45,10 +47,11 @@ class ConsolidationReport:
     def to_markdown(self) -> str:
         mib = 2**20
         settings = ", ".join(f"{key}={value}" for key, value in self.settings.items())
+        deltas = f", of which {self.delta_bytes / mib:.2f} MiB low-rank expert deltas" if self.delta_bytes else ""
         lines = [
             f"**Consolidation** of {len(self.tenants)} tenants ({settings})",
             "",
-            f"Memory: {self.bytes_before / mib:.2f} MiB in the sources -> {self.bytes_after / mib:.2f} MiB "
+            f"Memory: {self.bytes_before / mib:.2f} MiB in the sources -> {self.bytes_after / mib:.2f} MiB{deltas} "
             f"({1 - self.bytes_after / self.bytes_before:.1%} saved). Deciding limit: **{self.deciding_limit}**. "
             f"Groups are built around the experts of {self.anchor!r}.",
             "",
@@ -61,11 +64,17 @@ class ConsolidationReport:
             lines.append(f"| {layer.layer} | {layer.pool_size} | {layer.merged} | {mean} | {largest} |")
         increase = self.relative_loss_increase
         if increase is not None:
-            lines += ["", "| tenant | calibration loss before | after | relative change |", "|---|---:|---:|---:|"]
+            recovered = self.loss_after_recovery or {}
+            header = "| tenant | calibration loss before | after merging | relative change |"
+            rule = "|---|---:|---:|---:|"
+            if recovered:
+                header, rule = header + " after recovery |", rule + "---:|"
+            lines += ["", header, rule]
             for name in self.tenants:
-                lines.append(
-                    f"| {name} | {self.loss_before[name]:.4f} | {self.loss_after[name]:.4f} | {increase[name]:+.2%} |"
-                )
+                row = f"| {name} | {self.loss_before[name]:.4f} | {self.loss_after[name]:.4f} | {increase[name]:+.2%} |"
+                if recovered:
+                    row += f" {recovered[name]:.4f} |" if name in recovered else " - |"
+                lines.append(row)
         lines += [f"- {note}" for note in self.notes]
         return "\n".join(lines)
 

@@ -1,0 +1,122 @@
+"""Planning and computing per-tenant low-rank expert deltas (`consolidate(delta_rank=...)`).
+
+A tenant whose expert joined a shared entry it differs from keeps the truncated SVD of the
+difference of each matrix (its expert minus the entry), and the whole difference of each bias: the
+best rank-r correction in Frobenius norm, computed without training (`multimoe.expert_deltas` runs
+it). `"auto"` spends the memory budget on ranks where they buy the most: a candidate merge's
+importance (its measured loss rise, or its squared distance) times the share of its weight
+difference's energy each further rank captures, per byte, largest first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..assembly import ExpertTensors
+from ..expert_deltas import delta_names
+
+
+def check_delta_rank(delta_rank: int | str | None) -> int | str | None:
+    """`None` or 0 (no deltas), an int rank >= 1 for every merged expert, or `"auto"`."""
+    if delta_rank is None or delta_rank == "auto":
+        return None if delta_rank is None else "auto"
+    if isinstance(delta_rank, bool) or not isinstance(delta_rank, int) or delta_rank < 0:
+        raise ValueError(f"delta_rank must be None, an int >= 0 or 'auto', got {delta_rank!r}.")
+    return delta_rank or None
+
+
+@dataclass(frozen=True)
+class DeltaCost:
+    """Bytes of deltas, from one expert's tensor shapes: per unit of rank (a row of each matrix's
+    two factors) and per expert with a delta (its whole bias differences)."""
+
+    per_rank: int
+    per_expert: int
+    max_rank: int
+
+    @classmethod
+    def of(cls, expert_shapes: Sequence[torch.Size], itemsize: int) -> DeltaCost:
+        matrices = [shape for shape in expert_shapes if len(shape) == 2]
+        per_rank = sum(shape[0] + shape[1] for shape in matrices) * itemsize
+        per_expert = sum(math.prod(shape) for shape in expert_shapes if len(shape) != 2) * itemsize
+        return cls(per_rank, per_expert, min(min(shape) for shape in matrices))
+
+    def bytes(self, ranks: Sequence[int]) -> int:
+        return sum(rank * self.per_rank + self.per_expert for rank in ranks if rank)
+
+
+def factors(difference: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The truncated SVD of `difference` [m, n] as `left` [r, m], `right` [r, n], with
+    `left.T @ right` its best rank-r approximation; the singular values are split evenly between
+    the two, so neither factor is tiny (bf16 storage, and recovery's gradients, treat them alike)."""
+    u, s, vh = torch.linalg.svd(difference.float(), full_matrices=False)
+    scale = s[:rank].sqrt()
+    return (u[:, :rank] * scale).T, scale[:, None] * vh[:rank]
+
+
+def energy_gains(difference: ExpertTensors, max_rank: int) -> torch.Tensor:
+    """The share of the difference's squared Frobenius norm (its matrices together) that each
+    further rank captures, [max_rank], decreasing."""
+    matrices = [tensor.float() for tensor in difference if tensor.dim() == 2]
+    total = sum(float(matrix.square().sum()) for matrix in matrices)
+    if total == 0:
+        return torch.zeros(max_rank)
+    gains = torch.zeros(max_rank)
+    for matrix in matrices:
+        values = torch.linalg.svdvals(matrix).square()[:max_rank]
+        gains[: len(values)] += values
+    return gains / total
+
+
+def layer_delta_state(
+    names: Sequence[str], own: ExpertTensors, pool: Sequence[ExpertTensors], row: Sequence[int], ranks: Sequence[int]
+) -> dict[str, torch.Tensor]:
+    """One tenant's delta tensors of one layer (names relative to its experts module), for its
+    stacked experts `own`, the layer's `pool` entries, its local -> entry map `row` and a rank per
+    local expert; in the experts' dtype."""
+    with_delta = [expert for expert, rank in enumerate(ranks) if rank]
+    state = {}
+    for index, name in enumerate(names):
+        dtype = own[index].dtype
+        differences = [own[index][expert].float() - pool[row[expert]][index].float() for expert in with_delta]
+        if own[index].dim() == 3:
+            pairs = [factors(difference, ranks[expert]) for difference, expert in zip(differences, with_delta)]
+            left, right = delta_names(name, True)
+            state[left] = torch.cat([pair[0] for pair in pairs]).to(dtype)
+            state[right] = torch.cat([pair[1] for pair in pairs]).to(dtype)
+        else:
+            state[delta_names(name, False)[0]] = torch.stack(differences).to(dtype)
+    return state
+
+
+def auto_ranks(
+    importance: Sequence[float], gains: Sequence[torch.Tensor], bytes_left: int, cost: DeltaCost
+) -> tuple[list[int], float]:
+    """Ranks for candidates of `importance` whose differences' energy gains per rank are `gains`,
+    within `bytes_left`: the rank steps with the largest importance x gain first (every rank costs
+    the same bytes; a candidate's first rank also costs its bias differences). Returns the ranks and
+    the importance they recover, by the estimate."""
+    ranks = [0] * len(importance)
+    if bytes_left <= 0 or not importance:
+        return ranks, 0.0
+    values = torch.cat([weight * gain for weight, gain in zip(importance, gains)])
+    owner = torch.cat([torch.full((len(gain),), index) for index, gain in enumerate(gains)])
+    recovered = 0.0
+    for step in torch.argsort(values, descending=True, stable=True).tolist():
+        index, value = int(owner[step]), float(values[step])
+        price = cost.per_rank + (0 if ranks[index] else cost.per_expert)
+        if value <= 0:
+            break
+        if price > bytes_left:
+            continue
+        ranks[index] += 1
+        bytes_left -= price
+        recovered += value
+    return ranks, recovered
+
+
+__all__ = ["DeltaCost", "auto_ranks", "check_delta_rank", "energy_gains", "factors", "layer_delta_state"]
