@@ -8,8 +8,8 @@ bias (gpt-oss) gets its whole difference. A tenant's deltas of one layer live in
 `TenantExperts` (trained with its other layers, saved and removed with it), one tensor per expert
 tensor, the experts' rank components one after another:
 
-    <name>_delta_left   [R, m]    R = sum of the layer's ranks (`config.delta_ranks`)
-    <name>_delta_right  [R, n]
+    <name>_delta_left   [R, m]    R = sum over the layer's experts of min(rank, m, n): a rank
+    <name>_delta_right  [R, n]          (`config.delta_ranks`) beyond a matrix's own is its full rank
     <bias>_delta        [D, m]    one row per expert with a delta (rank > 0)
 
 A call whose rows reach no delta runs the pool exactly as without deltas. Otherwise the pool still
@@ -33,22 +33,25 @@ def delta_names(name: str, is_matrix: bool) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class DeltaLayout:
-    """Where each local expert's delta lies in a tenant's delta tensors of one layer."""
+    """Where each local expert's delta lies in a tenant's delta tensors of one layer: a matrix whose
+    full rank is `cap` holds min(rank, cap) components of each expert, one expert after another."""
 
     ranks: tuple[int, ...]  # per local expert; 0: no delta
 
-    @property
-    def total_rank(self) -> int:
-        return sum(self.ranks)
+    def total_rank(self, cap: int) -> int:
+        return sum(min(rank, cap) for rank in self.ranks)
 
     @property
     def rows(self) -> int:
         """Experts with a delta: the rows of the bias deltas."""
         return sum(1 for rank in self.ranks if rank)
 
-    def span(self, expert: int) -> slice:
-        start = sum(self.ranks[:expert])
-        return slice(start, start + self.ranks[expert])
+    def span(self, expert: int, cap: int) -> slice:
+        start = self.total_rank_before(expert, cap)
+        return slice(start, start + min(self.ranks[expert], cap))
+
+    def total_rank_before(self, expert: int, cap: int) -> int:
+        return sum(min(rank, cap) for rank in self.ranks[:expert])
 
     def row(self, expert: int) -> int:
         return sum(1 for rank in self.ranks[:expert] if rank)
@@ -59,15 +62,16 @@ class DeltaLayout:
         for name, shape in expert_shapes.items():
             if len(shape) == 2:
                 left, right = delta_names(name, True)
-                shapes[left], shapes[right] = (self.total_rank, shape[0]), (self.total_rank, shape[1])
+                rank = self.total_rank(min(shape))
+                shapes[left], shapes[right] = (rank, shape[0]), (rank, shape[1])
             else:
                 shapes[delta_names(name, False)[0]] = (self.rows, *shape)
         return shapes
 
 
 def max_rank(expert_shapes: dict[str, torch.Size]) -> int:
-    """The largest rank a delta can have: a full-rank correction of the smallest matrix."""
-    return min(min(shape) for shape in expert_shapes.values() if len(shape) == 2)
+    """The largest rank a delta can use: the full rank of the expert's largest-rank matrix."""
+    return max(min(shape) for shape in expert_shapes.values() if len(shape) == 2)
 
 
 class ExpertDeltas:
@@ -77,22 +81,23 @@ class ExpertDeltas:
 
     def register_deltas(self, layout: DeltaLayout, expert_shapes: dict[str, torch.Size], dtype: torch.dtype) -> None:
         self.layout = layout
-        if not layout.total_rank:
+        self.caps = {name: min(shape) for name, shape in expert_shapes.items() if len(shape) == 2}
+        if not layout.rows:
             return
         largest = max_rank(expert_shapes)
         if max(layout.ranks) > largest:
-            raise ValueError(f"A delta rank of {max(layout.ranks)} exceeds the experts' smallest matrix dimension {largest}.")
+            raise ValueError(f"A delta rank of {max(layout.ranks)} exceeds the experts' largest full rank, {largest}.")
         for name, shape in layout.parameter_shapes(expert_shapes).items():
             self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dtype)))
 
     @property
     def has_deltas(self) -> bool:
-        return self.layout.total_rank > 0
+        return self.layout.rows > 0
 
     def correction(self, name: str, inputs: torch.Tensor, expert: int, transposed: bool) -> torch.Tensor:
-        """What the delta of local expert `expert` adds to the product of expert tensor `name`
-        (a matrix, with its bias when `name` has one given separately) with `inputs`."""
-        span = self.layout.span(expert)
+        """What the delta of local expert `expert` adds to the product of expert matrix `name` with
+        `inputs` (its bias's delta apart: `bias_correction`)."""
+        span = self.layout.span(expert, self.caps[name])
         left_name, right_name = delta_names(name, True)
         left, right = getattr(self, left_name)[span], getattr(self, right_name)[span]
         # The matrix is left.T @ right [m, n]: y = x W.T (stored [out, in]) or y = x W (transposed).

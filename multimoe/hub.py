@@ -30,7 +30,7 @@ def model_card(model, name: str | None = None) -> str:
     metadata = ModelCardData(library_name="transformers", base_model=base_models or None, tags=tags)
     rows = [
         f"| `{tenant}` | {spec.get('source') or '-'} | {'yes' if spec.get('tie_word_embeddings') else 'no'} | "
-        f"{tokenizer_kind(model, tenant)} |"
+        f"{tokenizer_kind(model, tenant)} | {delta_kind(spec)} |"
         for tenant, spec in config.tenants.items()
     ]
     sections = [
@@ -38,7 +38,8 @@ def model_card(model, name: str | None = None) -> str:
         f"# {name}: {len(config.tenants)} {stem} tenants, one shared expert pool",
         "Made with the `multimoe` library: each layer's experts are stored once in a shared pool; every tenant "
         "keeps its own attention, norms, router, embeddings and lm_head.",
-        "## Tenants\n\n| tenant | source | lm_head tied | tokenizer |\n|---|---|---|---|\n" + "\n".join(rows),
+        "## Tenants\n\n| tenant | source | lm_head tied | tokenizer | low-rank expert deltas |\n|---|---|---|---|---|\n"
+        + "\n".join(rows),
         f"Default tenant: `{config.default_tenant}`.",
         "## Pool\n\nExperts stored per layer: " + ", ".join(str(size) for size in config.pool_sizes)
         + f" (0: a dense layer; each tenant has {config.num_routed_experts} per sparse layer).",
@@ -55,6 +56,14 @@ def model_card(model, name: str | None = None) -> str:
         'out = model.generate(**inputs, tenant_names=[...])  # or one tenant per row\n```'
     )
     return "\n\n".join(sections) + "\n"
+
+
+def delta_kind(spec: dict) -> str:
+    """How many of the tenant's experts keep a low-rank delta, and of which ranks."""
+    ranks = [rank for row in spec.get("delta_ranks") or [] for rank in row if rank]
+    if not ranks:
+        return "none"
+    return f"{len(ranks)} experts, rank {min(ranks)}-{max(ranks)}" if min(ranks) != max(ranks) else f"{len(ranks)} experts, rank {ranks[0]}"
 
 
 def tokenizer_kind(model, tenant: str) -> str:

@@ -1164,9 +1164,11 @@ class MultiTenantLM(MultiTenantPreTrainedModel, GenerationMixin):
         return tokenizer
 
     def add_tenant(self, name: str, model_or_path: TenantSource, **options) -> None:
-        """Add a Mixtral tenant in place. Its experts join the pool: each shares the closest entry
-        within `threshold` (default 0: identical only; `similarity=` picks the weight metric) or
-        gets a new one. The other tenants' weights and outputs stay bit-identical.
+        """Add a tenant of the model's family in place. Its experts join the pool: each shares the
+        closest entry within `threshold` (default 0: identical only; `similarity=` picks the weight
+        metric) or gets a new one; with `delta_rank=<int>`, an expert that shares an entry it
+        differs from keeps a low-rank delta of that rank (`multimoe.expert_deltas`). The other
+        tenants' weights and outputs stay bit-identical.
 
         Calls running in other threads finish first and new ones wait (see `TenantLock`)."""
         with self.model.tenant_lock.writing():

@@ -16,7 +16,10 @@ from transformers.utils.output_capturing import OutputRecorder, recursively_inst
 from .assembly import SHARED_SETTINGS, TenantSet
 from .checkpoints import IncompatibleTenantsError, TenantCheckpoint, TenantSource, check_compatible
 from .configuration import validate_tenant_name
+from .consolidation.deltas import check_delta_rank, layer_delta_state
+from .consolidation.merging import identical
 from .consolidation.similarity import NEEDS_CALIBRATION, expert_runner, get_metric
+from .expert_deltas import max_rank
 from .modeling import MultiTenantDecoderLayer, MultiTenantLM
 from .validation import check_number
 
@@ -70,11 +73,15 @@ def add_tenant(
     *,
     similarity: str = "weight_l2",
     threshold: float = 0.0,
+    delta_rank: int | None = None,
     revision: str | None = None,
 ) -> None:
     validate_tenant_name(name)
     check_whole(model, f"add tenant {name!r}")
     check_number("threshold", threshold, unbounded=True)  # math.inf: every expert shares its closest entry
+    if check_delta_rank(delta_rank) == "auto":
+        raise ValueError("add_tenant takes an int delta_rank: 'auto' spends a memory_budget, which only consolidate() has.")
+    delta_rank = check_delta_rank(delta_rank)
     if name in model.tenants:
         raise ValueError(f"Tenant {name!r} already exists; remove it first to replace it.")
     if similarity in NEEDS_CALIBRATION:
@@ -108,10 +115,13 @@ def add_tenant(
 
     device, family = model.device, config.family
     run_experts = expert_runner(config.family, config)
-    expert_map, additions = [], []
+    names = family.expert_parameter_names(config)
+    experts_modules = family.experts_modules(config)
+    expert_map, delta_ranks, additions = [], [], []
     for layer_idx, layer in enumerate(model.model.layers):
         if not config.pool_sizes[layer_idx]:  # a dense layer
             expert_map.append([])
+            delta_ranks.append([])
             additions.append(None)
             continue
         experts = incoming.layer_experts(layer_idx)[name]
@@ -123,6 +133,18 @@ def add_tenant(
             row[expert] = config.pool_sizes[layer_idx] + offset
         expert_map.append(row)
         additions.append(tuple(tensor[new] for tensor in experts))
+        # A delta for each expert that shares an entry it differs from.
+        entries = [tuple(tensor[entry] for tensor in pool) for entry in range(len(pool[0]))]
+        ranks = [
+            min(delta_rank, max_rank(family.expert_shapes(layer.experts)))
+            if delta_rank and entry is not None and not identical([tuple(t[expert] for t in experts), entries[entry]])
+            else 0
+            for expert, entry in enumerate(matches)
+        ]
+        delta_ranks.append(ranks)
+        if any(ranks):
+            for key, tensor in layer_delta_state(names, experts, entries, [e or 0 for e in matches], ranks).items():
+                own_tensors[family.tenant_key(f"{experts_modules[layer_idx]}.{key}", name, incoming.layer_paths)] = tensor
 
     # Nothing above modified the model; from here on it changes.
     config.pool_sizes = [size + (len(extra[0]) if extra else 0) for size, extra in zip(config.pool_sizes, additions)]
@@ -132,6 +154,8 @@ def add_tenant(
         "pad_token_id": checkpoint.config.pad_token_id,
         "source": checkpoint.label,
     }
+    if any(any(row) for row in delta_ranks):
+        config.tenants[name]["delta_ranks"] = delta_ranks
     for layer, extra in zip(model.model.layers, additions):
         if extra is not None and len(extra[0]):
             stacked = family.stacked_experts(config, layer.experts)

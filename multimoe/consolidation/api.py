@@ -26,7 +26,7 @@ from ..validation import check_number
 from .calibration import CalibrationStats, collect, language_model_loss, per_tenant_data
 from .deltas import DeltaCost, auto_ranks, check_delta_rank, energy_gains, layer_delta_state
 from .grouping import ExpertGroup, get_grouping
-from .merging import KEEPS_A_MEMBER, NEEDS_USAGE, MergeGroup, get_merge
+from .merging import KEEPS_A_MEMBER, NEEDS_USAGE, MergeGroup, get_merge, identical
 from .report import ConsolidationReport, LayerReport
 from .similarity import NEEDS_CALIBRATION, expert_runner, get_metric
 
@@ -326,9 +326,9 @@ def pool_builder(plan: Plan, merges: int, merge: str, stats: CalibrationStats | 
             planned = [plan.ranks.get((layer_idx, group_idx, t), 0) for t in joined]
             for tenant, tensors, rank in zip(joined, members, planned):
                 maps[tenant][group.members[tenant]] = len(pool) - 1
-                if plan.deltas is not None and not identical(tensors, pool[-1]):
+                if plan.deltas is not None and not identical([tensors, pool[-1]]):
                     # A member the rule did not keep; the anchor takes the rank planned for the kept one.
-                    kept = [r for m, r in zip(members, planned) if identical(m, pool[-1])]
+                    kept = [r for m, r in zip(members, planned) if identical([m, pool[-1]])]
                     ranks[tenant][group.members[tenant]] = rank or max(kept or planned)
             for tenant in planner.others:
                 if tenant not in joined:
@@ -342,10 +342,6 @@ def pool_builder(plan: Plan, merges: int, merge: str, stats: CalibrationStats | 
         return pool, maps, deltas
 
     return build
-
-
-def identical(a: ExpertTensors, b: ExpertTensors) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def most_sensitive_plan(
@@ -487,6 +483,8 @@ def consolidate(
         )
     if threshold is None and budget is None and max_quality_loss is None:
         threshold = DEFAULT_THRESHOLD
+    if deltas is not None and deltas.rank != "auto":  # a rank above an expert's is its full rank
+        deltas = replace(deltas, rank=min(deltas.rank, footprint.delta.max_rank))
 
     stats = collect(tenants, data, max_calibration_rows) if data is not None else None
     first_anchor = tenants.names[0] if anchor in ANCHOR_RULES else anchor

@@ -10,6 +10,7 @@ difference's energy each further rank captures, per byte, largest first.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,22 +32,34 @@ def check_delta_rank(delta_rank: int | str | None) -> int | str | None:
 
 @dataclass(frozen=True)
 class DeltaCost:
-    """Bytes of deltas, from one expert's tensor shapes: per unit of rank (a row of each matrix's
-    two factors) and per expert with a delta (its whole bias differences)."""
+    """Bytes of deltas, from one expert's tensor shapes: each rank adds a row to both factors of
+    every matrix whose full rank it does not exceed; an expert with a delta also keeps its whole
+    bias differences."""
 
-    per_rank: int
-    per_expert: int
-    max_rank: int
+    matrices: tuple[tuple[int, int], ...]  # (m + n, full rank) of each matrix
+    per_expert: int  # bias bytes
+    itemsize: int
 
     @classmethod
     def of(cls, expert_shapes: Sequence[torch.Size], itemsize: int) -> DeltaCost:
-        matrices = [shape for shape in expert_shapes if len(shape) == 2]
-        per_rank = sum(shape[0] + shape[1] for shape in matrices) * itemsize
+        matrices = tuple((shape[0] + shape[1], min(shape)) for shape in expert_shapes if len(shape) == 2)
         per_expert = sum(math.prod(shape) for shape in expert_shapes if len(shape) != 2) * itemsize
-        return cls(per_rank, per_expert, min(min(shape) for shape in matrices))
+        return cls(matrices, per_expert, itemsize)
+
+    @property
+    def max_rank(self) -> int:
+        return max(cap for _, cap in self.matrices)
+
+    def step(self, rank: int) -> int:
+        """Bytes that raising a delta's rank from `rank - 1` to `rank` adds (its bias bytes apart)."""
+        return sum(width for width, cap in self.matrices if cap >= rank) * self.itemsize
 
     def bytes(self, ranks: Sequence[int]) -> int:
-        return sum(rank * self.per_rank + self.per_expert for rank in ranks if rank)
+        return sum(
+            sum(min(rank, cap) * width for width, cap in self.matrices) * self.itemsize + self.per_expert
+            for rank in ranks
+            if rank
+        )
 
 
 def factors(difference: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +97,8 @@ def layer_delta_state(
         dtype = own[index].dtype
         differences = [own[index][expert].float() - pool[row[expert]][index].float() for expert in with_delta]
         if own[index].dim() == 3:
-            pairs = [factors(difference, ranks[expert]) for difference, expert in zip(differences, with_delta)]
+            cap = min(own[index].shape[1:])  # a rank beyond the matrix's own is its full rank
+            pairs = [factors(difference, min(ranks[expert], cap)) for difference, expert in zip(differences, with_delta)]
             left, right = delta_names(name, True)
             state[left] = torch.cat([pair[0] for pair in pairs]).to(dtype)
             state[right] = torch.cat([pair[1] for pair in pairs]).to(dtype)
@@ -97,25 +111,30 @@ def auto_ranks(
     importance: Sequence[float], gains: Sequence[torch.Tensor], bytes_left: int, cost: DeltaCost
 ) -> tuple[list[int], float]:
     """Ranks for candidates of `importance` whose differences' energy gains per rank are `gains`,
-    within `bytes_left`: the rank steps with the largest importance x gain first (every rank costs
-    the same bytes; a candidate's first rank also costs its bias differences). Returns the ranks and
-    the importance they recover, by the estimate."""
+    within `bytes_left`, greedily: the next rank step with the largest importance x gain per byte
+    first (a candidate's first step also costs its bias differences). Returns the ranks and the
+    importance they recover, by the estimate."""
     ranks = [0] * len(importance)
-    if bytes_left <= 0 or not importance:
-        return ranks, 0.0
-    values = torch.cat([weight * gain for weight, gain in zip(importance, gains)])
-    owner = torch.cat([torch.full((len(gain),), index) for index, gain in enumerate(gains)])
+
+    def next_step(index: int) -> tuple[float, float, int]:
+        rank = ranks[index] + 1
+        value = importance[index] * float(gains[index][rank - 1]) if rank <= len(gains[index]) else 0.0
+        price = cost.step(rank) + (0 if ranks[index] else cost.per_expert)
+        return -value / price, value, price
+
+    heap = [(*next_step(index), index) for index in range(len(importance))]
+    heapq.heapify(heap)
     recovered = 0.0
-    for step in torch.argsort(values, descending=True, stable=True).tolist():
-        index, value = int(owner[step]), float(values[step])
-        price = cost.per_rank + (0 if ranks[index] else cost.per_expert)
+    while heap:
+        _, value, price, index = heapq.heappop(heap)
         if value <= 0:
             break
         if price > bytes_left:
-            continue
+            continue  # this candidate's next step does not fit; a cheaper one may
         ranks[index] += 1
         bytes_left -= price
         recovered += value
+        heapq.heappush(heap, (*next_step(index), index))
     return ranks, recovered
 
 

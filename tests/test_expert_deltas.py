@@ -1,0 +1,207 @@
+"""Per-tenant low-rank expert deltas (`consolidate(delta_rank=...)`, `multimoe.expert_deltas`) for
+every registered family: a full-rank delta restores each tenant's own experts, so every tenant must
+reproduce its original model, alone and in mixed batches; rank 0 is today's model bit for bit; the
+bytes count against the budget; save/load, remote code, add_tenant and the model card carry them.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import multimoe
+from multimoe import FAMILIES, consolidate
+from multimoe.testing import fine_tune, random_model, tiny_config
+
+CAUSAL = sorted(name for name, family in FAMILIES.items() if not family.is_encoder_decoder)
+EVERYTHING = dict(threshold=math.inf, merge="keep_anchor")  # every expert merged into the anchor's
+FULL_RANK = 10_000  # capped at each expert's largest possible rank
+
+
+@pytest.fixture(scope="module", params=[*CAUSAL, "switch_transformers"])
+def tuned(request) -> dict:
+    """Three fine-tunes of one tiny random base; every expert moves in `a` and `b`."""
+    base = random_model(tiny_config(request.param), seed=0)
+    experts = range(multimoe.families.routed_experts(base.config))
+    return {
+        "base": base,
+        "a": fine_tune(base, seed=1, changed_experts=experts, scale=0.1),
+        "b": fine_tune(base, seed=2, changed_experts=experts, scale=0.1),
+    }
+
+
+def middle_budget(tuned: dict) -> int:
+    """Bytes halfway between every expert shared and none: a budget each tiny family can reach."""
+    smallest = consolidate(tuned, **EVERYTHING, progress=False).consolidation_report.bytes_after
+    return (smallest + consolidate(tuned, progress=False).consolidation_report.bytes_after) // 2
+
+
+def inputs(model, batch) -> dict:
+    if model.config.is_encoder_decoder:
+        return dict(batch, decoder_input_ids=batch["input_ids"][:, :3])
+    return dict(batch)
+
+
+def logits(model, batch, **tenant) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs(model, batch), **tenant).logits
+
+
+def test_full_rank_deltas_reproduce_every_tenant_alone_and_mixed(tuned, batch):
+    model = consolidate(tuned, **EVERYTHING, delta_rank=FULL_RANK, progress=False)
+    without = consolidate(tuned, **EVERYTHING, progress=False)
+    assert model.config.pool_sizes == without.config.pool_sizes  # one pool: the anchor's experts
+    assert model.memory_report().delta_bytes > 0
+    for name, original in tuned.items():
+        expected = logits(original, batch)
+        torch.testing.assert_close(logits(model, batch, tenant=name), expected, rtol=0, atol=1e-4)
+        if name != "base":  # the anchor keeps its experts: without deltas the others drift
+            assert (logits(without, batch, tenant=name) - expected).abs().max() > 1e-3
+    rows = ["a", "base"]
+    mixed = logits(model, batch, tenant_names=rows)
+    for row, name in enumerate(rows):
+        alone = logits(model, {key: value[row : row + 1] for key, value in batch.items()}, tenant=name)
+        torch.testing.assert_close(mixed[row : row + 1], alone, rtol=0, atol=1e-5)
+
+
+def test_no_delta_rank_is_todays_model_bit_for_bit(tuned, batch):
+    budget = middle_budget(tuned)
+    today = consolidate(tuned, memory_budget=budget, merge="keep_anchor", progress=False)
+    for none in (None, 0):
+        model = consolidate(tuned, memory_budget=budget, merge="keep_anchor", delta_rank=none, progress=False)
+        assert model.state_dict().keys() == today.state_dict().keys()
+        assert all(torch.equal(tensor, today.state_dict()[key]) for key, tensor in model.state_dict().items())
+        assert "delta_ranks" not in str(model.config.to_dict())
+        for name in tuned:
+            assert torch.equal(logits(model, batch, tenant=name), logits(today, batch, tenant=name))
+
+
+def test_a_delta_is_the_truncated_svd_of_the_tenants_difference(tuned):
+    rank = 2
+    model = consolidate(tuned, **EVERYTHING, delta_rank=rank, progress=False)
+    config, family = model.config, model.config.family
+    paths = family.experts_modules(tuned["a"].config)
+    for layer_idx, layer in enumerate(model.model.layers):
+        if not hasattr(layer, "experts"):
+            continue
+        own = dict(zip(family.expert_parameter_names(config), family.stacked_experts(config, tuned["a"].get_submodule(paths[layer_idx]))))
+        pool = dict(zip(family.expert_parameter_names(config), family.stacked_experts(config, layer.experts)))
+        deltas = layer.tenants["a"].get_submodule(layer.experts_path)
+        for expert, entry in enumerate(config.expert_map("a", layer_idx)):
+            for name, tensor in own.items():
+                difference = (tensor[expert] - pool[name][entry]).double()
+                if difference.dim() == 1:  # a bias keeps its whole difference
+                    torch.testing.assert_close(deltas.bias_correction(name, expert).double(), difference)
+                    continue
+                span = deltas.layout.span(expert, deltas.caps[name])
+                left, right = (getattr(deltas, key)[span].double() for key in multimoe.expert_deltas.delta_names(name, True))
+                residual = torch.linalg.svdvals(difference)[rank:].square().sum().sqrt()
+                torch.testing.assert_close((difference - left.T @ right).norm(), residual, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("delta_rank", [2, "auto"])
+def test_deltas_count_against_the_memory_budget(tuned, delta_rank):
+    model = consolidate(tuned, memory_budget=middle_budget(tuned), merge="keep_anchor", delta_rank=delta_rank,
+                        progress=False)
+    report, memory = model.consolidation_report, model.memory_report()
+    assert memory.delta_bytes > 0 and report.delta_bytes == memory.delta_bytes
+    assert report.bytes_after <= report.budget_bytes
+    assert memory.total_bytes <= report.budget_bytes
+    # The bytes are the ranks' own: each rank costs a row of both factors of every matrix (up to
+    # the matrix's full rank), and an expert with a delta its whole bias differences.
+    config = model.config
+    layer = next(layer for layer in model.model.layers if hasattr(layer, "experts"))
+    shapes = config.family.expert_shapes(layer.experts).values()
+    ranks = [rank for spec in config.tenants.values() for row in spec.get("delta_ranks", []) for rank in row if rank]
+    elements = sum(
+        sum(min(rank, *shape) * sum(shape) if len(shape) == 2 else math.prod(shape) for shape in shapes) for rank in ranks
+    )
+    assert memory.delta_bytes == elements * next(model.parameters()).element_size()
+    assert "low-rank expert deltas" in report.to_markdown()
+
+
+def test_save_load_and_remote_code_keep_the_deltas(tuned, batch, tmp_path):
+    model = consolidate(tuned, memory_budget=middle_budget(tuned), merge="keep_anchor", delta_rank="auto", progress=False)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = type(model).from_pretrained(tmp_path / "saved").eval()
+    assert loaded.config.tenants == model.config.tenants
+    assert all(torch.equal(tensor, model.state_dict()[key]) for key, tensor in loaded.state_dict().items())
+    for name in tuned:
+        assert torch.equal(logits(loaded, batch, tenant=name), logits(model, batch, tenant=name))
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "low-rank expert deltas" in card and "experts, rank" in card
+
+    auto = "AutoModelForSeq2SeqLM" if model.config.is_encoder_decoder else "AutoModelForCausalLM"
+    torch.save(inputs(model, batch), tmp_path / "inputs.pt")
+    script = (
+        "import sys, torch, transformers\n"
+        "sys.modules['multimoe'] = None\n"
+        f"model = transformers.{auto}.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
+        "inputs = torch.load(sys.argv[2])\n"
+        "with torch.no_grad():\n"
+        "    torch.save({n: model(**inputs, tenant=n).logits for n in model.tenants}, sys.argv[3])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "saved"), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        capture_output=True, text=True, cwd=tmp_path,
+        env={"HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+             "OMP_NUM_THREADS": str(torch.get_num_threads())},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = torch.load(tmp_path / "out.pt")
+    for name in tuned:
+        torch.testing.assert_close(remote[name], logits(model, batch, tenant=name), rtol=0, atol=1e-6)
+
+
+def test_deltas_train_and_the_pool_does_not_need_to(tuned, batch):
+    model = consolidate(tuned, **EVERYTHING, delta_rank=2, progress=False).train()
+    model.requires_grad_(False)
+    deltas = [p for n, p in model.named_parameters() if "_delta" in n and ".tenants.a." in n]
+    assert deltas
+    for parameter in deltas:
+        parameter.requires_grad_(True)
+    model(**inputs(model, batch), tenant_names=["a", "b"]).logits.square().mean().backward()
+    assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in deltas)
+
+
+def test_add_tenant_with_a_delta_rank(tuned, batch):
+    if tuned["base"].config.is_encoder_decoder:
+        pytest.skip("add_tenant serves causal families")
+    model = consolidate({"base": tuned["base"], "a": tuned["a"]}, progress=False)
+    before = {name: logits(model, batch, tenant=name) for name in model.tenants}
+    model.add_tenant("b", tuned["b"], threshold=math.inf, delta_rank=FULL_RANK)
+    assert model.config.pool_sizes == consolidate({"base": tuned["base"], "a": tuned["a"]}, progress=False).config.pool_sizes
+    torch.testing.assert_close(logits(model, batch, tenant="b"), logits(tuned["b"], batch), rtol=0, atol=1e-4)
+    for name, expected in before.items():
+        assert torch.equal(logits(model, batch, tenant=name), expected), name
+    model.remove_tenant("a")
+    torch.testing.assert_close(logits(model, batch, tenant="b"), logits(tuned["b"], batch), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(delta_rank=-1), "delta_rank"),
+        (dict(delta_rank=1.5), "delta_rank"),
+        (dict(delta_rank=True), "delta_rank"),
+        (dict(delta_rank="full"), "delta_rank"),
+        (dict(delta_rank=float("nan")), "delta_rank"),
+        (dict(delta_rank="auto"), "needs memory_budget"),
+        (dict(delta_rank="auto", memory_budget="1.5x", merge="average"), "keeps one member"),
+    ],
+)
+def test_bad_delta_ranks_are_refused_before_any_tenant_is_opened(options, message):
+    with pytest.raises(ValueError, match=message):
+        consolidate({"a": "/nonexistent/a", "b": "/nonexistent/b"}, progress=False, **options)
+
+
+def test_config_refuses_misshapen_delta_ranks(tuned):
+    model = consolidate(tuned, **EVERYTHING, delta_rank=1, progress=False)
+    fields = model.config.to_dict()
+    fields["tenants"][1]["delta_ranks"] = [[-1]]
+    with pytest.raises(ValueError, match="delta_ranks"):
+        type(model.config)(**fields)
