@@ -23,6 +23,7 @@ from ..assembly import ExpertTensors, TenantSet, assemble, check_settings
 from ..checkpoints import TenantSource
 from ..modeling import MultiTenantLM, classes_for
 from ..validation import check_number
+from .allocation import ALLOCATIONS, measured_rises
 from .calibration import CalibrationStats, collect, language_model_loss, per_tenant_data
 from .deltas import DeltaCost, auto_ranks, check_delta_rank, energy_gains, layer_delta_state
 from .grouping import ExpertGroup, get_grouping
@@ -45,10 +46,16 @@ class Candidate:
     tenant: str
 
 
-def needs_calibration(similarity: str, merge: str, anchor: str = "first", max_quality_loss: float | None = None) -> bool:
+def needs_calibration(
+    similarity: str, merge: str, anchor: str = "first", max_quality_loss: float | None = None, allocation: str = "distance"
+) -> bool:
     """Whether these `consolidate` settings need calibration data."""
     return (
-        similarity in NEEDS_CALIBRATION or merge in NEEDS_USAGE or max_quality_loss is not None or anchor == "most_sensitive"
+        similarity in NEEDS_CALIBRATION
+        or merge in NEEDS_USAGE
+        or max_quality_loss is not None
+        or anchor == "most_sensitive"
+        or allocation == "loss"
     )
 
 
@@ -154,6 +161,7 @@ class Planner:
         self.anchor, self.spectra = anchor, spectra
         # (layer, group, tenant) -> the energy each rank of a delta would capture (`delta_rank="auto"`)
         self.gains: dict[tuple[int, int, str], torch.Tensor] = {}
+        self.rises: dict[tuple[int, int, str], float] | None = None  # `allocation="loss"`
         self.others = [name for name in tenants.names if name != anchor]
         self.metric, self.grouping, self.progress = metric, grouping, progress
         self.experts = tenants.checkpoints[tenants.names[0]].num_experts
@@ -185,8 +193,17 @@ class Planner:
 
     def importance(self, candidate: Candidate) -> float:
         """How much merging `candidate` is expected to cost, on a scale shared by all candidates:
-        what `delta_rank="auto"` weighs a delta's recovered energy by."""
+        its measured loss rise (`allocation="loss"`), else its squared distance. What
+        `delta_rank="auto"` weighs a delta's recovered energy by."""
+        if self.rises is not None:
+            return max(self.rises[key_of(candidate)], 0.0)
         return candidate.distance**2
+
+    def allocate(self, rises: dict[tuple[int, int, str], float]) -> None:
+        """Rank the candidates by their measured loss rise, cheapest first (identical ones, which
+        cost nothing, always first)."""
+        self.rises = rises
+        self.candidates.sort(key=lambda c: (c.distance > 0, rises[key_of(c)], c.distance))
 
     def inputs(self, stats: CalibrationStats | None, name: str, layer_idx: int) -> torch.Tensor | None:
         """What both tenants of a candidate merge feed this layer's experts: the merged expert
@@ -399,6 +416,7 @@ def consolidate(
     dtype: torch.dtype | str | None = None,
     revision: str | None = None,
     max_calibration_rows: int = 256,
+    allocation: str = "distance",
     delta_rank: int | str | None = None,
     progress: bool = True,
     **shared_settings,
@@ -433,6 +451,11 @@ def consolidate(
             budget, and the report says so.
         max_calibration_rows: the most hidden states kept per tenant and layer, the inputs on which
             `output` similarity and `output_medoid` compare experts.
+        allocation: how the budget picks the merges: `"distance"`, the closest candidates first
+            (the cheap path), or `"loss"` (needs calibration): the candidates whose merge alone
+            raises their tenant's own calibration loss least first, measured for each (layer,
+            group, tenant) on a probe of two tenants (see `multimoe.consolidation.allocation` for
+            the cost).
         delta_rank: per-tenant low-rank expert deltas (`multimoe.expert_deltas`): each merged expert
             that differs from its entry keeps the truncated SVD of the difference, of this rank (an
             int), or of ranks chosen per expert within `memory_budget` (`"auto"`: the rank steps that
@@ -452,6 +475,8 @@ def consolidate(
     check_settings(shared_settings)
     requested_budget = None if memory_budget is None else MemoryBudget.parse(memory_budget)
     get_metric(similarity), get_grouping(grouping), get_merge(merge)
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {list(ALLOCATIONS)}, got {allocation!r}.")
     delta_rank = check_delta_rank(delta_rank)
     deltas = None if delta_rank is None else DeltaSettings(delta_rank, merge in KEEPS_A_MEMBER)
     if delta_rank == "auto" and (memory_budget is None or merge not in KEEPS_A_MEMBER):
@@ -466,10 +491,10 @@ def consolidate(
         raise ValueError(f"anchor {anchor!r} is neither a tenant ({list(models)}) nor one of {list(ANCHOR_RULES)}.")
     if anchor in ANCHOR_RULES and anchor in models:
         raise ValueError(f"anchor {anchor!r} is ambiguous: it names a rule and a tenant; rename the tenant.")
-    if needs_calibration(similarity, merge, anchor, max_quality_loss) and calibration is None:
+    if needs_calibration(similarity, merge, anchor, max_quality_loss, allocation) and calibration is None:
         raise ValueError(
-            f"similarity={similarity!r}, merge={merge!r}, anchor={anchor!r}, max_quality_loss={max_quality_loss!r} "
-            "need calibration data."
+            f"similarity={similarity!r}, merge={merge!r}, anchor={anchor!r}, max_quality_loss={max_quality_loss!r}, "
+            f"allocation={allocation!r} need calibration data."
         )
     tenants = TenantSet.open(models, default_tenant=default_tenant, dtype=dtype, revision=revision, **shared_settings)
     # Read once the family is known (configs only: no weight has been read yet).
@@ -506,6 +531,13 @@ def consolidate(
     if anchor == "most_sensitive":
         plan, note = most_sensitive_plan(plan, losses, build, stats, threshold, budget)
         notes.append(note)
+    if allocation == "loss":
+        plan.planner.allocate(measured_rises(plan.planner, data, progress))
+        plan = Plan.within(plan.planner, threshold, budget, deltas)
+        notes.append(
+            f"allocation 'loss': {len(plan.planner.candidates)} candidate merges ranked by the rise of their tenant's "
+            "calibration loss when merged alone"
+        )
 
     count = plan.count
     model = build(plan, count)
@@ -546,7 +578,8 @@ def consolidate(
         )
     model.consolidation_report = ConsolidationReport(
         settings=dict(similarity=similarity, grouping=grouping, merge=merge, anchor=anchor, threshold=threshold,
-                      memory_budget=memory_budget, max_quality_loss=max_quality_loss, delta_rank=delta_rank),
+                      memory_budget=memory_budget, max_quality_loss=max_quality_loss, allocation=allocation,
+                      delta_rank=delta_rank),
         tenants=list(tenants.names),
         anchor=plan.planner.anchor,
         compared=plan.planner.others[0],
