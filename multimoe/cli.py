@@ -30,6 +30,14 @@ def budget_argument(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
+def delta_rank_argument(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"--delta-rank takes an int >= 0 or 'auto', got {text!r}")
+    return int(text)
+
+
 def output_argument(kind: str) -> Callable[[str], str]:
     """An argparse `type` for a path written only after the consolidation (`kind`: "directory" or
     "file"): refused now, with exit status 2, where writing it then would fail."""
@@ -89,6 +97,8 @@ def consolidate_command(args: argparse.Namespace) -> None:
         calibration=calibration,
         tokenizer=tokenizer,
         max_quality_loss=args.max_quality_loss,
+        allocation=args.allocation,
+        delta_rank=args.delta_rank,
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         revision=args.revision,
     )
@@ -157,6 +167,10 @@ def parser() -> argparse.ArgumentParser:
     )
     command.add_argument("--tokenizer", help="tokenizer for the calibration text (default: the first tenant's)")
     command.add_argument("--max-quality-loss", type=number_argument("max_quality_loss"))
+    command.add_argument("--allocation", default="distance", choices=["distance", "loss"],
+                         help="rank merges by distance, or by the loss each costs its tenant (needs --calibration)")
+    command.add_argument("--delta-rank", type=delta_rank_argument,
+                         help="low-rank expert deltas: a rank for every merged expert, or auto (within --memory-budget)")
     command.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     command.add_argument("--revision")
     command.add_argument("--max-shard-size", default="5GB")
