@@ -141,7 +141,7 @@ def test_push_to_hub_uploads_exactly_the_checkpoint_and_it_loads_back(
     files = commit["files"]
     python_files = {"configuration.py", "modeling.py", "routing.py", "checkpoints.py", "alignment.py", "memory.py",
                     "saving.py", "hub.py", "generation.py", "validation.py", "concurrency.py", "families.py",
-                    "modeling_seq2seq.py", "batched_projections.py", "pool_window.py", "pool_padding.py"}
+                    "modeling_seq2seq.py", "batched_projections.py", "pool_window.py", "pool_padding.py", "expert_deltas.py"}
     tenant_files = {f"tenants/{name}/generation_config.json" for name in multi.tenants} | {
         "tenants/chat/tokenizer.json", "tenants/chat/tokenizer_config.json", "tenants/chat/chat_template.jinja"
     }
