@@ -15,6 +15,7 @@ from types import ModuleType
 
 from .. import testbed as mixtral_testbed
 from ..testbed import Example, Task
+from ..testbed import divergent as divergent_testbed
 from ..testbed import switch as switch_testbed
 from .harness import exact_match
 from .rouge import ROUGE_TYPES, rouge_scores
@@ -79,6 +80,17 @@ TESTBEDS: dict[str, Testbed] = {
         metric_labels=("ROUGE-1", "ROUGE-2", "ROUGE-L"),
         presets=("multimoe", "paper"),
         tenant_counts=(1, 2, 3, 4),
+    ),
+    "divergent": Testbed(
+        name="divergent",
+        module=divergent_testbed,
+        family="Mixtral",
+        make_script="scripts/make_divergent_testbed.py",
+        score=exact_match_scores,
+        metrics=("exact_match",),
+        metric_labels=("exact match",),
+        presets=("multimoe", "paper"),
+        tenant_counts=(4,),
     ),
 }
 
