@@ -118,7 +118,7 @@ def auto_ranks(
 
     def next_step(index: int) -> tuple[float, float, int]:
         rank = ranks[index] + 1
-        value = importance[index] * float(gains[index][rank - 1]) if rank <= len(gains[index]) else 0.0
+        value = importance[index] * float(gains[index][rank - 1])
         price = cost.step(rank) + (0 if ranks[index] else cost.per_expert)
         return -value / price, value, price
 
@@ -134,7 +134,8 @@ def auto_ranks(
         ranks[index] += 1
         bytes_left -= price
         recovered += value
-        heapq.heappush(heap, (*next_step(index), index))
+        if ranks[index] < min(len(gains[index]), cost.max_rank):
+            heapq.heappush(heap, (*next_step(index), index))
     return ranks, recovered
 
 
