@@ -14,7 +14,8 @@ tensor, the experts' rank components one after another:
 
 A call whose rows reach no delta runs the pool exactly as without deltas. Otherwise the pool still
 runs once for all rows, entry by entry, and each slot (token, pick) adds its own tenant's correction,
-computed per (tenant, expert) segment: the segmented low-rank product of S-LoRA and Punica.
+computed per tenant in two products (each row keeping its own expert's rank components): the
+segmented low-rank product of S-LoRA and Punica.
 """
 
 from __future__ import annotations
@@ -94,19 +95,27 @@ class ExpertDeltas:
     def has_deltas(self) -> bool:
         return self.layout.rows > 0
 
-    def correction(self, name: str, inputs: torch.Tensor, expert: int, transposed: bool) -> torch.Tensor:
-        """What the delta of local expert `expert` adds to the product of expert matrix `name` with
-        `inputs` (its bias's delta apart: `bias_correction`)."""
-        span = self.layout.span(expert, self.caps[name])
-        left_name, right_name = delta_names(name, True)
-        left, right = getattr(self, left_name)[span], getattr(self, right_name)[span]
+    def corrections(self, name: str, bias: str | None, inputs: torch.Tensor, experts: torch.Tensor, transposed: bool):
+        """What this tenant's deltas add to the product of expert matrix `name` (and its `bias`)
+        with `inputs` [S, n], one row per pick of local expert `experts` [S]: every expert's rank
+        components at once, each row keeping its own expert's (an expert without a delta adds 0).
+        Two products per tenant, whatever the number of experts its rows reach."""
+        cap = self.caps[name]
+        widths = torch.tensor([min(rank, cap) for rank in self.layout.ranks], device=experts.device)
+        component_expert = torch.repeat_interleave(torch.arange(len(widths), device=experts.device), widths)
+        own = (component_expert[None, :] == experts[:, None]).to(inputs.dtype)  # [S, R]
+        left, right = (getattr(self, key) for key in delta_names(name, True))
         # The matrix is left.T @ right [m, n]: y = x W.T (stored [out, in]) or y = x W (transposed).
-        if transposed:
-            return (inputs @ left.T) @ right
-        return (inputs @ right.T) @ left
-
-    def bias_correction(self, name: str, expert: int) -> torch.Tensor:
-        return getattr(self, delta_names(name, False)[0])[self.layout.row(expert)]
+        first, second = (left, right) if transposed else (right, left)
+        output = ((inputs @ first.T) * own) @ second
+        if bias is not None:
+            deltas = getattr(self, delta_names(bias, False)[0])
+            rows = torch.tensor(
+                [self.layout.row(expert) if rank else len(deltas) for expert, rank in enumerate(self.layout.ranks)],
+                device=experts.device,
+            )
+            output = output + torch.cat([deltas, deltas.new_zeros(1, deltas.shape[1])])[rows[experts]]
+        return output
 
 
 def segments(keys: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
@@ -120,19 +129,25 @@ def run_with_deltas(
     pool: nn.Module,
     program,
     hidden_states: torch.Tensor,
-    slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    slots: tuple[torch.Tensor, ...],
     owners: list[ExpertDeltas],
 ) -> torch.Tensor:
-    """The pool's output for `slots` (token, pool entry, routing weight, owner * E + local expert per
-    token's pick), each slot corrected by its owner's delta of its local expert, where it has one.
+    """The pool's output for `slots` (per pick of a token: the token, its pool entry, its routing
+    weight, its tenant's index into `owners` and its local expert), each pick corrected by its
+    tenant's delta of its local expert, where it has one.
 
-    The products run entry by entry over the slots sorted by entry (as the family's kernels group
-    them), then each (owner, expert) segment adds its low-rank product; `program` (the family's
-    `ExpertProgram`) says which tensors the products use and what runs between them."""
-    token, entry, weight, key = slots
-    order, entries, counts = segments(entry)
-    token, entry, weight, key = token[order], entry[order], weight[order], key[order]
-    experts = len(owners[0].layout.ranks)
+    The products run entry by entry over the picks sorted by entry (as the family's kernels group
+    them); then each tenant's picks add their low-rank products (`ExpertDeltas.corrections`).
+    `program` (the family's `ExpertProgram`) says which tensors the products use and what runs
+    between them."""
+    order, entries, counts = segments(slots[1])
+    token, _, weight, owner, local = (tensor[order] for tensor in slots)
+    by_owner, present, owner_counts = segments(owner)
+    groups = [
+        (owners[index], rows)
+        for index, rows in zip(present, by_owner.split(owner_counts))
+        if owners[index].has_deltas
+    ]
 
     def project(inputs: torch.Tensor, name: str, bias: str | None) -> torch.Tensor:
         pieces = []
@@ -142,21 +157,9 @@ def run_with_deltas(
                 output = output + program.tensor(pool, bias, pool_entry)
             pieces.append(output)
         output = torch.cat(pieces)
-        by_key, keys, key_counts = segments(key)
-        start, corrections, positions = 0, [], []
-        for value, count in zip(keys, key_counts):
-            rows = by_key[start : start + count]
-            start += count
-            owner, expert = owners[value // experts], value % experts
-            if not owner.layout.ranks[expert]:
-                continue
-            delta = owner.correction(name, inputs[rows], expert, program.transposed)
-            if bias is not None:
-                delta = delta + owner.bias_correction(bias, expert)
-            corrections.append(delta)
-            positions.append(rows)
-        if corrections:
-            output = output.index_add(0, torch.cat(positions), torch.cat(corrections).to(output.dtype))
+        for deltas, rows in groups:
+            correction = deltas.corrections(name, bias, inputs[rows], local[rows], program.transposed)
+            output = output.index_add(0, rows, correction.to(output.dtype))
         return output
 
     hidden = project(hidden_states[token], program.first, program.first_bias)

@@ -515,9 +515,8 @@ class MultiTenantDecoderLayer(nn.Module):
         maps = torch.stack([own.expert_map for own in owners])
         slot_owner = torch.zeros_like(local) if owner is None else owner[token]
         entry = maps[slot_owner, local]
-        key = slot_owner * maps.shape[1] + local
         program = family.expert_program(self.experts)
-        return run_with_deltas(self.experts, program, hidden_states, (token, entry, weight, key), owners)
+        return run_with_deltas(self.experts, program, hidden_states, (token, entry, weight, slot_owner, local), owners)
 
     @property
     def mixed(self) -> nn.Module:
