@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from .checkpoints import CheckpointError, IncompatibleTenantsError
 from .configuration import MultiTenantMixtralConfig, config_class_for
-from .consolidation import ConsolidationReport, consolidate
+from .consolidation import ConsolidationReport, RecoveryReport, consolidate, recover
 from .families import FAMILIES, Family, LegacyExperts, UnsupportedFamilyError, register
 from .memory import MemoryReport
 from .modeling import MultiTenantForCausalLM, MultiTenantLM, MultiTenantMixtralForCausalLM, MultiTenantMixtralModel, classes_for
@@ -53,6 +53,7 @@ __all__ = [
     "CacheTenantMismatchError",
     "CheckpointError",
     "ConsolidationReport",
+    "RecoveryReport",
     "FAMILIES",
     "Family",
     "LegacyExperts",
@@ -66,6 +67,7 @@ __all__ = [
     "UnknownTenantError",
     "UnsupportedFamilyError",
     "consolidate",
+    "recover",
     "from_models",
     "register_family",
 ]

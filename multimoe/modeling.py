@@ -770,7 +770,7 @@ class TenantRouter:
         rows = input_ids if input_ids is not None else inputs_embeds
         if rows is None:
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        return self.route(rows.shape[0], tenant=tenant, tenant_names=tenant_names, tenant_ids=tenant_ids)
+        return self.route(rows.shape[0], tenant=tenant, tenant_names=tenant_names, tenant_ids=tenant_ids, device=rows.device)
 
     def call_routing(self, args: tuple, kwargs: dict) -> TenantRouting:
         """`route` for the arguments of a call of a model (with or without its head), read before the
@@ -780,7 +780,7 @@ class TenantRouter:
         if rows is None:
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         names = ("tenant", "tenant_names", "tenant_ids")
-        return self.route(rows.shape[0], **{key: kwargs.get(key) for key in names})
+        return self.route(rows.shape[0], **{key: kwargs.get(key) for key in names}, device=rows.device)
 
     def route(
         self,
@@ -788,14 +788,15 @@ class TenantRouter:
         tenant: str | None = None,
         tenant_names: list[str] | None = None,
         tenant_ids: torch.LongTensor | None = None,
+        device: torch.device | None = None,
     ) -> TenantRouting:
-        """Resolve, once per call, which tenant each row runs as."""
+        """Resolve, once per call, which tenant each row runs as (tenant ids on the inputs' `device`)."""
         if sum(value is not None for value in (tenant, tenant_names, tenant_ids)) > 1:
             raise ValueError("Name the tenant once: pass only one of tenant, tenant_names or tenant_ids.")
         if batch_size == 0:
             raise ValueError("The batch has no rows: give at least one input row.")
         if tenant_names is not None:
-            tenant_ids = self.tenant_ids(tenant_names)
+            tenant_ids = self.tenant_ids(tenant_names, device)
         if tenant_ids is None:
             return TenantRouting.single(self.resolve_tenant(tenant), batch_size)
         if not isinstance(tenant_ids, torch.Tensor) or tenant_ids.dtype not in (torch.int32, torch.int64):
@@ -810,7 +811,7 @@ class TenantRouter:
             )
         if not 0 <= int(tenant_ids.min()) <= int(tenant_ids.max()) < len(self.tenant_names):
             raise UnknownTenantError(f"tenant_ids must index {self.tenant_names}; got {tenant_ids.tolist()}.")
-        return TenantRouting.from_ids(tenant_ids, self.tenant_names)
+        return TenantRouting.from_ids(tenant_ids if device is None else tenant_ids.to(device), self.tenant_names)
 
     def get_input_embeddings(self) -> nn.Embedding:
         """The current tenant's embedding (see `resolve_tenant`), so `inputs_embeds` built from it

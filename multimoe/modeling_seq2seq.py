@@ -18,6 +18,7 @@ through `get_encoder()`, which takes the same tenant arguments as `forward`.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
@@ -113,14 +114,14 @@ class TenantEncoder(nn.Module):
         return model.run(model.view(routing.tenant).encoder, routing, input_ids=input_ids, **kwargs)
 
 
-def batch_size_of(input_ids, kwargs: dict) -> int:
-    """The number of rows of an encoder-decoder call, from whichever input it has."""
+def call_rows(input_ids, kwargs: dict) -> torch.Tensor:
+    """The input of an encoder-decoder call whose dim 0 holds its rows, whichever it has."""
     for rows in (input_ids, kwargs.get("inputs_embeds"), kwargs.get("decoder_input_ids"),
                  kwargs.get("decoder_inputs_embeds")):
         if rows is not None:
-            return rows.shape[0]
+            return rows
     if kwargs.get("encoder_outputs") is not None:
-        return kwargs["encoder_outputs"][0].shape[0]
+        return kwargs["encoder_outputs"][0]
     raise ValueError("You must specify exactly one of input_ids or inputs_embeds (or encoder_outputs).")
 
 
@@ -184,7 +185,8 @@ class MultiTenantSeq2SeqModel(TenantRouter, MultiTenantPreTrainedModel):
 
     def forward(self, input_ids=None, tenant=None, tenant_names=None, tenant_ids=None, **kwargs):
         """The family's base-model forward, as tenant `tenant` (or one tenant per row)."""
-        routing = self.route(batch_size_of(input_ids, kwargs), tenant, tenant_names, tenant_ids)
+        rows = call_rows(input_ids, kwargs)
+        routing = self.route(rows.shape[0], tenant, tenant_names, tenant_ids, rows.device)
         return self.run(self.view(routing.tenant), routing, input_ids=input_ids, **kwargs)
 
 
@@ -276,7 +278,8 @@ class MultiTenantForConditionalGeneration(MultiTenantLM):
         The family's own forward (the same arguments and outputs), plus `tenant`, `tenant_names`
         and `tenant_ids` as in `MultiTenantForCausalLM.forward`.
         """
-        routing: TenantRouting = self.model.route(batch_size_of(input_ids, kwargs), tenant, tenant_names, tenant_ids)
+        rows = call_rows(input_ids, kwargs)
+        routing: TenantRouting = self.model.route(rows.shape[0], tenant, tenant_names, tenant_ids, rows.device)
         return self.model.run(self.view(routing.tenant), routing, input_ids=input_ids, **kwargs)
 
 

@@ -27,6 +27,7 @@ from .allocation import ALLOCATIONS, measured_rises
 from .calibration import CalibrationStats, collect, language_model_loss, per_tenant_data
 from .deltas import DeltaCost, auto_ranks, check_delta_rank, energy_gains, layer_delta_state
 from .grouping import ExpertGroup, get_grouping
+from .recovery import recover
 from .merging import KEEPS_A_MEMBER, NEEDS_USAGE, MergeGroup, get_merge, identical
 from .report import ConsolidationReport, LayerReport
 from .similarity import NEEDS_CALIBRATION, expert_runner, get_metric
@@ -418,6 +419,7 @@ def consolidate(
     max_calibration_rows: int = 256,
     allocation: str = "distance",
     delta_rank: int | str | None = None,
+    recover_steps: int = 0,
     progress: bool = True,
     **shared_settings,
 ) -> MultiTenantLM:
@@ -461,6 +463,10 @@ def consolidate(
             int), or of ranks chosen per expert within `memory_budget` (`"auto"`: the rank steps that
             recover most of the merges' expected harm per byte, merging further where that frees
             bytes that buy more). Their bytes count against the budget. `None` (or 0): no deltas.
+        recover_steps: after building, train each tenant's own layers (and deltas) for this many
+            steps to match its original's next-token distribution on its calibration data
+            (`multimoe.recover`, with its defaults; causal families; needs calibration). The
+            report's `loss_after_recovery` holds the result.
         shared_settings: the value of a setting one model applies to every tenant, as in
             `MultiTenantForCausalLM.from_models` (e.g. `router_aux_loss_coef=0.02`).
 
@@ -472,6 +478,7 @@ def consolidate(
     check_number("threshold", threshold, optional=True, unbounded=True)  # math.inf: every expert may be shared
     check_number("max_quality_loss", max_quality_loss, optional=True)
     check_number("max_calibration_rows", max_calibration_rows, positive=True, integer=True)
+    check_number("recover_steps", recover_steps, integer=True)
     check_settings(shared_settings)
     requested_budget = None if memory_budget is None else MemoryBudget.parse(memory_budget)
     get_metric(similarity), get_grouping(grouping), get_merge(merge)
@@ -491,6 +498,8 @@ def consolidate(
         raise ValueError(f"anchor {anchor!r} is neither a tenant ({list(models)}) nor one of {list(ANCHOR_RULES)}.")
     if anchor in ANCHOR_RULES and anchor in models:
         raise ValueError(f"anchor {anchor!r} is ambiguous: it names a rule and a tenant; rename the tenant.")
+    if recover_steps and calibration is None:
+        raise ValueError("recover_steps needs calibration data: recovery distils each original on it.")
     if needs_calibration(similarity, merge, anchor, max_quality_loss, allocation) and calibration is None:
         raise ValueError(
             f"similarity={similarity!r}, merge={merge!r}, anchor={anchor!r}, max_quality_loss={max_quality_loss!r}, "
@@ -593,6 +602,9 @@ def consolidate(
         loss_after=after,
         notes=notes,
     )
+    if recover_steps:  # fills the report's loss_after_recovery
+        recover(model, models, calibration=calibration, tokenizer=tokenizer, steps=recover_steps, revision=revision,
+                progress=progress)
     return model
 
 
