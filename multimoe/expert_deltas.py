@@ -97,21 +97,32 @@ class ExpertDeltas:
 
     def corrections(self, name: str, bias: str | None, inputs: torch.Tensor, experts: torch.Tensor, transposed: bool):
         """What this tenant's deltas add to the product of expert matrix `name` (and its `bias`)
-        with `inputs` [S, n], one row per pick of local expert `experts` [S]: every expert's rank
-        components at once, each row keeping its own expert's (an expert without a delta adds 0).
-        Two products per tenant, whatever the number of experts its rows reach."""
-        cap = self.caps[name]
-        widths = torch.tensor([min(rank, cap) for rank in self.layout.ranks], device=experts.device)
-        component_expert = torch.repeat_interleave(torch.arange(len(widths), device=experts.device), widths)
-        own = (component_expert[None, :] == experts[:, None]).to(inputs.dtype)  # [S, R]
+        with `inputs` [S, n], one row per pick of local expert `experts` [S]: the rank components of
+        the experts the picks reach at once, each row keeping its own expert's (an expert without a
+        delta adds 0). Two products per tenant, whatever the number of experts its rows reach."""
+        cap, ranks = self.caps[name], self.layout.ranks
+        reached = [expert for expert in torch.unique(experts).tolist() if ranks[expert]]
         left, right = (getattr(self, key) for key in delta_names(name, True))
+        if not reached:
+            return inputs.new_zeros(inputs.shape[0], left.shape[1])
+        if 2 * len(reached) < sum(1 for rank in ranks if rank):  # few reached (decode): read only theirs
+            spans = [self.layout.span(expert, cap) for expert in reached]
+            components = torch.cat([torch.arange(span.start, span.stop) for span in spans]).to(experts.device)
+            left, right = left.index_select(0, components), right.index_select(0, components)
+            widths = [span.stop - span.start for span in spans]
+        else:
+            reached, widths = list(range(len(ranks))), [min(rank, cap) for rank in ranks]
+        component_expert = torch.repeat_interleave(
+            torch.tensor(reached, device=experts.device), torch.tensor(widths, device=experts.device)
+        )
+        own = (component_expert[None, :] == experts[:, None]).to(inputs.dtype)  # [S, components]
         # The matrix is left.T @ right [m, n]: y = x W.T (stored [out, in]) or y = x W (transposed).
         first, second = (left, right) if transposed else (right, left)
         output = ((inputs @ first.T) * own) @ second
         if bias is not None:
             deltas = getattr(self, delta_names(bias, False)[0])
             rows = torch.tensor(
-                [self.layout.row(expert) if rank else len(deltas) for expert, rank in enumerate(self.layout.ranks)],
+                [self.layout.row(expert) if rank else len(deltas) for expert, rank in enumerate(ranks)],
                 device=experts.device,
             )
             output = output + torch.cat([deltas, deltas.new_zeros(1, deltas.shape[1])])[rows[experts]]

@@ -61,6 +61,9 @@ def test_full_rank_deltas_reproduce_every_tenant_alone_and_mixed(tuned, batch):
         torch.testing.assert_close(logits(model, batch, tenant=name), expected, rtol=0, atol=1e-4)
         if name != "base":  # the anchor keeps its experts: without deltas the others drift
             assert (logits(without, batch, tenant=name) - expected).abs().max() > 1e-3
+    one_token = {key: value[:, -1:] for key, value in batch.items()}  # a few picks: only their experts' deltas run
+    for name, original in tuned.items():
+        torch.testing.assert_close(logits(model, one_token, tenant=name), logits(original, one_token), rtol=0, atol=1e-4)
     rows = ["a", "base"]
     mixed = logits(model, batch, tenant_names=rows)
     for row, name in enumerate(rows):
@@ -206,3 +209,28 @@ def test_config_refuses_misshapen_delta_ranks(tuned):
     fields["tenants"][1]["delta_ranks"] = [[-1]]
     with pytest.raises(ValueError, match="delta_ranks"):
         type(model.config)(**fields)
+
+
+def test_a_tenants_corrections_are_its_experts_low_rank_products(tuned):
+    """Few experts reached (only theirs are read) or many (all are): each pick gets its own
+    expert's left.T @ right, and its bias difference."""
+    model = consolidate(tuned, **EVERYTHING, delta_rank=3, progress=False)
+    layer = next(layer for layer in model.model.layers if hasattr(layer, "experts"))
+    deltas = layer.tenants["a"].get_submodule(layer.experts_path)
+    program = model.config.family.expert_program(layer.experts)
+    experts = len(deltas.layout.ranks)
+    for name, bias in ((program.first, program.first_bias), (program.second, program.second_bias)):
+        left, right = (getattr(deltas, key) for key in multimoe.expert_deltas.delta_names(name, True))
+        width = right.shape[1] if not program.transposed else left.shape[1]
+        for picks in ([1], [1, 1, experts - 1], list(range(experts)) * 2):
+            local = torch.tensor(picks)
+            inputs = torch.randn(len(picks), width, dtype=left.dtype)
+            got = deltas.corrections(name, bias, inputs, local, program.transposed)
+            for row, expert in enumerate(picks):
+                span = deltas.layout.span(expert, deltas.caps[name])
+                matrix = left[span].T @ right[span]  # [m, n], the stored layout
+                expected = inputs[row] @ matrix if program.transposed else matrix @ inputs[row]
+                if bias is not None:
+                    (bias_name,) = multimoe.expert_deltas.delta_names(bias, False)
+                    expected = expected + getattr(deltas, bias_name)[deltas.layout.row(expert)]
+                torch.testing.assert_close(got[row], expected, rtol=1e-4, atol=1e-5)

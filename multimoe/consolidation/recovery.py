@@ -664,10 +664,7 @@ def train(
     bar = tqdm(range(steps), desc="recovery", disable=not progress)
     for _ in bar:
         batch = Batch.of([(name, data[name], teachers[name], orders[name].take(batch_rows)) for name in names])
-        # Ids on the model's device: a forward given `tenant_names` makes them on the CPU, which a
-        # mixed batch on a GPU cannot index with.
-        tenant_ids = model.model.tenant_ids(batch.tenant_names, device=device)
-        kl, _ = batch.run(model, device, tenant_ids=tenant_ids)
+        kl, _ = batch.run(model, device, tenant_names=batch.tenant_names)
         losses = torch.stack([part.mean() for part in kl.split(batch.positions)])
         loss = losses.sum()
         if not torch.isfinite(loss):
