@@ -1,10 +1,10 @@
-"""The divergent testbed's section of docs/quality.md: four fine-tunes whose experts moved 45-88%
+"""The divergent testbed's quality report, docs/quality-divergent.md: four fine-tunes whose experts moved 45-88%
 from their base, consolidated at 1.25x, 1.5x and 2.0x one model with the recommended preset, with
 each tool of issue 16 added alone (loss-aware allocation, low-rank deltas, distillation recovery)
 and all together, against the paper's preset and the merging baselines; plus the gentle testbed
 with every tool on, in every tenant order (the check that a tool may become a default).
 
-    python scripts/divergent_report.py                  # writes the section of docs/quality.md
+    python scripts/divergent_report.py                  # writes docs/quality-divergent.md
     python scripts/divergent_report.py --held-out 50    # quicker, for a look
 """
 
@@ -19,22 +19,19 @@ from transformers.utils import logging
 
 from multimoe.consolidation import consolidate, needs_calibration
 from multimoe.evaluation import BASELINES, score_tenants
-from multimoe.evaluation.presets import BEST, PAPER, calibration_pairs
+from multimoe.evaluation.presets import BEST, DIVERGENT, PAPER, calibration_pairs
 from multimoe.evaluation.testbeds import TESTBEDS
 from multimoe.memory import parameter_bytes
-from multimoe.serving.bench import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
-REPORT = ROOT / "docs" / "quality.md"
-BEGIN, END = "<!-- divergent:begin -->", "<!-- divergent:end -->"
+REPORT = ROOT / "docs" / "quality-divergent.md"
 BUDGETS = ("1.25x", "1.5x", "2.0x")
-RECOVER_STEPS = 200
-TOOLS = {
+TOOLS = {  # added to the recommended preset, BEST; all together: the DIVERGENT preset
     "preset": {},
-    "+ loss allocation": dict(allocation="loss"),
-    "+ deltas": dict(delta_rank="auto"),
-    "+ recovery": dict(recover_steps=RECOVER_STEPS),
-    "all together": dict(allocation="loss", delta_rank="auto", recover_steps=RECOVER_STEPS),
+    "+ loss allocation": dict(allocation=DIVERGENT["allocation"]),
+    "+ deltas": dict(delta_rank=DIVERGENT["delta_rank"]),
+    "+ recovery": dict(recover_steps=DIVERGENT["recover_steps"]),
+    "all together": {key: DIVERGENT[key] for key in ("allocation", "delta_rank", "recover_steps")},
 }
 GOALS = {"1.25x": 0.90, "1.5x": 0.97}  # every tenant keeps this share of its own accuracy, at most this budget
 GENTLE_KEEP = 0.97
@@ -138,7 +135,8 @@ def main() -> None:
         "",
         f"Cells are exact match on {args.held_out} held-out prompts (in brackets: the share of the tenant's own "
         f"fine-tune's). `multimoe preset` is `{BEST}`, each tenant calibrated on 64 pairs of its own task; each "
-        f"tool is added alone, then all together (`recover_steps={RECOVER_STEPS}`). `paper` is `{PAPER}`. The "
+        f"tool is added alone, then all together (`multimoe.evaluation.presets.DIVERGENT`: `{TOOLS['all together']}`). "
+        f"`paper` is `{PAPER}`. The "
         "merging baselines merge all four into one model. Seconds: the whole `consolidate` call, recovery included.",
         "",
         "**Goals**:",
@@ -151,7 +149,7 @@ def main() -> None:
         "",
         *gentle,
     ])
-    write_section(args.out, BEGIN, END, "## Divergent fine-tunes: allocation, deltas, recovery\n\n" + body)
+    args.out.write_text("# Quality when fine-tunes diverged: allocation, deltas, recovery\n\n" + body + "\n")
     print(f"wrote {args.out}")
 
 

@@ -299,7 +299,10 @@ def write(
         where = f"the Switch Transformers testbed shipped in `multimoe/testbed/switch/` (made by `python {testbed.make_script}`)."
     else:
         cells = f"Cells are exact match on {held_out_count} held-out prompts of the tenant's task (greedy decoding through `generate`)."
-        where = f"the testbed shipped in `multimoe/testbed/` (made by `python {testbed.make_script}`)."
+        where = (
+            f"the testbed shipped in `multimoe/testbed/` (made by `python {testbed.make_script}`). Fine-tunes whose "
+            "experts diverged, and the tools for them, are in quality-divergent.md (`python scripts/divergent_report.py`)."
+        )
     keep = f"of its original {report.quantity}"
     paper_keeps = f" (the paper keeps {PAPER_KEEPS:.0%})" if switch else ""
     text = [
@@ -502,7 +505,8 @@ def draw(results: dict, report: Report, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])  # the whole first paragraph
-    parser.add_argument("--testbed", choices=sorted(TESTBEDS), default="mixtral")
+    parser.add_argument("--testbed", choices=sorted(OUTPUTS), default="mixtral",
+                        help="the divergent testbed has its own report: scripts/divergent_report.py")
     parser.add_argument("--tenants", type=int, nargs="+", help="tenant counts (mixtral: 2 3 4; switch: 1 2 3 4)")
     parser.add_argument("--held-out", type=int, default=HELD_OUT, help="held-out prompts per task")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")

@@ -16,7 +16,10 @@ PAPER = dict(similarity="weight_l2", grouping="same_index", merge="select")
 # by a probe on each tenant's own calibration data) and keep its experts unchanged; which experts
 # join a group is decided by what they compute on task data.
 BEST = dict(similarity="output", grouping="cross_index", merge="keep_anchor", anchor="most_sensitive")
-PRESETS = {"multimoe": BEST, "paper": PAPER}
+# For fine-tunes whose experts diverged (docs/quality-divergent.md): the budget spent
+# where merging costs least, low-rank deltas within it, and distillation recovery afterwards.
+DIVERGENT = dict(BEST, allocation="loss", delta_rank="auto", recover_steps=200)
+PRESETS = {"multimoe": BEST, "paper": PAPER, "multimoe-divergent": DIVERGENT}
 CALIBRATION_SEED = 7
 
 
@@ -54,7 +57,10 @@ def consolidate_preset(
                 f"({report.total_bytes / report.source_models_bytes:.2f}x its own model)."
             )
         return model
-    needs_data = needs_calibration(settings["similarity"], settings["merge"], settings.get("anchor", "first"))
+    needs_data = settings.get("recover_steps") or needs_calibration(
+        settings["similarity"], settings["merge"], settings.get("anchor", "first"), None,
+        settings.get("allocation", "distance"),
+    )
     return consolidate(
         dict(models),
         **settings,
@@ -65,4 +71,4 @@ def consolidate_preset(
     )
 
 
-__all__ = ["BEST", "PAPER", "PRESETS", "calibration_pairs", "consolidate_preset"]
+__all__ = ["BEST", "DIVERGENT", "PAPER", "PRESETS", "calibration_pairs", "consolidate_preset"]
