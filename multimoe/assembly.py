@@ -234,6 +234,13 @@ class TenantSet:
     def num_layers(self) -> int:
         return len(self.layer_paths)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the sources' weights lie, when all on one device (loaded models on a GPU): the model
+        built from them goes there. The CPU otherwise."""
+        devices = {checkpoint.device for checkpoint in self.checkpoints.values()}
+        return devices.pop() if len(devices) == 1 else torch.device("cpu")
+
     def layer_experts(self, layer_idx: int) -> dict[str, ExpertTensors]:
         """Every tenant's experts of one sparse layer, checked and cast: the most ever held at once."""
         experts = {}

@@ -164,6 +164,13 @@ class TenantCheckpoint:
         return counts.most_common(1)[0][0] if counts else None
 
     @cached_property
+    def device(self) -> torch.device:
+        """Where a loaded model's weights lie, when all on one device; the CPU for files (and for a
+        model split over devices)."""
+        devices = {tensor.device for tensor in (self._tensors or {}).values()}
+        return devices.pop() if len(devices) == 1 else torch.device("cpu")
+
+    @cached_property
     def generation_config(self) -> GenerationConfig:
         """The source's generation settings: a loaded model's own, a directory's
         generation_config.json, else the defaults transformers derives from its config."""

@@ -988,10 +988,11 @@ class MultiTenantLM(MultiTenantPreTrainedModel, GenerationMixin):
         cls, tenants, config: MultiTenantConfigMixin, state_dict: dict[str, torch.Tensor]
     ) -> MultiTenantForCausalLM:
         """The model of an assembled config and state dict, with each tenant's own files from its
-        source (`tenants`, a `multimoe.assembly.TenantSet`; see `take_tenant_files`)."""
+        source (`tenants`, a `multimoe.assembly.TenantSet`; see `take_tenant_files`), on the device
+        the sources' weights lie on (assembly reads them on the CPU)."""
         model = cls.from_pretrained(None, config=config, state_dict=state_dict, dtype=config.dtype)
         model.take_tenant_files(tenants)
-        return model
+        return model if tenants.device.type == "cpu" else model.to(tenants.device)
 
     def take_tenant_files(self, tenants) -> None:
         """Keep, for each tenant of `tenants` (a `multimoe.assembly.TenantSet`), its source's

@@ -83,3 +83,25 @@ def test_mixed_rows_and_beams_match_each_rows_original(model_type, device, token
                                                  pad_token_id=0, **settings)[0]
                 # A row that ends sooner than the batch is padded after its end token.
                 assert together[row, : len(alone)].tolist() == alone.tolist(), (row, name, settings)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_full_rank_deltas_reproduce_each_tenant_on_the_device(model_type, dtype, device, tokenizer, tmp_path):
+    """Every expert merged into `a`'s, `b`'s restored by full-rank low-rank deltas: alone, and (in
+    float32, where rounding cannot flip a near tie of the router) in a mixed batch named by
+    `tenant_names` (its tenant ids made on the inputs' device), on the device."""
+    originals = tenants(model_type, device, dtype, tmp_path)
+    model = multimoe.consolidate(originals, threshold=float("inf"), grouping="same_index", merge="keep_anchor",
+                                 delta_rank=10_000, progress=False).to(device).eval()
+    assert model.memory_report().delta_bytes > 0
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True).to(device)
+    with torch.no_grad():
+        mixed = model(**forward_inputs(model, batch), tenant_names=ROWS).logits
+        for name, original in originals.items():
+            expected = original(**forward_inputs(original, batch)).logits
+            torch.testing.assert_close(model(**forward_inputs(model, batch), tenant=name).logits, expected,
+                                       **TOLERANCES[dtype])
+            rows = [row for row, tenant in enumerate(ROWS) if tenant == name]
+            if dtype == torch.float32:
+                torch.testing.assert_close(mixed[rows], expected[rows], **TOLERANCES[dtype])
