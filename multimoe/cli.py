@@ -99,6 +99,7 @@ def consolidate_command(args: argparse.Namespace) -> None:
         max_quality_loss=args.max_quality_loss,
         allocation=args.allocation,
         delta_rank=args.delta_rank,
+        recover_steps=args.recover_steps,
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         revision=args.revision,
     )
@@ -171,6 +172,8 @@ def parser() -> argparse.ArgumentParser:
                          help="rank merges by distance, or by the loss each costs its tenant (needs --calibration)")
     command.add_argument("--delta-rank", type=delta_rank_argument,
                          help="low-rank expert deltas: a rank for every merged expert, or auto (within --memory-budget)")
+    command.add_argument("--recover-steps", type=number_argument("recover_steps", integer=True), default=0,
+                         help="distillation recovery steps after merging (needs --calibration)")
     command.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     command.add_argument("--revision")
     command.add_argument("--max-shard-size", default="5GB")

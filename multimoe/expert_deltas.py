@@ -103,8 +103,8 @@ class ExpertDeltas:
         cap, ranks = self.caps[name], self.layout.ranks
         reached = [expert for expert in torch.unique(experts).tolist() if ranks[expert]]
         left, right = (getattr(self, key) for key in delta_names(name, True))
-        if not reached:
-            return inputs.new_zeros(inputs.shape[0], left.shape[1])
+        if not reached:  # the product's width: m of the matrix [m, n] (n where it is stored transposed)
+            return inputs.new_zeros(inputs.shape[0], (right if transposed else left).shape[1])
         if 2 * len(reached) < sum(1 for rank in ranks if rank):  # few reached (decode): read only theirs
             spans = [self.layout.span(expert, cap) for expert in reached]
             components = torch.cat([torch.arange(span.start, span.stop) for span in spans]).to(experts.device)

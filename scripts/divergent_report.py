@@ -40,9 +40,9 @@ GENTLE_KEEP = 0.97
 def consolidated(models: dict, testbed, budget: str, settings: dict, tokenizer):
     """`consolidate` with `settings`, each tenant calibrated on its own task where they need data (the
     paper's preset does not: its `select` would otherwise keep the most used member)."""
-    needs_data = settings.get("recover_steps") or needs_calibration(
+    needs_data = needs_calibration(
         settings["similarity"], settings["merge"], settings.get("anchor", "first"), None,
-        settings.get("allocation", "distance"),
+        settings.get("allocation", "distance"), settings.get("recover_steps", 0),
     )
     calibration = {name: calibration_pairs([name], registry=testbed.tasks) for name in models} if needs_data else None
     return consolidate(dict(models), **settings, memory_budget=budget, calibration=calibration,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -69,6 +70,35 @@ def test_full_rank_deltas_reproduce_every_tenant_alone_and_mixed(tuned, batch):
     for row, name in enumerate(rows):
         alone = logits(model, {key: value[row : row + 1] for key, value in batch.items()}, tenant=name)
         torch.testing.assert_close(mixed[row : row + 1], alone, rtol=0, atol=1e-5)
+
+
+def test_deltas_on_some_experts_only_decode_token_by_token(tuned, batch):
+    """Only expert 0 moved in `b`: its other experts need no delta, and a step whose picks reach
+    none of its deltas adds nothing (of the product's own width, transposed layouts too)."""
+    some = {"base": tuned["base"], "b": fine_tune(tuned["base"], seed=5, changed_experts={0}, scale=0.1)}
+    model = consolidate(some, **EVERYTHING, delta_rank=FULL_RANK, progress=False)
+    ranks = [rank for row in model.config.tenants["b"]["delta_ranks"] for rank in row]
+    assert any(ranks) and not all(ranks)
+    for position in range(batch["input_ids"].shape[1]):
+        step = {key: value[:, position : position + 1] for key, value in batch.items()}
+        for name, original in some.items():
+            torch.testing.assert_close(logits(model, step, tenant=name), logits(original, step), rtol=0, atol=1e-4)
+
+
+def test_the_budget_holds_whatever_member_the_rule_keeps(tenants, tokenizer):
+    """`select` with usage may keep a member other than the anchor's, and `average` changes every
+    member (identical ones too): the deltas made are the ones the plan counted."""
+    sources = {name: tenants[name] for name in ("base", "chat", "code")}
+    calibration = ["hello there", "how are you? fine", "def f(x): return x"]
+    smallest = consolidate(sources, **EVERYTHING, progress=False).consolidation_report.bytes_after
+    largest = consolidate(sources, progress=False).consolidation_report.bytes_after
+    for merge in ("select", "average", "output_medoid"):
+        for budget in range(smallest + (largest - smallest) // 4, largest, (largest - smallest) // 8):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # an exceeded budget warns
+                model = consolidate(sources, memory_budget=budget, merge=merge, delta_rank=2, calibration=calibration,
+                                    tokenizer=tokenizer, progress=False)
+            assert model.memory_report().total_bytes <= budget, (merge, budget)
 
 
 def test_no_delta_rank_is_todays_model_bit_for_bit(tuned, batch):
@@ -199,7 +229,7 @@ def test_add_tenant_with_a_delta_rank(tuned, batch):
     ],
 )
 def test_bad_delta_ranks_are_refused_before_any_tenant_is_opened(options, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((TypeError, ValueError), match=message):
         consolidate({"a": "/nonexistent/a", "b": "/nonexistent/b"}, progress=False, **options)
 
 

@@ -284,8 +284,16 @@ def test_consolidate_recovers_when_asked_and_reports_it(tenants, tokenizer):
     report = model.consolidation_report
     assert set(report.loss_after_recovery) <= set(sources) and report.loss_after_recovery
     assert "after recovery" in report.to_markdown()
-    with pytest.raises(ValueError, match="recover_steps needs calibration"):
+    with pytest.raises(ValueError, match="recover_steps=3 need calibration data"):
         multimoe.consolidate(sources, recover_steps=3, progress=False)
     for bad in (-1, 1.5, float("nan"), True):
         with pytest.raises((TypeError, ValueError), match="recover_steps"):
             multimoe.consolidate({"a": "/nonexistent/a", "b": "/nonexistent/b"}, recover_steps=bad, progress=False)
+
+
+def test_consolidate_refuses_recovery_of_an_encoder_decoder_before_building(tokenizer):
+    base = random_model(tiny_config("switch_transformers"), seed=0)
+    sources = {"a": base, "b": fine_tune(base, seed=1, changed_experts={0})}
+    pairs = [{"prompt": "hello", "completion": "there"}]
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        multimoe.consolidate(sources, calibration=pairs, tokenizer=tokenizer, recover_steps=2, progress=False)

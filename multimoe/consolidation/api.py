@@ -27,8 +27,8 @@ from .allocation import ALLOCATIONS, measured_rises
 from .calibration import CalibrationStats, collect, language_model_loss, per_tenant_data
 from .deltas import DeltaCost, auto_ranks, check_delta_rank, energy_gains, layer_delta_state
 from .grouping import ExpertGroup, get_grouping
-from .recovery import recover
 from .merging import KEEPS_A_MEMBER, NEEDS_USAGE, MergeGroup, get_merge, identical
+from .recovery import recover
 from .report import ConsolidationReport, LayerReport
 from .similarity import NEEDS_CALIBRATION, expert_runner, get_metric
 
@@ -48,7 +48,12 @@ class Candidate:
 
 
 def needs_calibration(
-    similarity: str, merge: str, anchor: str = "first", max_quality_loss: float | None = None, allocation: str = "distance"
+    similarity: str,
+    merge: str,
+    anchor: str = "first",
+    max_quality_loss: float | None = None,
+    allocation: str = "distance",
+    recover_steps: int = 0,
 ) -> bool:
     """Whether these `consolidate` settings need calibration data."""
     return (
@@ -57,6 +62,7 @@ def needs_calibration(
         or max_quality_loss is not None
         or anchor == "most_sensitive"
         or allocation == "loss"
+        or bool(recover_steps)
     )
 
 
@@ -180,10 +186,11 @@ class Planner:
             self.groups[layer_idx] = group(self.anchor, distances)
             self.compared_distances[layer_idx] = distances[self.others[0]]
             if spectra:
-                for group_idx, members in enumerate(self.groups[layer_idx]):
-                    anchor_member = [tensor[members.members[self.anchor]] for tensor in experts[self.anchor]]
+                for group_idx, expert_group in enumerate(self.groups[layer_idx]):
+                    index = expert_group.members
+                    anchor_member = [tensor[index[self.anchor]].float() for tensor in experts[self.anchor]]
                     for name in self.others:
-                        difference = [t[members.members[name]] - a for t, a in zip(experts[name], anchor_member)]
+                        difference = [t[index[name]].float() - a for t, a in zip(experts[name], anchor_member)]
                         self.gains[layer_idx, group_idx, name] = energy_gains(difference, footprint.delta.max_rank)
         self.candidates = sorted(
             Candidate(group.distances[name], layer_idx, group_idx, name)
@@ -275,10 +282,15 @@ class Plan:
 
 
 def fixed_ranks(merged: Sequence[Candidate], deltas: DeltaSettings | None) -> dict[CandidateKey, int]:
-    """`delta_rank=<int>`: that rank for every merged candidate that differs from its entry."""
+    """`delta_rank=<int>`: that rank for every merged candidate that differs from its entry: one
+    that differs from the anchor's member where the rule keeps a member; with a rule that changes
+    every member, every merged candidate of a group where any differs."""
     if deltas is None or deltas.rank == "auto":
         return {}
-    return {key_of(c): deltas.rank for c in merged if c.distance > 0}
+    touched = {(c.layer, c.group) for c in merged if c.distance > 0}
+    if deltas.keeps_member:
+        return {key_of(c): deltas.rank for c in merged if c.distance > 0}
+    return {key_of(c): deltas.rank for c in merged if (c.layer, c.group) in touched}
 
 
 def delta_bytes(footprint: Footprint, ranks: Mapping[CandidateKey, int], deltas: DeltaSettings | None) -> int:
@@ -342,12 +354,16 @@ def pool_builder(plan: Plan, merges: int, merge: str, stats: CalibrationStats | 
             members = [member(t, group) for t in joined]
             pool.append(rule(MergeGroup(members, run_experts=planner.run_experts, **evidence)))
             planned = [plan.ranks.get((layer_idx, group_idx, t), 0) for t in joined]
+            kept = [rank for tensors, rank in zip(members, planned) if identical([tensors, pool[-1]])]
             for tenant, tensors, rank in zip(joined, members, planned):
                 maps[tenant][group.members[tenant]] = len(pool) - 1
-                if plan.deltas is not None and not identical([tensors, pool[-1]]):
-                    # A member the rule did not keep; the anchor takes the rank planned for the kept one.
-                    kept = [r for m, r in zip(members, planned) if identical([m, pool[-1]])]
-                    ranks[tenant][group.members[tenant]] = rank or max(kept or planned)
+                if tenant == planner.anchor and plan.deltas is not None:
+                    # The anchor is no candidate: it takes the rank planned for the member the rule
+                    # kept (which needs none), or, where the rule keeps none, the group's largest
+                    # (both as `delta_bytes` counts them).
+                    rank = max(kept) if kept else max(planned)
+                if rank and not identical([tensors, pool[-1]]):
+                    ranks[tenant][group.members[tenant]] = rank
             for tenant in planner.others:
                 if tenant not in joined:
                     pool.append(member(tenant, group))
@@ -498,16 +514,16 @@ def consolidate(
         raise ValueError(f"anchor {anchor!r} is neither a tenant ({list(models)}) nor one of {list(ANCHOR_RULES)}.")
     if anchor in ANCHOR_RULES and anchor in models:
         raise ValueError(f"anchor {anchor!r} is ambiguous: it names a rule and a tenant; rename the tenant.")
-    if recover_steps and calibration is None:
-        raise ValueError("recover_steps needs calibration data: recovery distils each original on it.")
-    if needs_calibration(similarity, merge, anchor, max_quality_loss, allocation) and calibration is None:
+    if needs_calibration(similarity, merge, anchor, max_quality_loss, allocation, recover_steps) and calibration is None:
         raise ValueError(
             f"similarity={similarity!r}, merge={merge!r}, anchor={anchor!r}, max_quality_loss={max_quality_loss!r}, "
-            f"allocation={allocation!r} need calibration data."
+            f"allocation={allocation!r}, recover_steps={recover_steps!r} need calibration data."
         )
     tenants = TenantSet.open(models, default_tenant=default_tenant, dtype=dtype, revision=revision, **shared_settings)
     # Read once the family is known (configs only: no weight has been read yet).
     encoder_decoder = tenants.family.is_encoder_decoder
+    if recover_steps and encoder_decoder:
+        raise ValueError(f"recover_steps trains causal LMs; {tenants.family.model_type} is an encoder-decoder family.")
     data = per_tenant_data(calibration, list(models), tokenizer, encoder_decoder) if calibration is not None else None
     footprint = Footprint.of(tenants)
     budget = None if requested_budget is None else requested_budget.bytes(footprint.one_model)
@@ -566,12 +582,20 @@ def consolidate(
         model = build(plan, count)
         after = losses(model)
         if budget is not None:  # the guard undid merges the budget needed (identical ones cost nothing)
+            reached = footprint.total(count) + model.memory_report().delta_bytes
             notes.append(
                 f"memory_budget not reached: max_quality_loss={max_quality_loss} stops at "
-                f"{footprint.describe(footprint.total(count) + model.memory_report().delta_bytes)}, above the budget of {footprint.describe(budget)}."
+                f"{footprint.describe(reached)}, above the budget of {footprint.describe(budget)}."
             )
             warnings.warn(notes[-1], stacklevel=2)  # a model over budget must not pass unnoticed
 
+    delta_bytes = model.memory_report().delta_bytes
+    if budget is not None and deciding != "max_quality_loss" and footprint.total(count) + delta_bytes > budget:
+        notes.append(  # the plan counts every delta it makes: this would be a defect, never silent
+            f"memory_budget exceeded: the model takes {footprint.describe(footprint.total(count) + delta_bytes)}, "
+            f"above the budget of {footprint.describe(budget)}."
+        )
+        warnings.warn(notes[-1], stacklevel=2)
     layer_reports = []
     for layer_idx, distances in plan.planner.compared_distances.items():
         merged = [c.distance for c in plan.allowed[:count] if c.layer == layer_idx]
@@ -594,8 +618,8 @@ def consolidate(
         compared=plan.planner.others[0],
         layers=layer_reports,
         bytes_before=footprint.total(0),
-        bytes_after=footprint.total(count) + model.memory_report().delta_bytes,
-        delta_bytes=model.memory_report().delta_bytes,
+        bytes_after=footprint.total(count) + delta_bytes,
+        delta_bytes=delta_bytes,
         budget_bytes=budget,
         deciding_limit=deciding,
         loss_before=stats.losses if stats is not None else None,

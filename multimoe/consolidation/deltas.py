@@ -25,7 +25,9 @@ def check_delta_rank(delta_rank: int | str | None) -> int | str | None:
     """`None` or 0 (no deltas), an int rank >= 1 for every merged expert, or `"auto"`."""
     if delta_rank is None or delta_rank == "auto":
         return None if delta_rank is None else "auto"
-    if isinstance(delta_rank, bool) or not isinstance(delta_rank, int) or delta_rank < 0:
+    if isinstance(delta_rank, bool) or not isinstance(delta_rank, int):
+        raise TypeError(f"delta_rank must be None, an int >= 0 or 'auto', got {delta_rank!r}.")
+    if delta_rank < 0:
         raise ValueError(f"delta_rank must be None, an int >= 0 or 'auto', got {delta_rank!r}.")
     return delta_rank or None
 

@@ -57,9 +57,9 @@ def consolidate_preset(
                 f"({report.total_bytes / report.source_models_bytes:.2f}x its own model)."
             )
         return model
-    needs_data = settings.get("recover_steps") or needs_calibration(
+    needs_data = needs_calibration(
         settings["similarity"], settings["merge"], settings.get("anchor", "first"), None,
-        settings.get("allocation", "distance"),
+        settings.get("allocation", "distance"), settings.get("recover_steps", 0),
     )
     return consolidate(
         dict(models),
