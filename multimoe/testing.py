@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import copy
 import string
+import subprocess
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -151,4 +154,19 @@ def character_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-__all__ = ["character_tokenizer", "load_offloaded", "fine_tune", "random_mixtral", "random_model", "tiny_config", "tiny_mixtral_config"]
+def run_without_multimoe(script: str, *args: str, workdir: Path) -> subprocess.CompletedProcess:
+    """Run `python -c script *args` in a fresh process that sees an empty environment (no HOME
+    caches, remote code cached under `workdir`) with this process's thread count, so that its
+    kernels round alike: how a checkpoint loads by remote code where multimoe is not installed
+    (`script` hides it itself, e.g. `sys.modules["multimoe"] = None`). Fails with its stderr."""
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=workdir,
+        env={"HF_MODULES_CACHE": str(Path(workdir) / "modules"), "PATH": "/usr/bin:/bin", "HOME": str(workdir),
+             "OMP_NUM_THREADS": str(torch.get_num_threads())},
+    )
+    if result.returncode:
+        raise AssertionError(f"the isolated process failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+__all__ = ["character_tokenizer", "load_offloaded", "fine_tune", "random_mixtral", "random_model", "run_without_multimoe", "tiny_config", "tiny_mixtral_config"]

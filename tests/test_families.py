@@ -19,8 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import subprocess
-import sys
 from functools import cached_property
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterfac
 import multimoe
 from multimoe import CheckpointError, IncompatibleTenantsError, UnsupportedFamilyError
 from multimoe.checkpoints import SafetensorsFiles, TenantCheckpoint
-from multimoe.testing import character_tokenizer, fine_tune, random_model, tiny_config
+from multimoe.testing import character_tokenizer, fine_tune, random_model, run_without_multimoe, tiny_config
 
 FAMILY_TYPES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
 STEMS = {
@@ -373,14 +371,7 @@ def remote(cases, inputs, tmp_path_factory) -> dict[str, dict]:
     inputs_path, out_path = work / "inputs.pt", work / "out.pt"
     torch.save(dict(inputs), inputs_path)
     directories = {family: str(cases[family].saved) for family in FAMILY_TYPES}
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE, str(inputs_path), str(out_path), *directories.values()],
-        capture_output=True, text=True, cwd=work,
-        env={"HF_MODULES_CACHE": str(work / "modules"), "PATH": "/usr/bin:/bin", "HOME": str(work),
-             # the same kernels as this process: the same thread count
-             "OMP_NUM_THREADS": str(torch.get_num_threads())},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_without_multimoe(REMOTE_CODE, str(inputs_path), str(out_path), *directories.values(), workdir=work)
     loaded = torch.load(out_path)
     return {family: loaded[directory] for family, directory in directories.items()}
 

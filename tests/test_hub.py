@@ -6,8 +6,6 @@ import copy
 import json
 import shutil
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from huggingface_hub.errors import HTTPError
 
 from multimoe import CheckpointError, MultiTenantMixtralForCausalLM
 from multimoe.hub import model_card
+from multimoe.testing import run_without_multimoe
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +92,7 @@ torch.save({"class": type(model).__module__ + "." + type(model).__name__, "logit
 def test_loads_with_trust_remote_code_where_multimoe_is_not_installed(multi, saved, batch, tmp_path):
     inputs_path, out_path = tmp_path / "inputs.pt", tmp_path / "out.pt"
     torch.save(dict(batch), inputs_path)
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE, str(saved), str(inputs_path), str(out_path)],
-        capture_output=True, text=True, cwd=tmp_path, env={"HF_MODULES_CACHE": str(tmp_path / "modules"),
-                                                         "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-                                                         # the same kernels as this process: same thread count
-                                                         "OMP_NUM_THREADS": str(torch.get_num_threads())},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_without_multimoe(REMOTE_CODE, str(saved), str(inputs_path), str(out_path), workdir=tmp_path)
     remote = torch.load(out_path)
     assert remote["class"].startswith("transformers_modules.") and remote["class"].endswith("MultiTenantMixtralForCausalLM")
     with torch.no_grad():

@@ -11,8 +11,6 @@ differently: there rows are compared within 1e-5, and greedy or beam generations
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,7 +19,7 @@ from transformers import AutoModelForSeq2SeqLM, SwitchTransformersForConditional
 
 import multimoe
 from multimoe import consolidate
-from multimoe.testing import character_tokenizer, fine_tune, random_model, tiny_config
+from multimoe.testing import character_tokenizer, fine_tune, random_model, run_without_multimoe, tiny_config
 
 TEXTS = ["sort dcba", "hi", "what is 2+2?", "rev abc"]
 ROWS = ["base", "untied", "a", "base"]
@@ -159,13 +157,8 @@ torch.save({"class": type(model).__name__, "generations": out}, out_path)
 def test_loads_with_trust_remote_code_where_multimoe_is_not_installed(multi, originals, batch, tmp_path):
     multi.save_pretrained(tmp_path / "saved")
     torch.save(dict(batch), tmp_path / "inputs.pt")
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE, str(tmp_path / "saved"), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-        capture_output=True, text=True, cwd=tmp_path,
-        env={"HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-             "OMP_NUM_THREADS": str(torch.get_num_threads())},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_without_multimoe(REMOTE_CODE, str(tmp_path / "saved"), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt"),
+                         workdir=tmp_path)
     remote = torch.load(tmp_path / "out.pt")
     assert remote["class"] == "MultiTenantSwitchTransformersForConditionalGeneration"
     for name, original in originals.items():
