@@ -171,7 +171,8 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--allocation", default="distance", choices=["distance", "loss"],
                          help="rank merges by distance, or by the loss each costs its tenant (needs --calibration)")
     command.add_argument("--delta-rank", type=delta_rank_argument,
-                         help="low-rank expert deltas: a rank for every merged expert, or auto (within --memory-budget)")
+                         help="low-rank expert deltas: a rank for every merged expert, or auto (within "
+                              "--memory-budget)")
     command.add_argument("--recover-steps", type=number_argument("recover_steps", integer=True), default=0,
                          help="distillation recovery steps after merging (needs --calibration)")
     command.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])

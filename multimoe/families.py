@@ -260,11 +260,17 @@ class Family:
         """How the pool's experts compute (see `ExpertProgram`), read off the flags transformers'
         `use_experts_implementation` gives the family's experts class."""
         if getattr(pool, "has_post_expert_norm", False):
-            raise UnsupportedFamilyError(f"{self.model_type}: low-rank deltas do not support experts with a post-expert norm.")
+            raise UnsupportedFamilyError(
+                f"{self.model_type}: low-rank deltas do not support experts with a post-expert norm."
+            )
         first = "gate_up_proj" if pool.has_gate else "up_proj"
         biases = pool.has_bias
         return ExpertProgram(
-            first, "down_proj", f"{first}_bias" if biases else None, "down_proj_bias" if biases else None, pool.is_transposed
+            first,
+            "down_proj",
+            f"{first}_bias" if biases else None,
+            "down_proj_bias" if biases else None,
+            pool.is_transposed,
         )
 
     def expert_shapes(self, pool: nn.Module) -> dict[str, torch.Size]:
@@ -580,4 +586,7 @@ register(Family("deepseek_v3", legacy=PROJECTION_LEGACY))
 register(Family("gpt_oss"))
 register(Seq2SeqFamily("switch_transformers"))
 
-__all__ = ["FAMILIES", "ExpertProgram", "Family", "LegacyExperts", "Seq2SeqFamily", "UnsupportedFamilyError", "family_for", "register"]
+__all__ = [
+    "FAMILIES", "ExpertProgram", "Family", "LegacyExperts", "Seq2SeqFamily", "UnsupportedFamilyError", "family_for",
+    "register",
+]

@@ -63,7 +63,8 @@ def delta_kind(spec: dict) -> str:
     ranks = [rank for row in spec.get("delta_ranks") or [] for rank in row if rank]
     if not ranks:
         return "none"
-    return f"{len(ranks)} experts, rank {min(ranks)}-{max(ranks)}" if min(ranks) != max(ranks) else f"{len(ranks)} experts, rank {ranks[0]}"
+    spread = f"{min(ranks)}-{max(ranks)}" if min(ranks) != max(ranks) else f"{ranks[0]}"
+    return f"{len(ranks)} experts, rank {spread}"
 
 
 def tokenizer_kind(model, tenant: str) -> str:

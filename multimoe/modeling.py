@@ -770,7 +770,8 @@ class TenantRouter:
         rows = input_ids if input_ids is not None else inputs_embeds
         if rows is None:
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        return self.route(rows.shape[0], tenant=tenant, tenant_names=tenant_names, tenant_ids=tenant_ids, device=rows.device)
+        routing = dict(tenant=tenant, tenant_names=tenant_names, tenant_ids=tenant_ids)
+        return self.route(rows.shape[0], **routing, device=rows.device)
 
     def call_routing(self, args: tuple, kwargs: dict) -> TenantRouting:
         """`route` for the arguments of a call of a model (with or without its head), read before the

@@ -80,7 +80,9 @@ def add_tenant(
     check_whole(model, f"add tenant {name!r}")
     check_number("threshold", threshold, unbounded=True)  # math.inf: every expert shares its closest entry
     if check_delta_rank(delta_rank) == "auto":
-        raise ValueError("add_tenant takes an int delta_rank: 'auto' spends a memory_budget, which only consolidate() has.")
+        raise ValueError(
+            "add_tenant takes an int delta_rank: 'auto' spends a memory_budget, which only consolidate() has."
+        )
     delta_rank = check_delta_rank(delta_rank)
     if name in model.tenants:
         raise ValueError(f"Tenant {name!r} already exists; remove it first to replace it.")
@@ -144,7 +146,8 @@ def add_tenant(
         delta_ranks.append(ranks)
         if any(ranks):
             for key, tensor in layer_delta_state(names, experts, entries, [e or 0 for e in matches], ranks).items():
-                own_tensors[family.tenant_key(f"{experts_modules[layer_idx]}.{key}", name, incoming.layer_paths)] = tensor
+                qualified = family.tenant_key(f"{experts_modules[layer_idx]}.{key}", name, incoming.layer_paths)
+                own_tensors[qualified] = tensor
 
     # Nothing above modified the model; from here on it changes.
     config.pool_sizes = [size + (len(extra[0]) if extra else 0) for size, extra in zip(config.pool_sizes, additions)]

@@ -169,4 +169,7 @@ def run_without_multimoe(script: str, *args: str, workdir: Path) -> subprocess.C
     return result
 
 
-__all__ = ["character_tokenizer", "load_offloaded", "fine_tune", "random_mixtral", "random_model", "run_without_multimoe", "tiny_config", "tiny_mixtral_config"]
+__all__ = [
+    "character_tokenizer", "load_offloaded", "fine_tune", "random_mixtral", "random_model", "run_without_multimoe",
+    "tiny_config", "tiny_mixtral_config",
+]

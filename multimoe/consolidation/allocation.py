@@ -37,8 +37,7 @@ def measured_rises(planner, data: Mapping[str, CalibrationData], progress: bool)
             tenants.settings,
         )
         config, state_dict = assemble_lossless(pair)
-        probe = classes_for(tenants.family)[2].from_pretrained(None, config=config, state_dict=state_dict, dtype=config.dtype)
-        probe.eval()
+        probe = classes_for(tenants.family)[2].from_assembly(pair, config, state_dict).eval()
         baseline = language_model_loss(probe, data[name], tenant=name)
         for layer_idx, groups in enumerate(planner.groups):
             if not groups:

@@ -252,7 +252,9 @@ class Plan:
     ranks: dict[CandidateKey, int] = field(default_factory=dict)
 
     @classmethod
-    def within(cls, planner: Planner, threshold: float | None, budget: int | None, deltas: DeltaSettings | None = None) -> Plan:
+    def within(
+        cls, planner: Planner, threshold: float | None, budget: int | None, deltas: DeltaSettings | None = None
+    ) -> Plan:
         allowed = [c for c in planner.candidates if threshold is None or c.distance <= threshold]
         if budget is None:
             everything = len(allowed) == len(planner.candidates)
@@ -311,7 +313,9 @@ def delta_bytes(footprint: Footprint, ranks: Mapping[CandidateKey, int], deltas:
 AUTO_MERGE_COUNTS = 64
 
 
-def auto_plan(planner: Planner, allowed: list[Candidate], needed: int, budget: int) -> tuple[int, dict[CandidateKey, int]]:
+def auto_plan(
+    planner: Planner, allowed: list[Candidate], needed: int, budget: int
+) -> tuple[int, dict[CandidateKey, int]]:
     """`delta_rank="auto"`: how many candidates to merge and the rank of each merged one's delta.
     Each merge beyond the `needed` ones frees an expert's bytes for ranks; the count chosen leaves
     the least estimated harm: the merged candidates' importance, less what their ranks recover
@@ -514,7 +518,8 @@ def consolidate(
         raise ValueError(f"anchor {anchor!r} is neither a tenant ({list(models)}) nor one of {list(ANCHOR_RULES)}.")
     if anchor in ANCHOR_RULES and anchor in models:
         raise ValueError(f"anchor {anchor!r} is ambiguous: it names a rule and a tenant; rename the tenant.")
-    if needs_calibration(similarity, merge, anchor, max_quality_loss, allocation, recover_steps) and calibration is None:
+    needs_data = needs_calibration(similarity, merge, anchor, max_quality_loss, allocation, recover_steps)
+    if needs_data and calibration is None:
         raise ValueError(
             f"similarity={similarity!r}, merge={merge!r}, anchor={anchor!r}, max_quality_loss={max_quality_loss!r}, "
             f"allocation={allocation!r}, recover_steps={recover_steps!r} need calibration data."

@@ -100,7 +100,7 @@ def layer_delta_state(
         differences = [own[index][expert].float() - pool[row[expert]][index].float() for expert in with_delta]
         if own[index].dim() == 3:
             cap = min(own[index].shape[1:])  # a rank beyond the matrix's own is its full rank
-            pairs = [factors(difference, min(ranks[expert], cap)) for difference, expert in zip(differences, with_delta)]
+            pairs = [factors(difference, min(ranks[e], cap)) for difference, e in zip(differences, with_delta)]
             left, right = delta_names(name, True)
             state[left] = torch.cat([pair[0] for pair in pairs]).to(dtype)
             state[right] = torch.cat([pair[1] for pair in pairs]).to(dtype)
