@@ -297,3 +297,19 @@ def test_consolidate_refuses_recovery_of_an_encoder_decoder_before_building(toke
     pairs = [{"prompt": "hello", "completion": "there"}]
     with pytest.raises(ValueError, match="encoder-decoder"):
         multimoe.consolidate(sources, calibration=pairs, tokenizer=tokenizer, recover_steps=2, progress=False)
+
+
+def test_auto_delta_ranks_with_recovery_go_where_recovery_cannot_reach(tenants, tokenizer):
+    """With `recover_steps`, `delta_rank="auto"` first recovers a probe with every merge made and
+    weighs each tenant's candidates by the KL it keeps: a tenant that recovers needs no rank."""
+    sources = {name: tenants[name] for name in ("base", "chat", "code")}
+    calibration = ["hello there", "the cat sat", "how are you? fine", "def f(x): return x"]
+    smallest = multimoe.consolidate(sources, threshold=math.inf, progress=False).consolidation_report.bytes_after
+    budget = (smallest + multimoe.consolidate(sources, progress=False).consolidation_report.bytes_after) // 2
+    model = multimoe.consolidate(
+        sources, memory_budget=budget, merge="keep_anchor", delta_rank="auto", recover_steps=3,
+        calibration=calibration, tokenizer=tokenizer, progress=False,
+    )
+    report = model.consolidation_report
+    assert any(note.startswith("delta ranks weighted by the KL") for note in report.notes)
+    assert report.bytes_after <= budget and report.loss_after_recovery

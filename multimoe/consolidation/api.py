@@ -169,6 +169,8 @@ class Planner:
         # (layer, group, tenant) -> the energy each rank of a delta would capture (`delta_rank="auto"`)
         self.gains: dict[tuple[int, int, str], torch.Tensor] = {}
         self.rises: dict[tuple[int, int, str], float] | None = None  # `allocation="loss"`
+        # tenant -> how much its candidates count for delta ranks (`recovery_weights`); all 1 unless set
+        self.tenant_weights: dict[str, float] | None = None
         self.others = [name for name in tenants.names if name != anchor]
         self.metric, self.grouping, self.progress = metric, grouping, progress
         self.experts = tenants.checkpoints[tenants.names[0]].num_experts
@@ -201,11 +203,11 @@ class Planner:
 
     def importance(self, candidate: Candidate) -> float:
         """How much merging `candidate` is expected to cost, on a scale shared by all candidates:
-        its measured loss rise (`allocation="loss"`), else its squared distance. What
-        `delta_rank="auto"` weighs a delta's recovered energy by."""
-        if self.rises is not None:
-            return max(self.rises[key_of(candidate)], 0.0)
-        return candidate.distance**2
+        its measured loss rise (`allocation="loss"`), else its squared distance; times its tenant's
+        weight where recovery will follow (`recovery_weights`). What `delta_rank="auto"` weighs a
+        delta's recovered energy by."""
+        cost = max(self.rises[key_of(candidate)], 0.0) if self.rises is not None else candidate.distance**2
+        return cost if self.tenant_weights is None else cost * self.tenant_weights[candidate.tenant]
 
     def allocate(self, rises: dict[tuple[int, int, str], float]) -> None:
         """Rank the candidates by their measured loss rise, cheapest first (identical ones, which
@@ -380,6 +382,23 @@ def pool_builder(plan: Plan, merges: int, merge: str, stats: CalibrationStats | 
         return pool, maps, deltas
 
     return build
+
+
+def recovery_weights(
+    plan: Plan, build: Callable[..., MultiTenantLM], recovering: Callable
+) -> tuple[dict[str, float], str]:
+    """Each tenant's KL to its original left after recovering a probe with every allowed candidate
+    merged and no deltas, relative to the largest: with `recover_steps`, `delta_rank="auto"` spends
+    its bytes where recovery cannot reach (a tenant that recovers in its own layers needs no rank,
+    one that cannot needs them all); also returns the report's note."""
+    probe = build(replace(plan, deltas=None, ranks={}), len(plan.allowed))
+    left = {name: tenant.kl_after for name, tenant in recovering(probe).tenants.items()}
+    del probe
+    largest = max(left.values())
+    weights = {name: value / largest if largest > 0 else 0.0 for name, value in left.items()}
+    figures = ", ".join(f"{name} {value:.3g}" for name, value in left.items())
+    note = f"delta ranks weighted by the KL each tenant keeps after recovering with every merge made ({figures})"
+    return weights, note
 
 
 def most_sensitive_plan(
@@ -568,6 +587,15 @@ def consolidate(
             f"allocation 'loss': {len(plan.planner.candidates)} candidate merges ranked by the rise of their tenant's "
             "calibration loss when merged alone"
         )
+
+    if delta_rank == "auto" and recover_steps:
+        def recovering(model: MultiTenantLM):
+            return recover(model, models, calibration=calibration, tokenizer=tokenizer, steps=recover_steps,
+                           revision=revision, progress=progress)
+
+        plan.planner.tenant_weights, note = recovery_weights(plan, build, recovering)
+        plan = Plan.within(plan.planner, threshold, budget, deltas)
+        notes.append(note)
 
     count = plan.count
     model = build(plan, count)

@@ -16,9 +16,10 @@ PAPER = dict(similarity="weight_l2", grouping="same_index", merge="select")
 # by a probe on each tenant's own calibration data) and keep its experts unchanged; which experts
 # join a group is decided by what they compute on task data.
 BEST = dict(similarity="output", grouping="cross_index", merge="keep_anchor", anchor="most_sensitive")
-# For fine-tunes whose experts diverged (docs/quality-divergent.md): the budget spent
-# where merging costs least, low-rank deltas within it, and distillation recovery afterwards.
-DIVERGENT = dict(BEST, allocation="loss", delta_rank="auto", recover_steps=200)
+# For fine-tunes whose experts diverged (docs/quality-divergent.md): low-rank deltas within the
+# budget, spent on the tenants recovery cannot bring back, and distillation recovery afterwards.
+# (Loss-aware allocation on top did worse there: see the report.)
+DIVERGENT = dict(BEST, delta_rank="auto", recover_steps=200)
 PRESETS = {"multimoe": BEST, "paper": PAPER, "multimoe-divergent": DIVERGENT}
 CALIBRATION_SEED = 7
 
