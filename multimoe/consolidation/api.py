@@ -360,15 +360,16 @@ def pool_builder(plan: Plan, merges: int, merge: str, stats: CalibrationStats | 
             members = [member(t, group) for t in joined]
             pool.append(rule(MergeGroup(members, run_experts=planner.run_experts, **evidence)))
             planned = [plan.ranks.get((layer_idx, group_idx, t), 0) for t in joined]
-            kept = [rank for tensors, rank in zip(members, planned) if identical([tensors, pool[-1]])]
-            for tenant, tensors, rank in zip(joined, members, planned):
+            unchanged = [identical([tensors, pool[-1]]) for tensors in members]
+            kept = [rank for rank, same in zip(planned, unchanged) if same]
+            for tenant, rank, same in zip(joined, planned, unchanged):
                 maps[tenant][group.members[tenant]] = len(pool) - 1
                 if tenant == planner.anchor and plan.deltas is not None:
                     # The anchor is no candidate: it takes the rank planned for the member the rule
                     # kept (which needs none), or, where the rule keeps none, the group's largest
                     # (both as `delta_bytes` counts them).
                     rank = max(kept) if kept else max(planned)
-                if rank and not identical([tensors, pool[-1]]):
+                if rank and not same:
                     ranks[tenant][group.members[tenant]] = rank
             for tenant in planner.others:
                 if tenant not in joined:
@@ -588,11 +589,11 @@ def consolidate(
             "calibration loss when merged alone"
         )
 
-    if delta_rank == "auto" and recover_steps:
-        def recovering(model: MultiTenantLM):
-            return recover(model, models, calibration=calibration, tokenizer=tokenizer, steps=recover_steps,
-                           revision=revision, progress=progress)
+    def recovering(model: MultiTenantLM):
+        return recover(model, models, calibration=calibration, tokenizer=tokenizer, steps=recover_steps,
+                       revision=revision, progress=progress)
 
+    if delta_rank == "auto" and recover_steps:
         plan.planner.tenant_weights, note = recovery_weights(plan, build, recovering)
         plan = Plan.within(plan.planner, threshold, budget, deltas)
         notes.append(note)
@@ -614,20 +615,17 @@ def consolidate(
         count, deciding = low, "max_quality_loss"
         model = build(plan, count)
         after = losses(model)
-        if budget is not None:  # the guard undid merges the budget needed (identical ones cost nothing)
-            reached = footprint.total(count) + model.memory_report().delta_bytes
-            notes.append(
-                f"memory_budget not reached: max_quality_loss={max_quality_loss} stops at "
-                f"{footprint.describe(reached)}, above the budget of {footprint.describe(budget)}."
-            )
-            warnings.warn(notes[-1], stacklevel=2)  # a model over budget must not pass unnoticed
 
-    delta_bytes = model.memory_report().delta_bytes
-    if budget is not None and deciding != "max_quality_loss" and footprint.total(count) + delta_bytes > budget:
-        notes.append(  # the plan counts every delta it makes: this would be a defect, never silent
-            f"memory_budget exceeded: the model takes {footprint.describe(footprint.total(count) + delta_bytes)}, "
-            f"above the budget of {footprint.describe(budget)}."
-        )
+    built_delta_bytes = model.memory_report().delta_bytes
+    reached = footprint.total(count) + built_delta_bytes
+    over_budget = None  # a model over budget must not pass unnoticed
+    if budget is not None and deciding == "max_quality_loss":
+        # The guard undid merges the budget needed (identical ones cost nothing).
+        over_budget = f"memory_budget not reached: max_quality_loss={max_quality_loss} stops at"
+    elif budget is not None and reached > budget:  # the plan counts every delta it makes: a defect, never silent
+        over_budget = "memory_budget exceeded: the model takes"
+    if over_budget is not None:
+        notes.append(f"{over_budget} {footprint.describe(reached)}, above the budget of {footprint.describe(budget)}.")
         warnings.warn(notes[-1], stacklevel=2)
     layer_reports = []
     for layer_idx, distances in plan.planner.compared_distances.items():
@@ -651,8 +649,8 @@ def consolidate(
         compared=plan.planner.others[0],
         layers=layer_reports,
         bytes_before=footprint.total(0),
-        bytes_after=footprint.total(count) + delta_bytes,
-        delta_bytes=delta_bytes,
+        bytes_after=reached,
+        delta_bytes=built_delta_bytes,
         budget_bytes=budget,
         deciding_limit=deciding,
         loss_before=stats.losses if stats is not None else None,
@@ -660,8 +658,7 @@ def consolidate(
         notes=notes,
     )
     if recover_steps:  # fills the report's loss_after_recovery
-        recover(model, models, calibration=calibration, tokenizer=tokenizer, steps=recover_steps, revision=revision,
-                progress=progress)
+        recovering(model)
     return model
 
 
