@@ -96,4 +96,10 @@ def generation_for_rows(
     return config, StoppingCriteriaList([TenantEosCriteria([per_tenant_eos[name] for name in row_tenants])])
 
 
-__all__ = ["TenantEosCriteria", "generation_for_rows"]
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counted from each row's first real token, as `generate` gives them: a
+    left-padded row sees the positions it would see alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+__all__ = ["TenantEosCriteria", "generation_for_rows", "positions_from_mask"]

@@ -12,12 +12,12 @@ import multimoe
 from multimoe import MultiTenantMixtralForCausalLM, consolidate
 from multimoe.assembly import TenantSet
 from multimoe.consolidation.calibration import per_tenant_data
+from multimoe.generation import positions_from_mask
 from multimoe.consolidation.recovery import (
     ALREADY_CLOSE,
     MEASURED,
     RESTORED,
     TRAINED,
-    position_ids,
     recover,
     teacher_distributions,
 )
@@ -92,7 +92,7 @@ def test_recovered_tenants_answer_like_their_originals_afterwards(originals, tok
     model = merged(originals).eval()
     report = recover(model, {"code": originals["code"]}, calibration=TEXTS, tokenizer=tokenizer, steps=30, **FAST)
     batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
-    mask, positions = batch["attention_mask"], position_ids(batch["attention_mask"])
+    mask, positions = batch["attention_mask"], positions_from_mask(batch["attention_mask"])
     with torch.no_grad():
         student = model(**batch, position_ids=positions, tenant="code").logits[:, :-1].log_softmax(-1)
         teacher = originals["code"](**batch, position_ids=positions).logits[:, :-1].log_softmax(-1)
@@ -146,7 +146,7 @@ def test_teacher_keeps_the_originals_top_k(originals, tokenizer):
     teacher = teacher_distributions(TenantSet.open({"chat": originals["chat"]}), "chat", data, top_k=5)
     with torch.no_grad():
         logits = originals["chat"](input_ids=data.input_ids, attention_mask=data.attention_mask,
-                                   position_ids=position_ids(data.attention_mask)).logits[:, :-1]
+                                   position_ids=positions_from_mask(data.attention_mask)).logits[:, :-1]
     log_probs = logits[data.labels[:, 1:] != -100].log_softmax(-1)
     positions = int((data.labels[:, 1:] != -100).sum())
     assert positions == teacher.positions == 2 + 3 + 4 + 3  # the completions' tokens, nothing else

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from ..assembly import TenantSet
 from ..checkpoints import TenantSource
+from ..generation import positions_from_mask
 from ..modeling import MultiTenantLM
 from ..validation import check_number
 from .calibration import PAIR_KEYS, CalibrationData, per_tenant_data
@@ -60,12 +61,6 @@ VALUE_DTYPE = torch.float16  # log-probabilities kept per scored position
 ID_DTYPE = torch.int32  # their token ids
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted from each row's first real token (left padding does not shift them), as
-    `generate` gives them: the teacher and the student then see a row alike however it is padded."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def scored_window(labels: torch.Tensor) -> tuple[int, torch.Tensor]:
     """(`logits_to_keep`, the scored mask over the kept positions but the last): a causal LM scores
     label t + 1 with the logits of position t, and only the trailing positions from the first one
@@ -75,6 +70,15 @@ def scored_window(labels: torch.Tensor) -> tuple[int, torch.Tensor]:
     columns = scored.any(0).nonzero()
     first = int(columns[0]) if len(columns) else scored.shape[1] - 1
     return labels.shape[1] - first, scored[:, first:]
+
+
+def scored_log_probs(
+    logits: torch.Tensor, labels: torch.Tensor, scored: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-probabilities at the scored positions of the logits `scored_window` kept ([n, V], in
+    float32), and the labels they score ([n])."""
+    log_probs = logits[:, :-1][scored].float().log_softmax(-1)
+    return log_probs, labels[:, 1:][:, -scored.shape[1] :][scored]
 
 
 @dataclass
@@ -122,7 +126,7 @@ class StreamedOriginal(LayerByLayerModel):
     @staticmethod
     def with_positions(module, args, kwargs):
         if kwargs.get("position_ids") is None and kwargs.get("attention_mask") is not None:
-            kwargs["position_ids"] = position_ids(kwargs["attention_mask"])
+            kwargs["position_ids"] = positions_from_mask(kwargs["attention_mask"])
         return args, kwargs
 
     def read(self, templates, prefix, given):
@@ -158,9 +162,8 @@ def teacher_distributions(
         logits = streamed.model(
             input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False,
             output_router_logits=False,
-        ).logits[:, :-1]
-        log_probs = logits[scored].float().log_softmax(-1)  # [n, V]
-        targets = labels[:, 1:][:, -scored.shape[1] :][scored]
+        ).logits
+        log_probs, targets = scored_log_probs(logits, labels, scored)  # [n, V], [n]
         total_loss += float(-log_probs.gather(1, targets[:, None]).sum())
         k = min(top_k, log_probs.shape[-1])
         top, top_ids = log_probs.topk(k, dim=-1)
@@ -241,11 +244,10 @@ class Batch:
         input_ids, mask, labels = (tensor.to(device) for tensor in (self.input_ids, self.attention_mask, self.labels))
         keep, scored = scored_window(labels)
         logits = model(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=keep,
+            input_ids=input_ids, attention_mask=mask, position_ids=positions_from_mask(mask), logits_to_keep=keep,
             use_cache=False, output_router_logits=False, **tenant,
-        ).logits[:, :-1]
-        log_probs = logits[scored].float().log_softmax(-1)
-        targets = labels[:, 1:][:, -scored.shape[1] :][scored]
+        ).logits
+        log_probs, targets = scored_log_probs(logits, labels, scored)
         cross_entropy = -log_probs.gather(1, targets[:, None])[:, 0]
         return kl_to_teacher(log_probs, self.values, self.ids, self.tail), cross_entropy
 
@@ -411,15 +413,19 @@ class RecoveryReport:
         return "\n".join(lines)
 
 
-def own_parameters(model: MultiTenantLM, name: str, final_norm: bool) -> list[nn.Parameter]:
-    """Tenant `name`'s decoder-layer parameters (and its final norm's): never the pool, another
-    tenant's, or its embeddings and head."""
+def trained_modules(model: MultiTenantLM, name: str, final_norm: bool) -> dict[str, nn.Module]:
+    """Tenant `name`'s modules recovery trains, by path: its decoder layers (and its final norm);
+    never the pool, another tenant's, or its embeddings and head."""
     prefixes = ("model.layers.", "model.norm.") if final_norm else ("model.layers.",)
+    return {path: module for path, module in model.tenant_modules(name).items() if path.startswith(prefixes)}
+
+
+def own_parameters(model: MultiTenantLM, name: str, final_norm: bool) -> list[nn.Parameter]:
+    """The parameters of tenant `name`'s `trained_modules`, each once."""
     found = {}
-    for path, module in model.tenant_modules(name).items():
-        if path.startswith(prefixes):
-            for parameter in module.parameters():
-                found[id(parameter)] = parameter
+    for module in trained_modules(model, name, final_norm).values():
+        for parameter in module.parameters():
+            found[id(parameter)] = parameter
     return list(found.values())
 
 
@@ -427,12 +433,7 @@ def check_not_shared(model: MultiTenantLM, trainable: dict[str, list[nn.Paramete
     """Refuse a trainable parameter that any module outside its tenant's trained modules also holds
     (a tie to an embedding, a head, the pool or another tenant): training it would change them."""
     owner = {id(p): name for name, parameters in trainable.items() for p in parameters}
-    trained_paths = {
-        path
-        for name in trainable
-        for path in model.tenant_modules(name)
-        if path.startswith(("model.layers.", "model.norm.") if final_norm else ("model.layers.",))
-    }
+    trained_paths = {path for name in trainable for path in trained_modules(model, name, final_norm)}
     for path, parameter in model.named_parameters(remove_duplicate=False):
         if id(parameter) in owner and not any(path.startswith(f"{trained}.") for trained in trained_paths):
             raise ValueError(

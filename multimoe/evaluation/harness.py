@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..generation import positions_from_mask
 from ..modeling import MultiTenantLM
 from ..testbed import Example
 
@@ -66,8 +67,8 @@ def perplexity(model, tokenizer, examples: Sequence[Example], *, tenant: str | N
         ids[row, length - len(p) - len(a) :] = torch.tensor(p + a)
         mask[row, length - len(p) - len(a) :] = 1
         labels[row, length - len(a) :] = torch.tensor(a)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **_tenant_kwargs(model, tenant)).logits
+    positions = positions_from_mask(mask)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **_tenant_kwargs(model, tenant)).logits
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
     return math.exp(loss.item())
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
-from ..generation import eos_ids
+from ..generation import eos_ids, positions_from_mask
 from ..routing import tenant_order
 from .trace import Request
 
@@ -209,7 +209,7 @@ class Engine:
         width = max(map(len, prompts))
         input_ids = torch.tensor([[0] * (width - len(ids)) + ids for ids in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = positions_from_mask(mask)
         routing = self.prepare([r.tenant for r in requests])
         out = self.model(
             input_ids=input_ids,
