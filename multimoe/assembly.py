@@ -21,6 +21,7 @@ from .checkpoints import (
     TenantSource,
     check_compatible,
     is_finite,
+    one_device,
 )
 from .configuration import MultiTenantConfigMixin, config_class_for, validate_tenant_name
 from .families import Family
@@ -238,8 +239,7 @@ class TenantSet:
     def device(self) -> torch.device:
         """Where the sources' weights lie, when all on one device (loaded models on a GPU): the model
         built from them goes there. The CPU otherwise."""
-        devices = {checkpoint.device for checkpoint in self.checkpoints.values()}
-        return devices.pop() if len(devices) == 1 else torch.device("cpu")
+        return one_device(checkpoint.device for checkpoint in self.checkpoints.values())
 
     def layer_experts(self, layer_idx: int) -> dict[str, ExpertTensors]:
         """Every tenant's experts of one sparse layer, checked and cast: the most ever held at once."""
@@ -338,6 +338,14 @@ PoolBuilder = Callable[
 ]
 
 
+def delta_state(
+    family: Family, experts_module: str, tenant: str, layer_paths: list[str], state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """A tenant's delta tensors of one layer, named relative to the family's experts module there
+    (`experts_module`), under their names in the multi-tenant model."""
+    return {family.tenant_key(f"{experts_module}.{key}", tenant, layer_paths): tensor for key, tensor in state.items()}
+
+
 def assemble(tenants: TenantSet, pool_for_layer: PoolBuilder) -> tuple[MultiTenantConfigMixin, dict[str, torch.Tensor]]:
     """Config and state dict of a multi-tenant model whose pools `pool_for_layer` decides.
 
@@ -368,9 +376,7 @@ def assemble(tenants: TenantSet, pool_for_layer: PoolBuilder) -> tuple[MultiTena
             expert_maps[name].append(maps[name])
             ranks, state = deltas.get(name, ([0] * len(maps[name]), {}))
             delta_ranks[name].append(ranks)
-            for key, tensor in state.items():
-                key = f"{experts_modules[layer_idx]}.{key}"
-                state_dict[tenants.family.tenant_key(key, name, tenants.layer_paths)] = tensor
+            state_dict.update(delta_state(tenants.family, experts_modules[layer_idx], name, tenants.layer_paths, state))
         del pool
     state_dict.update(tenants.own_tensors_side_by_side())
     return tenants.config(pool_sizes, expert_maps, delta_ranks), state_dict

@@ -167,8 +167,7 @@ class TenantCheckpoint:
     def device(self) -> torch.device:
         """Where a loaded model's weights lie, when all on one device; the CPU for files (and for a
         model split over devices)."""
-        devices = {tensor.device for tensor in (self._tensors or {}).values()}
-        return devices.pop() if len(devices) == 1 else torch.device("cpu")
+        return one_device(tensor.device for tensor in (self._tensors or {}).values())
 
     @cached_property
     def generation_config(self) -> GenerationConfig:
@@ -387,6 +386,12 @@ class SafetensorsFiles:
 
 # What transformers' loading of a safetensors checkpoint fetches from the Hub: configs and weights.
 HUB_DOWNLOAD_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+def one_device(devices: Iterable[torch.device]) -> torch.device:
+    """The device all of `devices` lie on, else (several, or none) the CPU."""
+    found = set(devices)
+    return found.pop() if len(found) == 1 else torch.device("cpu")
+
+
 # The files fetched from a Hub repo: configs, weights and tokenizers (*.json and, where a tokenizer
 # has them, chat templates, sentencepiece models and vocabulary or merges lists), in any folder.
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]

@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers.utils.output_capturing import OutputRecorder, recursively_install_hooks
 
-from .assembly import SHARED_SETTINGS, TenantSet
+from .assembly import SHARED_SETTINGS, TenantSet, delta_state
 from .checkpoints import IncompatibleTenantsError, TenantCheckpoint, TenantSource, check_compatible
 from .configuration import validate_tenant_name
 from .consolidation.deltas import check_delta_rank, layer_delta_state
@@ -145,9 +145,8 @@ def add_tenant(
         ]
         delta_ranks.append(ranks)
         if any(ranks):
-            for key, tensor in layer_delta_state(names, experts, entries, [e or 0 for e in matches], ranks).items():
-                qualified = family.tenant_key(f"{experts_modules[layer_idx]}.{key}", name, incoming.layer_paths)
-                own_tensors[qualified] = tensor
+            state = layer_delta_state(names, experts, entries, [e or 0 for e in matches], ranks)
+            own_tensors.update(delta_state(family, experts_modules[layer_idx], name, incoming.layer_paths, state))
 
     # Nothing above modified the model; from here on it changes.
     config.pool_sizes = [size + (len(extra[0]) if extra else 0) for size, extra in zip(config.pool_sizes, additions)]
