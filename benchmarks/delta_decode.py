@@ -16,7 +16,7 @@ import math
 import statistics
 
 import torch
-from model_overhead import Decoder, fine_tunes, mixtral
+from model_overhead import Decoder, add_shape_arguments, tenants_of
 
 from multimoe import consolidate
 
@@ -25,10 +25,7 @@ GOAL = 0.85
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--intermediate", type=int, default=1024)
-    parser.add_argument("--tenants", type=int, default=4)
+    add_shape_arguments(parser)
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--batches", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--new-tokens", type=int, default=48)
@@ -36,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     torch.manual_seed(0)
-    tenants = fine_tunes(mixtral(args.layers, args.hidden, args.intermediate), args.tenants)
+    tenants = tenants_of(args)
     everything = dict(threshold=math.inf, merge="keep_anchor", progress=False)
     plain = consolidate(tenants, **everything).eval()
     corrected = {rank: consolidate(tenants, **everything, delta_rank=rank).eval() for rank in args.ranks}

@@ -23,7 +23,7 @@ from pathlib import Path
 from multimoe import MultiTenantMixtralForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from model_overhead import fine_tunes, mixtral  # noqa: E402
+from model_overhead import add_shape_arguments, tenants_of  # noqa: E402
 
 LOAD = r"""
 import json, sys, threading, time
@@ -80,16 +80,11 @@ def load(directory: Path, copy: bool, decode_steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--intermediate", type=int, default=3584)
-    parser.add_argument("--tenants", type=int, default=4)
+    add_shape_arguments(parser, layers=4, hidden=1024, intermediate=3584)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode-steps", type=int, default=24)
     args = parser.parse_args()
-    model = MultiTenantMixtralForCausalLM.from_models(
-        fine_tunes(mixtral(args.layers, args.hidden, args.intermediate), args.tenants)
-    )
+    model = MultiTenantMixtralForCausalLM.from_models(tenants_of(args))
     size = model.memory_report().total_bytes
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)

@@ -48,6 +48,21 @@ def fine_tunes(base: MixtralForCausalLM, count: int) -> dict[str, MixtralForCaus
     return tenants
 
 
+def add_shape_arguments(
+    parser, *, layers: int = 8, hidden: int = 512, intermediate: int = 1024, tenants: int = 4
+) -> None:
+    """The shape of the benchmark's Mixtral and how many tenants hold it (`tenants_of`)."""
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--intermediate", type=int, default=intermediate)
+    parser.add_argument("--tenants", type=int, default=tenants)
+
+
+def tenants_of(args) -> dict[str, MixtralForCausalLM]:
+    """The tenants `add_shape_arguments` describes: a random base and its stand-in fine-tunes."""
+    return fine_tunes(mixtral(args.layers, args.hidden, args.intermediate), args.tenants)
+
+
 class Decoder:
     """Greedy decoding one step at a time with a KV cache, so two models can be interleaved."""
 
@@ -129,10 +144,7 @@ def switch_latency(sizes: list[tuple[int, int, int]], switches: int) -> list[tup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--intermediate", type=int, default=1024)
-    parser.add_argument("--tenants", type=int, default=4)
+    add_shape_arguments(parser)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=4)
